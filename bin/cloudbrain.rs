@@ -1,0 +1,219 @@
+//! The one cloudbrain binary: every role and operator command is a subcommand, and each
+//! also answers to Cloud Brain's binary name (`cloudbrain-http`, `cloudbrain-create-token`, …)
+//! when invoked through a link of that name.
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use cloudbrain::auth::store::{self, Revoked};
+use cloudbrain::auth::{Scope, TokenVerifier};
+use cloudbrain::broker::providers::{insert_provider, list_providers};
+use cloudbrain::broker::Broker;
+use cloudbrain::config::Config;
+use cloudbrain::providers::ProviderKind;
+use cloudbrain::{api, db, telemetry};
+use diesel_async::{AsyncConnection, AsyncPgConnection};
+
+#[derive(Parser)]
+#[command(name = "cloudbrain", version, about = "A multi-cloud instance broker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API.
+    Http,
+    /// Apply pending database migrations.
+    Migrate,
+    /// Make an API token and print it (the only time its secret is shown).
+    CreateToken {
+        /// What the token is for.
+        description: String,
+        /// `client` sees its own instances; `admin` sees every instance.
+        #[arg(long, value_enum, default_value = "client")]
+        scope: Scope,
+    },
+    /// List tokens (never their secrets).
+    ListTokens,
+    /// Revoke a token; every running `http` process refuses it within a second.
+    RevokeToken {
+        /// The token's id (the part before the dash).
+        id: i32,
+    },
+    /// Register a provider config, sealed with CLOUDBRAIN_DATABASE_ENCRYPTION_KEY.
+    InsertProvider {
+        /// The name clients will put in `provider`.
+        #[arg(long)]
+        name: String,
+        /// The kind of cloud.
+        #[arg(long = "type", value_enum)]
+        kind: ProviderKind,
+        /// A JSON file with the provider's config (defaults apply when omitted).
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+    },
+    /// List registered providers (names and types, never configuration).
+    ListProviders,
+}
+
+/// Turns `cloudbrain-create-token ARGS` into `cloudbrain create-token ARGS`.
+fn args_with_link_name() -> Vec<OsString> {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    let invoked = args
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_owned();
+    if let Some(sub) = invoked.strip_prefix("cloudbrain-") {
+        if !sub.is_empty() {
+            args.insert(1, sub.into());
+        }
+    }
+    args
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_from(args_with_link_name());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: starting the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(config: &Config) -> anyhow::Result<AsyncPgConnection> {
+    AsyncPgConnection::establish(&config.database_url)
+        .await
+        .context("connecting to the database (DATABASE_URL)")
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    let config = Config::from_env()?;
+    telemetry::init(config.log_json);
+    match command {
+        Command::Http => http(config).await,
+        Command::Migrate => {
+            let applied = db::run_migrations(&config.database_url).await?;
+            if applied.is_empty() {
+                println!("database is up to date");
+            }
+            for version in applied {
+                println!("applied migration {version}");
+            }
+            Ok(())
+        }
+        Command::CreateToken { description, scope } => {
+            let mut conn = connect(&config).await?;
+            let token = store::create_token(&mut conn, &description, scope)
+                .await
+                .context("storing the token")?;
+            println!("generated token: {token}");
+            Ok(())
+        }
+        Command::ListTokens => {
+            let mut conn = connect(&config).await?;
+            let tokens = store::list_tokens(&mut conn).await?;
+            println!("ID\tSCOPE\tCREATED\tLAST USED\tREVOKED\tDESCRIPTION");
+            let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                t.map_or("-".to_owned(), |t| {
+                    t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+                })
+            };
+            for t in tokens {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}",
+                    t.id,
+                    t.scope,
+                    time(Some(t.created_at)),
+                    time(t.last_used_at),
+                    time(t.revoked_at),
+                    t.description.replace(['\t', '\n'], " ")
+                );
+            }
+            Ok(())
+        }
+        Command::RevokeToken { id } => {
+            let mut conn = connect(&config).await?;
+            match store::revoke_token(&mut conn, id).await? {
+                Revoked::Now => println!("revoked token {id}"),
+                Revoked::Already => println!("token {id} was already revoked"),
+                Revoked::NoSuchToken => bail!("there is no token {id}"),
+            }
+            Ok(())
+        }
+        Command::InsertProvider {
+            name,
+            kind,
+            config: file,
+        } => {
+            let key = config.require_encryption_key()?.clone();
+            let doc = match file {
+                None => serde_json::Value::Null,
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    serde_json::from_str(&text)
+                        .with_context(|| format!("{} is not valid JSON", path.display()))?
+                }
+            };
+            let mut conn = connect(&config).await?;
+            let settings = insert_provider(&mut conn, &key, &name, kind, &doc).await?;
+            println!(
+                "registered provider {name} ({}), instance types: {}",
+                kind.as_str(),
+                settings.instance_types.join(", ")
+            );
+            Ok(())
+        }
+        Command::ListProviders => {
+            let mut conn = connect(&config).await?;
+            println!("NAME\tTYPE");
+            for p in list_providers(&mut conn).await? {
+                println!("{}\t{}", p.name, p.kind);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn http(config: Config) -> anyhow::Result<()> {
+    let key = config.require_encryption_key()?.clone();
+    let pool = db::pool(&config.database_url, config.pool_size)?;
+    let verifier = Arc::new(TokenVerifier::new(pool.clone(), config.auth_cache_ttl));
+    tokio::spawn(
+        verifier
+            .clone()
+            .listen_for_revocations(config.database_url.clone()),
+    );
+    let listener = std::net::TcpListener::bind(config.addr)
+        .with_context(|| format!("listening on {}", config.addr))?;
+    let addr = listener.local_addr()?;
+    let state = api::AppState {
+        broker: Broker::new(pool, key),
+        verifier,
+        request_timeout: config.request_timeout,
+    };
+    tracing::info!(%addr, "cloudbrain http listening on http://{addr}");
+    api::serve(listener, state, config.shutdown_timeout)?.await?;
+    tracing::info!("cloudbrain http stopped");
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! The contract between the broker and a cloud: the [`Provider`] trait and the types it speaks.
+//!
+//! A provider crate depends on this crate and its cloud's client only; it knows nothing of
+//! the broker's database, its HTTP API or its job queue.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// What the broker asks a provider to make: one machine for one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceSpec {
+    /// The image the machine boots from, as the client asked for it.
+    pub image: String,
+    /// The broker's instance type name (e.g. `standard`), mapped by the provider to its own.
+    pub instance_type: String,
+    /// One OpenSSH public key line to authorise on the machine, already validated.
+    pub public_ssh_key: Option<String>,
+}
+
+/// The state of a machine as its cloud reports it, in the broker's vocabulary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloudState {
+    /// Accepted by the cloud, not running yet.
+    Starting,
+    /// Up and reachable.
+    Running,
+    /// Being shut down or stopped.
+    Terminating,
+    /// Gone, or about to be.
+    Terminated,
+    /// Broken in a way the broker cannot fix by waiting; the text says why.
+    Failed(String),
+}
+
+/// One machine as a provider sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloudInstance {
+    /// The broker's instance id the machine was made for (read back from its tags).
+    pub id: Uuid,
+    /// The cloud's own id of the machine.
+    pub upstream_id: String,
+    /// Where the machine is in its life.
+    pub state: CloudState,
+    /// The address to reach it at, once it has one.
+    pub ip_address: Option<String>,
+}
+
+/// Why a provider call failed; the kind decides what the broker does next.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderError {
+    /// The machine does not exist.
+    #[error("not found")]
+    NotFound,
+    /// The cloud asked us to slow down; retry no sooner than `retry_after` when it says.
+    #[error("throttled by the cloud")]
+    Throttled {
+        /// How long the cloud asked us to wait, when it said.
+        retry_after: Option<Duration>,
+    },
+    /// The cloud has no room for this machine now: try later or elsewhere.
+    #[error("no capacity: {0}")]
+    Capacity(String),
+    /// The request can never succeed as it is (bad image, bad type, no permission).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// Anything that may succeed when tried again (timeouts, 5xx).
+    #[error("transient error: {0}")]
+    Transient(String),
+}
+
+/// A cloud the broker can make machines on.
+///
+/// The contract every implementation keeps, because the broker's jobs may run twice:
+/// - `create` is idempotent per instance id: calling it again for the same id returns the
+///   machine made the first time and never makes a second one.
+/// - `list` returns every page, and only machines this provider config made (tagged with
+///   its name), so the broker can find orphans without touching anyone else's machines.
+/// - `destroy` of a machine that does not exist is success.
+#[async_trait]
+pub trait Provider: Send + Sync {
+    /// Makes (or finds, if it already exists) the machine for instance `id`.
+    async fn create(&self, id: Uuid, spec: &InstanceSpec) -> Result<CloudInstance, ProviderError>;
+    /// Reads the machine for instance `id`; [`ProviderError::NotFound`] when there is none.
+    async fn get(&self, id: Uuid) -> Result<CloudInstance, ProviderError>;
+    /// Lists every machine this provider config made, across all pages.
+    async fn list(&self) -> Result<Vec<CloudInstance>, ProviderError>;
+    /// Destroys the machine for instance `id`; a machine that is already gone is success.
+    async fn destroy(&self, id: Uuid) -> Result<(), ProviderError>;
+}
+
+/// A provider config that could not be accepted, naming the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid provider config: {field}: {message}")]
+pub struct ConfigError {
+    /// The config field at fault (dotted for nested fields).
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// Builds an error naming `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Turns a serde error from reading a config document into a `ConfigError`.
+    pub fn from_serde(err: &serde_json::Error) -> Self {
+        // serde_json names the unknown or mistyped field inside its message.
+        Self::new("config", err.to_string())
+    }
+}
+
+/// Checks an instance type table: at least one entry, no blank names.
+pub fn validate_instance_types<'a>(
+    field: &str,
+    names: impl IntoIterator<Item = &'a String>,
+) -> Result<(), ConfigError> {
+    let mut any = false;
+    for name in names {
+        any = true;
+        if name.trim().is_empty() || name.len() > 64 {
+            return Err(ConfigError::new(
+                field,
+                "instance type names must be 1 to 64 characters",
+            ));
+        }
+    }
+    if !any {
+        return Err(ConfigError::new(
+            field,
+            "at least one instance type is required",
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,90 @@
+# Shared shell functions for cloudbrain's scripts. Source it; do not run it.
+
+# The cargo target directory persists across runs on one machine (builds are slow here);
+# nothing depends on it being there.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cloudbrain-target}"
+
+cb_log() { printf '%s\n' "$*" >&2; }
+
+# Runs a command as the unprivileged user that owns the throwaway cluster.
+cb_as_pg_user() {
+    if [ "$(id -u)" -eq 0 ]; then
+        runuser -u "$CB_PG_USER" -- "$@"
+    else
+        "$@"
+    fi
+}
+
+cb_free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Finds (or installs) PostgreSQL's server binaries and puts them on PATH.
+cb_find_postgres() {
+    if ! command -v initdb >/dev/null 2>&1; then
+        local bin
+        bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+        if [ -z "$bin" ]; then
+            cb_log "PostgreSQL server binaries not found; installing Debian's postgresql"
+            if [ "$(id -u)" -ne 0 ]; then
+                cb_log "error: run as root or install postgresql yourself (initdb, pg_ctl)"
+                return 1
+            fi
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+            bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+        fi
+        export PATH="$bin:$PATH"
+    fi
+}
+
+# Starts a throwaway PostgreSQL cluster on a free loopback port and exports DATABASE_URL.
+# Postgres refuses to run as root, so as root the cluster belongs to the `postgres` user
+# (created when missing). Call cb_stop_postgres to remove it.
+cb_start_postgres() {
+    cb_find_postgres || return 1
+    CB_PG_USER="$(id -un)"
+    if [ "$(id -u)" -eq 0 ]; then
+        CB_PG_USER=postgres
+        id -u "$CB_PG_USER" >/dev/null 2>&1 || useradd --system --no-create-home "$CB_PG_USER"
+    fi
+    CB_PG_DIR=$(mktemp -d "${TMPDIR:-/tmp}/cloudbrain-pg.XXXXXX")
+    chmod 755 "$CB_PG_DIR"
+    [ "$(id -u)" -eq 0 ] && chown "$CB_PG_USER" "$CB_PG_DIR"
+    local port
+    port=$(cb_free_port)
+    cb_as_pg_user initdb -D "$CB_PG_DIR/data" -U postgres --auth=trust -E UTF8 --no-sync >"$CB_PG_DIR/initdb.log" 2>&1 || {
+        cat "$CB_PG_DIR/initdb.log" >&2
+        return 1
+    }
+    cb_as_pg_user pg_ctl -D "$CB_PG_DIR/data" -l "$CB_PG_DIR/postgres.log" -w -t 60 \
+        -o "-c listen_addresses=127.0.0.1 -p $port -k $CB_PG_DIR -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+        start >/dev/null || {
+        cat "$CB_PG_DIR/postgres.log" >&2
+        return 1
+    }
+    export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+    export CB_PG_DIR CB_PG_USER
+    cb_log "throwaway PostgreSQL on 127.0.0.1:$port ($CB_PG_DIR)"
+}
+
+cb_stop_postgres() {
+    if [ -n "${CB_PG_DIR:-}" ] && [ -d "$CB_PG_DIR" ]; then
+        cb_as_pg_user pg_ctl -D "$CB_PG_DIR/data" -m immediate -w stop >/dev/null 2>&1 || true
+        rm -rf "$CB_PG_DIR"
+    fi
+}
+
+# diesel's CLI, for the test that checks src/db/schema.rs against `diesel print-schema`.
+cb_ensure_diesel_cli() {
+    if ! command -v diesel >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/diesel" ]; then
+        export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    if ! command -v diesel >/dev/null 2>&1; then
+        cb_log "installing diesel_cli (postgres only)"
+        if ! ldconfig -p 2>/dev/null | grep -q 'libpq\.so '; then
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libpq-dev >/dev/null
+        fi
+        cargo install --locked diesel_cli --version '^2.3' --no-default-features --features postgres
+        export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+}

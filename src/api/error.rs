@@ -1,0 +1,179 @@
+//! `ApiError`: the one HTTP error type, and Cloud Brain's error envelope `{"errors": […]}`.
+
+use std::time::Duration;
+
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+use super::instances::InstanceBody;
+use crate::auth::AuthError;
+use crate::broker::BrokerError;
+
+/// Everything a request can fail with, mapped to a status and a JSON body.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body or query could not be read (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Missing, malformed, unknown, wrong or revoked token: all alike (401).
+    #[error("authentication required: send `Authorization: token <id>-<secret>`, or HTTP Basic with user \"token\" and the token as password")]
+    Unauthorized,
+    /// No such resource, or none the caller may see (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The route exists but not with this method (405).
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// The instance is terminated; the body is the instance (410).
+    #[error("instance is terminated")]
+    Gone(Box<InstanceBody>),
+    /// The body is over the limit (413).
+    #[error("request body must be at most {0} bytes")]
+    PayloadTooLarge(usize),
+    /// The request breaks a rule; `field` names the culprit (422).
+    #[error("{message}")]
+    Unprocessable {
+        /// The field at fault.
+        field: Option<&'static str>,
+        /// What is wrong.
+        message: String,
+    },
+    /// Too many failed attempts (429).
+    #[error("{message}")]
+    TooManyRequests {
+        /// What to do.
+        message: String,
+        /// When to come back.
+        retry_after: Duration,
+    },
+    /// A dependency is down or the request ran out of time (503).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A fault of ours; details are logged, never sent (500).
+    #[error("internal server error")]
+    Internal,
+}
+
+/// Cloud Brain's error envelope, with a machine-readable code beside it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Human-readable messages (Cloud Brain's field).
+    pub errors: Vec<String>,
+    /// A stable machine-readable code, e.g. `validation_failed`.
+    pub code: &'static str,
+    /// The request field at fault, for validation errors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<&'static str>,
+}
+
+impl ApiError {
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::Gone(_) => "gone",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::Unprocessable { .. } => "validation_failed",
+            ApiError::TooManyRequests { .. } => "too_many_requests",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal => "internal",
+        }
+    }
+
+    /// A validation error naming `field`.
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        ApiError::Unprocessable {
+            field: Some(field),
+            message: message.into(),
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Gone(_) => StatusCode::GONE,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        match self {
+            ApiError::Gone(instance) => return response.json(instance),
+            ApiError::Unauthorized => {
+                response.insert_header((
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"cloudbrain\""),
+                ));
+            }
+            ApiError::TooManyRequests { retry_after, .. } => {
+                response.insert_header((header::RETRY_AFTER, retry_after.as_secs().max(1)));
+            }
+            _ => {}
+        }
+        let field = match self {
+            ApiError::Unprocessable { field, .. } => *field,
+            _ => None,
+        };
+        response.json(ErrorBody {
+            errors: vec![self.to_string()],
+            code: self.code(),
+            field,
+        })
+    }
+}
+
+impl From<BrokerError> for ApiError {
+    fn from(err: BrokerError) -> Self {
+        match err {
+            BrokerError::Invalid { field, message } => ApiError::Unprocessable {
+                field: Some(field),
+                message,
+            },
+            BrokerError::IdempotencyConflict => ApiError::Unprocessable {
+                field: Some("Idempotency-Key"),
+                message: err.to_string(),
+            },
+            BrokerError::NotFound => ApiError::NotFound("instance not found".to_owned()),
+            BrokerError::Gone(instance) => ApiError::Gone(Box::new(InstanceBody::from(*instance))),
+            BrokerError::Unavailable => {
+                ApiError::Unavailable("database unavailable, try again shortly".to_owned())
+            }
+            BrokerError::Internal(error) => {
+                tracing::error!(error = format!("{error:#}"), "internal error");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(err: AuthError) -> Self {
+        match err {
+            AuthError::Rejected => ApiError::Unauthorized,
+            AuthError::Throttled { retry_after } => ApiError::TooManyRequests {
+                message: format!(
+                    "too many failed attempts for this token; retry in {} s",
+                    retry_after.as_secs().max(1)
+                ),
+                retry_after,
+            },
+            AuthError::Unavailable => {
+                ApiError::Unavailable("token store unavailable, try again shortly".to_owned())
+            }
+        }
+    }
+}

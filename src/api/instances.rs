@@ -1,0 +1,341 @@
+//! The instances routes: Cloud Brain's `POST/GET/DELETE /instances` and more.
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::error::{ApiError, ErrorBody};
+use super::AppState;
+use crate::auth::Caller;
+use crate::broker::{CreateInstance, InstanceFilter, State};
+use crate::db::models::{Instance, InstanceEvent};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// An instance as clients see it: Cloud Brain's fields, plus type and timestamps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InstanceBody {
+    /// The instance id.
+    pub id: Uuid,
+    /// The provider config's name.
+    pub provider: String,
+    /// The image it boots.
+    pub image: String,
+    /// The instance type.
+    pub instance_type: String,
+    /// Its address, once the cloud gives one.
+    pub ip_address: Option<String>,
+    /// The cloud's id of the machine.
+    pub upstream_id: Option<String>,
+    /// Why it is `errored`.
+    pub error_reason: Option<String>,
+    /// Where it is in its life.
+    pub state: State,
+    /// When it was asked for.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<Instance> for InstanceBody {
+    fn from(i: Instance) -> Self {
+        Self {
+            id: i.id,
+            // A row's state is checked by the database; `errored` is the honest fallback.
+            state: State::parse(&i.state).unwrap_or(State::Errored),
+            provider: i.provider_name,
+            image: i.image,
+            instance_type: i.instance_type,
+            ip_address: i.ip_address,
+            upstream_id: i.upstream_id,
+            error_reason: i.error_reason,
+            created_at: i.created_at,
+            updated_at: i.updated_at,
+        }
+    }
+}
+
+/// A request for a machine. Fields other than these are ignored.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct CreateInstanceBody {
+    /// The provider config's name (see `GET /providers`).
+    pub provider: String,
+    /// The image to boot (at most 255 characters, no control characters).
+    pub image: String,
+    /// One of the provider's instance types; `standard` when absent.
+    pub instance_type: Option<String>,
+    /// One OpenSSH public key line to authorise on the machine.
+    pub public_ssh_key: Option<String>,
+}
+
+/// One page of instances.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InstanceList {
+    /// Newest first.
+    pub instances: Vec<InstanceBody>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// One change of state.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EventBody {
+    /// The state left; null for the first.
+    pub from_state: Option<State>,
+    /// The state entered.
+    pub to_state: State,
+    /// Why, when there is more to say.
+    pub reason: Option<String>,
+    /// When.
+    pub at: DateTime<Utc>,
+}
+
+/// An instance's timeline.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EventList {
+    /// Oldest first.
+    pub events: Vec<EventBody>,
+}
+
+impl From<InstanceEvent> for EventBody {
+    fn from(e: InstanceEvent) -> Self {
+        Self {
+            from_state: e.from_state.as_deref().and_then(State::parse),
+            to_state: State::parse(&e.to_state).unwrap_or(State::Errored),
+            reason: e.reason,
+            at: e.at,
+        }
+    }
+}
+
+/// Query of `GET /instances`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// Only instances in this state.
+    pub state: Option<String>,
+    /// Only instances on this provider.
+    pub provider: Option<String>,
+    /// Page size, 1 to 1000 (default 100).
+    pub limit: Option<String>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// Reads the body, refusing more than [`MAX_BODY_BYTES`] before reading it all.
+async fn read_body(req: &HttpRequest, mut payload: web::Payload) -> Result<Vec<u8>, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
+        return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Reads a string field: absent and null are `None`, anything but a string is refused.
+fn string_field(
+    body: &serde_json::Map<String, serde_json::Value>,
+    field: &'static str,
+) -> Result<Option<String>, ApiError> {
+    match body.get(field) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ApiError::invalid(
+            field,
+            format!("{field} must be a string"),
+        )),
+    }
+}
+
+fn required_field(
+    body: &serde_json::Map<String, serde_json::Value>,
+    field: &'static str,
+) -> Result<String, ApiError> {
+    string_field(body, field)?
+        .ok_or_else(|| ApiError::invalid(field, format!("{field} is required")))
+}
+
+/// Reads a create request; unknown fields are ignored, as Cloud Brain did.
+fn parse_create(body: &[u8]) -> Result<CreateInstance, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("request body is not valid JSON: {e}")))?;
+    let serde_json::Value::Object(body) = value else {
+        return Err(ApiError::BadRequest(
+            "request body must be a JSON object".to_owned(),
+        ));
+    };
+    Ok(CreateInstance {
+        provider: required_field(&body, "provider")?,
+        image: required_field(&body, "image")?,
+        instance_type: string_field(&body, "instance_type")?,
+        public_ssh_key: string_field(&body, "public_ssh_key")?,
+    })
+}
+
+/// Asks for a machine.
+#[utoipa::path(
+    post, path = "/instances", tag = "instances",
+    request_body = CreateInstanceBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Repeat a request safely: the same key and body return the same instance")),
+    responses(
+        (status = 201, description = "Recorded; a create job is queued", body = InstanceBody,
+         headers(("Location" = String, description = "/instances/<id>"))),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 422, description = "A field breaks a rule, or the Idempotency-Key was used with another body", body = ErrorBody),
+        (status = 429, description = "Too many failed attempts for this token", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    ),
+    security(("token" = []), ("basic" = []))
+)]
+pub async fn create_instance(
+    state: web::Data<AppState>,
+    caller: Caller,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let idempotency_key = match req.headers().get("Idempotency-Key") {
+        None => None,
+        Some(value) => Some(value.to_str().map_err(|_| {
+            ApiError::invalid("Idempotency-Key", "Idempotency-Key must be printable ASCII")
+        })?),
+    };
+    let body = read_body(&req, payload).await?;
+    let request = parse_create(&body)?;
+    let created = state
+        .broker
+        .create_instance(caller, request, idempotency_key)
+        .await?;
+    let body = InstanceBody::from(created.instance);
+    Ok(HttpResponse::Created()
+        .insert_header((header::LOCATION, format!("/instances/{}", body.id)))
+        .json(body))
+}
+
+/// Reads one instance.
+#[utoipa::path(
+    get, path = "/instances/{id}", tag = "instances",
+    params(("id" = String, Path, description = "Instance id")),
+    responses(
+        (status = 200, body = InstanceBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "No such instance, or not the caller's", body = ErrorBody),
+        (status = 410, description = "Terminated; the body is the instance", body = InstanceBody),
+        (status = 503, body = ErrorBody),
+    ),
+    security(("token" = []), ("basic" = []))
+)]
+pub async fn get_instance(
+    state: web::Data<AppState>,
+    caller: Caller,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let instance = state.broker.get_instance(caller, &id).await?;
+    Ok(HttpResponse::Ok().json(InstanceBody::from(instance)))
+}
+
+/// Gives an instance back: it moves to `terminating` and its machine is destroyed.
+#[utoipa::path(
+    delete, path = "/instances/{id}", tag = "instances",
+    params(("id" = String, Path, description = "Instance id")),
+    responses(
+        (status = 200, description = "Terminating (asking again changes nothing)", body = InstanceBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 410, description = "Already terminated", body = InstanceBody),
+        (status = 503, body = ErrorBody),
+    ),
+    security(("token" = []), ("basic" = []))
+)]
+pub async fn delete_instance(
+    state: web::Data<AppState>,
+    caller: Caller,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let instance = state.broker.delete_instance(caller, &id).await?;
+    Ok(HttpResponse::Ok().json(InstanceBody::from(instance)))
+}
+
+/// Lists the caller's instances (every instance, for an admin token), newest first.
+#[utoipa::path(
+    get, path = "/instances", tag = "instances",
+    params(ListParams),
+    responses(
+        (status = 200, body = InstanceList),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 422, description = "Bad state, limit or cursor", body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ),
+    security(("token" = []), ("basic" = []))
+)]
+pub async fn list_instances(
+    state: web::Data<AppState>,
+    caller: Caller,
+    query: web::Query<ListParams>,
+) -> Result<HttpResponse, ApiError> {
+    let query = query.into_inner();
+    let limit = query
+        .limit
+        .map(|l| {
+            l.trim().parse::<i64>().map_err(|_| {
+                ApiError::invalid("limit", "limit must be a whole number from 1 to 1000")
+            })
+        })
+        .transpose()?;
+    let page = state
+        .broker
+        .list_instances(
+            caller,
+            InstanceFilter {
+                state: query.state,
+                provider: query.provider,
+                limit,
+                cursor: query.cursor,
+            },
+        )
+        .await?;
+    Ok(HttpResponse::Ok().json(InstanceList {
+        instances: page.instances.into_iter().map(InstanceBody::from).collect(),
+        next_cursor: page.next_cursor,
+    }))
+}
+
+/// An instance's state timeline.
+#[utoipa::path(
+    get, path = "/instances/{id}/events", tag = "instances",
+    params(("id" = String, Path, description = "Instance id")),
+    responses(
+        (status = 200, body = EventList),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ),
+    security(("token" = []), ("basic" = []))
+)]
+pub async fn instance_events(
+    state: web::Data<AppState>,
+    caller: Caller,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let events = state.broker.instance_events(caller, &id).await?;
+    Ok(HttpResponse::Ok().json(EventList {
+        events: events.into_iter().map(EventBody::from).collect(),
+    }))
+}

@@ -1,0 +1,78 @@
+//! Routes about the service itself: health, readiness, version, providers, OpenAPI.
+
+use actix_web::{web, HttpResponse};
+use serde::Serialize;
+use utoipa::OpenApi;
+
+use super::error::{ApiError, ErrorBody};
+use super::AppState;
+use crate::auth::Caller;
+use crate::broker::providers::ProviderSummary;
+
+/// A health answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Status {
+    /// `ok`.
+    pub status: &'static str,
+}
+
+/// The running build.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Version {
+    /// The cloudbrain version.
+    pub version: &'static str,
+}
+
+/// Registered providers.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ProviderList {
+    /// Names and types; never configuration.
+    pub providers: Vec<ProviderSummary>,
+}
+
+/// Answers while the process is up.
+#[utoipa::path(get, path = "/healthz", tag = "service", responses((status = 200, body = Status)))]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(Status { status: "ok" })
+}
+
+/// Answers 200 when the database is reachable, else 503.
+#[utoipa::path(get, path = "/readyz", tag = "service", responses(
+    (status = 200, body = Status),
+    (status = 503, description = "Database unreachable", body = ErrorBody),
+))]
+pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    state.broker.ping().await?;
+    Ok(HttpResponse::Ok().json(Status { status: "ok" }))
+}
+
+/// The running version.
+#[utoipa::path(get, path = "/version", tag = "service", responses((status = 200, body = Version)))]
+pub async fn version() -> HttpResponse {
+    HttpResponse::Ok().json(Version {
+        version: env!("CARGO_PKG_VERSION"),
+    })
+}
+
+/// Registered providers' names and types.
+#[utoipa::path(get, path = "/providers", tag = "providers",
+    responses(
+        (status = 200, body = ProviderList),
+        (status = 401, body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ),
+    security(("token" = []), ("basic" = []))
+)]
+pub async fn list_providers(
+    state: web::Data<AppState>,
+    _caller: Caller,
+) -> Result<HttpResponse, ApiError> {
+    let providers = state.broker.list_providers().await?;
+    Ok(HttpResponse::Ok().json(ProviderList { providers }))
+}
+
+/// This API's OpenAPI 3.1 document.
+#[utoipa::path(get, path = "/openapi.json", tag = "service", responses((status = 200, description = "OpenAPI 3.1 document")))]
+pub async fn openapi() -> HttpResponse {
+    HttpResponse::Ok().json(super::ApiDoc::openapi())
+}

@@ -1,0 +1,211 @@
+//! The HTTP API (actix-web): routes, handlers, the auth extractor and `ApiError`.
+//!
+//! Handlers only do HTTP: read the request, call the broker, write the answer.
+
+pub mod auth;
+pub mod error;
+pub mod instances;
+pub mod meta;
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{Server, Service, ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::{web, App, HttpServer};
+use tracing::Instrument;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::auth::TokenVerifier;
+use crate::broker::Broker;
+use error::ApiError;
+
+/// What every handler shares.
+pub struct AppState {
+    /// The business rules.
+    pub broker: Broker,
+    /// Authenticates tokens.
+    pub verifier: Arc<TokenVerifier>,
+    /// How long a handler may run.
+    pub request_timeout: Duration,
+}
+
+/// The OpenAPI document of every route.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "cloudbrain", description = "A multi-cloud instance broker, wire-compatible with Cloud Brain."),
+    paths(
+        instances::create_instance,
+        instances::list_instances,
+        instances::get_instance,
+        instances::delete_instance,
+        instances::instance_events,
+        meta::list_providers,
+        meta::healthz,
+        meta::readyz,
+        meta::version,
+        meta::openapi,
+    ),
+    components(schemas(error::ErrorBody)),
+    modifiers(&Security)
+)]
+pub struct ApiDoc;
+
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "token",
+            SecurityScheme::ApiKey(utoipa::openapi::security::ApiKey::Header(
+                utoipa::openapi::security::ApiKeyValue::with_description(
+                    "Authorization",
+                    "`token <id>-<32 hex>`",
+                ),
+            )),
+        );
+        components.add_security_scheme(
+            "basic",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Basic)),
+        );
+    }
+}
+
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// A request id sent by the client is echoed only when it is short and printable, so it
+/// cannot forge log lines.
+fn request_id(req: &ServiceRequest) -> String {
+    req.headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::NotFound("no such route".to_owned()))
+}
+
+async fn method_not_allowed() -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed)
+}
+
+/// The actix application: every route, the request-id and timeout middleware, JSON errors.
+pub fn app(
+    state: web::Data<AppState>,
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    let timeout = state.request_timeout;
+    App::new()
+        .app_data(state)
+        .app_data(
+            web::QueryConfig::default().error_handler(|err, _req| {
+                ApiError::BadRequest(format!("query string: {err}")).into()
+            }),
+        )
+        .app_data(
+            web::PathConfig::default()
+                .error_handler(|_err, _req| ApiError::NotFound("no such route".to_owned()).into()),
+        )
+        .wrap_fn(move |req, srv| {
+            let id = request_id(&req);
+            let span = tracing::info_span!(
+                "request",
+                request_id = %id,
+                method = %req.method(),
+                path = %req.path(),
+            );
+            let started = std::time::Instant::now();
+            let call = srv.call(req);
+            async move {
+                let result = match tokio::time::timeout(timeout, call).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        tracing::warn!(
+                            timeout_ms = timeout.as_millis() as u64,
+                            "request timed out"
+                        );
+                        return Err(ApiError::Unavailable("request timed out".to_owned()).into());
+                    }
+                };
+                result.map(|mut response| {
+                    tracing::info!(
+                        status = response.status().as_u16(),
+                        duration_ms = started.elapsed().as_millis() as u64,
+                        "request finished"
+                    );
+                    if let Ok(value) = HeaderValue::from_str(&id) {
+                        response.headers_mut().insert(REQUEST_ID.clone(), value);
+                    }
+                    response
+                })
+            }
+            .instrument(span)
+        })
+        .service(
+            web::resource("/instances")
+                .route(web::post().to(instances::create_instance))
+                .route(web::get().to(instances::list_instances))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/instances/{id}")
+                .route(web::get().to(instances::get_instance))
+                .route(web::delete().to(instances::delete_instance))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/instances/{id}/events")
+                .route(web::get().to(instances::instance_events))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(read_only("/providers", meta::list_providers))
+        .service(read_only("/healthz", meta::healthz))
+        .service(read_only("/readyz", meta::readyz))
+        .service(read_only("/version", meta::version))
+        .service(read_only("/openapi.json", meta::openapi))
+        .default_service(web::to(not_found))
+}
+
+/// A GET-only route that answers 405 JSON to every other method.
+fn read_only<F, Args>(path: &str, handler: F) -> actix_web::Resource
+where
+    F: actix_web::Handler<Args>,
+    Args: actix_web::FromRequest + 'static,
+    F::Output: actix_web::Responder + 'static,
+{
+    web::resource(path)
+        .route(web::get().to(handler))
+        .default_service(web::to(method_not_allowed))
+}
+
+/// Serves the API on `listener` until SIGTERM/SIGINT, then drains in-flight requests for
+/// up to `shutdown_timeout`.
+pub fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown_timeout: Duration,
+) -> std::io::Result<Server> {
+    let state = web::Data::new(state);
+    let server = HttpServer::new(move || app(state.clone()))
+        .client_request_timeout(Duration::from_secs(10))
+        .client_disconnect_timeout(Duration::from_secs(5))
+        .keep_alive(Duration::from_secs(75))
+        .shutdown_timeout(shutdown_timeout.as_secs().max(1))
+        .listen(listener)?
+        .run();
+    Ok(server)
+}

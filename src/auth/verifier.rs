@@ -1,0 +1,355 @@
+//! Authenticates presented tokens: scrypt at most once per token per cache lifetime, never
+//! for an unknown id, never for an id being guessed at, and revocation seen by every
+//! process within a second through LISTEN/NOTIFY.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio_postgres::AsyncMessage;
+
+use super::store::{self, REVOKED_CHANNEL};
+use super::token::{hash_secret, Token};
+use super::{Caller, Scope};
+use crate::db::Pool;
+
+/// Wrong secrets for one token id tolerated per [`FAILURE_WINDOW`] before it is throttled.
+pub const MAX_FAILURES: u32 = 10;
+/// The window in which failures are counted.
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// How often `last_used_at` is written for one token at most.
+const TOUCH_INTERVAL: Duration = Duration::from_secs(60);
+/// Past this many entries, a map is swept of stale ones.
+const SWEEP_AT: usize = 10_000;
+
+/// Why a request is not authenticated.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No token, a malformed one, an unknown id, a wrong secret or a revoked token: callers
+    /// must not be able to tell these apart.
+    #[error("invalid or missing token")]
+    Rejected,
+    /// Too many wrong secrets for this id lately.
+    #[error("too many failed attempts for this token; retry in {retry_after:?}")]
+    Throttled {
+        /// How long until attempts are accepted again.
+        retry_after: Duration,
+    },
+    /// The token store cannot be reached, so nothing can be decided.
+    #[error("token store unavailable")]
+    Unavailable,
+}
+
+/// Counters of the verifier's work, for metrics and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AuthStats {
+    /// Requests answered from the verified-token cache.
+    pub cache_hits: u64,
+    /// Requests that were not: refused by the store, or verified with scrypt.
+    pub cache_misses: u64,
+    /// scrypt computations run.
+    pub scrypt_runs: u64,
+}
+
+struct Verified {
+    caller: Caller,
+    at: Instant,
+}
+
+struct Failures {
+    since: Instant,
+    count: u32,
+}
+
+#[derive(Default)]
+struct State {
+    /// Keyed by SHA-256 of the presented token, so the cache never holds a secret.
+    verified: HashMap<[u8; 32], Verified>,
+    /// One lock per token being verified, so concurrent first requests run scrypt once.
+    in_flight: HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>,
+    failures: HashMap<i32, Failures>,
+    touched: HashMap<i32, Instant>,
+}
+
+/// Authenticates tokens for one process; share it behind an `Arc`.
+pub struct TokenVerifier {
+    pool: Pool,
+    ttl: Duration,
+    state: Mutex<State>,
+    /// True while the revocation listener is connected: only then is the cache trusted
+    /// without asking the database whether the token was revoked.
+    listening: AtomicBool,
+    /// Bumped on every revocation, so a verification that raced one is not cached.
+    revocations: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+    scrypt_runs: AtomicU64,
+}
+
+impl TokenVerifier {
+    /// A verifier reading tokens through `pool`, trusting a verification for `ttl`.
+    pub fn new(pool: Pool, ttl: Duration) -> Self {
+        Self {
+            pool,
+            ttl,
+            state: Mutex::new(State::default()),
+            listening: AtomicBool::new(false),
+            revocations: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
+            scrypt_runs: AtomicU64::new(0),
+        }
+    }
+
+    /// What the verifier has done so far.
+    pub fn stats(&self) -> AuthStats {
+        AuthStats {
+            cache_hits: self.cache_hits.load(Ordering::Relaxed),
+            cache_misses: self.cache_misses.load(Ordering::Relaxed),
+            scrypt_runs: self.scrypt_runs.load(Ordering::Relaxed),
+        }
+    }
+
+    /// True while revocations are being heard.
+    pub fn is_listening(&self) -> bool {
+        self.listening.load(Ordering::Acquire)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves only caches behind: keep using them.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Authenticates a token as presented by a client (`<id>-<32 hex>`).
+    pub async fn verify(&self, presented: &str) -> Result<Caller, AuthError> {
+        let token: Token = presented.parse().map_err(|_| AuthError::Rejected)?;
+        let key: [u8; 32] = Sha256::digest(token.to_string().as_bytes()).into();
+
+        if let Some(caller) = self.cached(&key) {
+            if self.is_listening() || !self.revoked_in_store(token.id).await? {
+                self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                self.touch(caller.token_id);
+                return Ok(caller);
+            }
+            self.forget_token(token.id);
+            return Err(AuthError::Rejected);
+        }
+        self.check_throttle(token.id)?;
+
+        let epoch = self.revocations.load(Ordering::Acquire);
+        let row = {
+            let mut conn = self.pool.get().await.map_err(|_| AuthError::Unavailable)?;
+            store::find_token(&mut conn, token.id)
+                .await
+                .map_err(|_| AuthError::Unavailable)?
+        };
+        // Unknown and revoked ids are refused without scrypt: they cost an attacker a query.
+        let Some(row) = row.filter(|r| r.revoked_at.is_none()) else {
+            self.cache_misses.fetch_add(1, Ordering::Relaxed);
+            return Err(AuthError::Rejected);
+        };
+
+        let slot = self.lock().in_flight.entry(key).or_default().clone();
+        let _turn = slot.lock().await;
+        if let Some(caller) = self.cached(&key) {
+            // Verified by a concurrent request while this one waited its turn.
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
+            self.touch(caller.token_id);
+            return Ok(caller);
+        }
+        self.check_throttle(token.id)?;
+        self.cache_misses.fetch_add(1, Ordering::Relaxed);
+        self.scrypt_runs.fetch_add(1, Ordering::Relaxed);
+        let secret = token.secret;
+        let salt = row.token_salt.clone();
+        let computed = tokio::task::spawn_blocking(move || hash_secret(&secret, &salt))
+            .await
+            .map_err(|_| AuthError::Unavailable)?;
+        let matches: bool = computed.ct_eq(row.token_hash.as_slice()).into();
+
+        let mut state = self.lock();
+        state.in_flight.remove(&key);
+        if !matches {
+            let now = Instant::now();
+            let failures = state.failures.entry(token.id).or_insert(Failures {
+                since: now,
+                count: 0,
+            });
+            if now.duration_since(failures.since) > FAILURE_WINDOW {
+                *failures = Failures {
+                    since: now,
+                    count: 0,
+                };
+            }
+            failures.count += 1;
+            if state.failures.len() > SWEEP_AT {
+                state
+                    .failures
+                    .retain(|_, f| now.duration_since(f.since) <= FAILURE_WINDOW);
+            }
+            return Err(AuthError::Rejected);
+        }
+        let caller = Caller {
+            token_id: row.id,
+            scope: Scope::from_db(&row.scope),
+        };
+        if self.revocations.load(Ordering::Acquire) == epoch {
+            let now = Instant::now();
+            if state.verified.len() > SWEEP_AT {
+                let ttl = self.ttl;
+                state.verified.retain(|_, v| now.duration_since(v.at) < ttl);
+            }
+            state.verified.insert(key, Verified { caller, at: now });
+        }
+        drop(state);
+        self.touch(caller.token_id);
+        Ok(caller)
+    }
+
+    fn cached(&self, key: &[u8; 32]) -> Option<Caller> {
+        let state = self.lock();
+        state
+            .verified
+            .get(key)
+            .filter(|v| v.at.elapsed() < self.ttl)
+            .map(|v| v.caller)
+    }
+
+    fn check_throttle(&self, id: i32) -> Result<(), AuthError> {
+        let state = self.lock();
+        match state.failures.get(&id) {
+            Some(f) if f.count >= MAX_FAILURES && f.since.elapsed() <= FAILURE_WINDOW => {
+                Err(AuthError::Throttled {
+                    retry_after: FAILURE_WINDOW.saturating_sub(f.since.elapsed()),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn revoked_in_store(&self, id: i32) -> Result<bool, AuthError> {
+        let mut conn = self.pool.get().await.map_err(|_| AuthError::Unavailable)?;
+        let row = store::find_token(&mut conn, id)
+            .await
+            .map_err(|_| AuthError::Unavailable)?;
+        Ok(row.is_none_or(|r| r.revoked_at.is_some()))
+    }
+
+    /// Writes `last_used_at` in the background, at most once a minute per token.
+    fn touch(&self, id: i32) {
+        let now = Instant::now();
+        {
+            let mut state = self.lock();
+            if state
+                .touched
+                .get(&id)
+                .is_some_and(|at| now.duration_since(*at) < TOUCH_INTERVAL)
+            {
+                return;
+            }
+            if state.touched.len() > SWEEP_AT {
+                state
+                    .touched
+                    .retain(|_, at| now.duration_since(*at) < TOUCH_INTERVAL);
+            }
+            state.touched.insert(id, now);
+        }
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            let result = match pool.get().await {
+                Ok(mut conn) => store::touch_last_used(&mut conn, id)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(error) = result {
+                tracing::warn!(token.id = id, %error, "could not record last use of token {id}");
+            }
+        });
+    }
+
+    /// Drops every cached verification of token `id` (it was revoked).
+    pub fn forget_token(&self, id: i32) {
+        self.revocations.fetch_add(1, Ordering::AcqRel);
+        self.lock().verified.retain(|_, v| v.caller.token_id != id);
+    }
+
+    fn forget_all(&self) {
+        self.revocations.fetch_add(1, Ordering::AcqRel);
+        self.lock().verified.clear();
+    }
+
+    /// Listens for revocations until the process ends, reconnecting when the connection
+    /// drops; while it is down, cached tokens are checked against the database.
+    pub async fn listen_for_revocations(self: Arc<Self>, database_url: String) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.listen_once(&database_url).await {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(error) => {
+                    tracing::warn!(%error, "token revocation listener disconnected; retrying");
+                }
+            }
+            self.listening.store(false, Ordering::Release);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn listen_once(&self, database_url: &str) -> Result<(), tokio_postgres::Error> {
+        let (client, mut connection) =
+            tokio_postgres::connect(database_url, tokio_postgres::NoTls).await?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let driver = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        if tx.send(n.payload().to_owned()).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        });
+        let result = async {
+            client
+                .batch_execute(&format!("LISTEN {REVOKED_CHANNEL}"))
+                .await?;
+            // Revocations may have been missed while disconnected: start from a clean cache.
+            self.forget_all();
+            self.listening.store(true, Ordering::Release);
+            let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tokio::select! {
+                    payload = rx.recv() => match payload {
+                        Some(payload) => match payload.parse::<i32>() {
+                            Ok(id) => self.forget_token(id),
+                            Err(_) => self.forget_all(),
+                        },
+                        None => return Ok(()),
+                    },
+                    _ = heartbeat.tick() => {
+                        // A connection that silently died would otherwise leave the cache
+                        // trusted forever.
+                        match tokio::time::timeout(Duration::from_secs(5), client.simple_query("SELECT 1")).await {
+                            Ok(answer) => { answer?; }
+                            Err(_) => return Ok(()),
+                        }
+                    }
+                }
+            }
+        }
+        .await;
+        self.listening.store(false, Ordering::Release);
+        driver.abort();
+        result
+    }
+}

@@ -1,0 +1,360 @@
+//! Instances: ask for one, read one, list them, give one back, read its timeline.
+
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::providers::find_settings;
+use super::state::{record_event, transition, State};
+use super::{validate, Broker, BrokerError};
+use crate::auth::{Caller, Scope};
+use crate::db::models::{Instance, InstanceChange, InstanceEvent, NewInstance};
+use crate::db::schema::{instance_events, instances};
+use crate::jobs::{self, JobKind};
+
+/// The instance type asked for when a request names none, as in Cloud Brain.
+pub const DEFAULT_INSTANCE_TYPE: &str = "standard";
+/// Instances per page when the client does not say.
+pub const DEFAULT_PAGE_SIZE: i64 = 100;
+/// Most instances per page.
+pub const MAX_PAGE_SIZE: i64 = 1000;
+
+/// A request for a machine, as read from the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateInstance {
+    /// The provider config's name.
+    pub provider: String,
+    /// The image to boot.
+    pub image: String,
+    /// The instance type; `standard` when absent.
+    pub instance_type: Option<String>,
+    /// One OpenSSH public key line.
+    pub public_ssh_key: Option<String>,
+}
+
+/// What the broker did with a [`CreateInstance`].
+#[derive(Debug)]
+pub struct Created {
+    /// The instance, as it is now.
+    pub instance: Instance,
+    /// True when an earlier request with the same `Idempotency-Key` made it.
+    pub replayed: bool,
+}
+
+/// Which instances to list.
+#[derive(Debug, Clone, Default)]
+pub struct InstanceFilter {
+    /// Only instances in this state.
+    pub state: Option<String>,
+    /// Only instances on this provider.
+    pub provider: Option<String>,
+    /// Page size.
+    pub limit: Option<i64>,
+    /// Where the previous page ended.
+    pub cursor: Option<String>,
+}
+
+/// One page of instances, newest first.
+#[derive(Debug)]
+pub struct InstancePage {
+    /// The instances on this page.
+    pub instances: Vec<Instance>,
+    /// Pass this as `cursor` to get the next page; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Whether `caller` may see `instance`: its own, or any for an admin.
+fn visible(caller: Caller, instance: &Instance) -> bool {
+    caller.scope == Scope::Admin || instance.owner_token_id == caller.token_id
+}
+
+/// Reads an instance the caller may see, optionally locking its row.
+async fn find_visible(
+    conn: &mut AsyncPgConnection,
+    caller: Caller,
+    id: &str,
+    lock: bool,
+) -> Result<Instance, BrokerError> {
+    let id = parse_id(id)?;
+    let query = instances::table.find(id).select(Instance::as_select());
+    let instance = if lock {
+        query.for_update().first(conn).await?
+    } else {
+        query.first(conn).await?
+    };
+    if !visible(caller, &instance) {
+        return Err(BrokerError::NotFound);
+    }
+    Ok(instance)
+}
+
+impl Broker {
+    /// Records a request for a machine and its `create` job in one transaction.
+    pub async fn create_instance(
+        &self,
+        caller: Caller,
+        request: CreateInstance,
+        idempotency_key: Option<&str>,
+    ) -> Result<Created, BrokerError> {
+        validate::required_text("provider", &request.provider, validate::MAX_PROVIDER_LEN)?;
+        validate::required_text("image", &request.image, validate::MAX_IMAGE_LEN)?;
+        if let Some(key) = &request.public_ssh_key {
+            validate::ssh_public_key(key)?;
+        }
+        if let Some(key) = idempotency_key {
+            validate::idempotency_key(key)?;
+        }
+        let instance_type = request
+            .instance_type
+            .clone()
+            .unwrap_or_else(|| DEFAULT_INSTANCE_TYPE.to_owned());
+
+        let mut conn = self.conn().await?;
+        let offered = find_settings(&mut conn, &self.key, &request.provider)
+            .await?
+            .ok_or_else(|| {
+                BrokerError::invalid(
+                    "provider",
+                    format!("provider {:?} does not exist", request.provider),
+                )
+            })?;
+        if !offered.instance_types.contains(&instance_type) {
+            return Err(BrokerError::invalid(
+                "instance_type",
+                format!(
+                    "provider {:?} does not offer instance_type {:?}; it offers {}",
+                    request.provider,
+                    instance_type,
+                    offered.instance_types.join(", ")
+                ),
+            ));
+        }
+
+        let id = Uuid::new_v4();
+        let new = NewInstance {
+            id,
+            owner_token_id: caller.token_id,
+            provider_name: &request.provider,
+            image: &request.image,
+            instance_type: &instance_type,
+            public_ssh_key: request.public_ssh_key.as_deref(),
+            state: State::Creating.as_str(),
+            idempotency_key,
+        };
+        let created = conn
+            .transaction::<_, BrokerError, _>(async |conn| {
+                let inserted: Option<Instance> = diesel::insert_into(instances::table)
+                    .values(&new)
+                    .on_conflict((instances::owner_token_id, instances::idempotency_key))
+                    .do_nothing()
+                    .returning(Instance::as_returning())
+                    .get_result(conn)
+                    .await
+                    .optional()?;
+                let Some(instance) = inserted else {
+                    return replay(conn, caller, &new).await;
+                };
+                record_event(conn, id, None, State::Creating, None).await?;
+                jobs::enqueue(conn, JobKind::CreateInstance, id).await?;
+                Ok(Created {
+                    instance,
+                    replayed: false,
+                })
+            })
+            .await?;
+        if !created.replayed {
+            tracing::info!(
+                instance.id = %id,
+                provider = %request.provider,
+                token.id = caller.token_id,
+                "instance {id} requested on {}", request.provider
+            );
+        }
+        Ok(created)
+    }
+
+    /// Reads one instance the caller may see; a terminated one is [`BrokerError::Gone`].
+    pub async fn get_instance(&self, caller: Caller, id: &str) -> Result<Instance, BrokerError> {
+        let mut conn = self.conn().await?;
+        let instance = find_visible(&mut conn, caller, id, false).await?;
+        if instance.state == State::Terminated.as_str() {
+            return Err(BrokerError::Gone(Box::new(instance)));
+        }
+        Ok(instance)
+    }
+
+    /// Asks for an instance to be destroyed: `terminating` and a `remove` job, in one
+    /// transaction. Asking again changes nothing.
+    pub async fn delete_instance(&self, caller: Caller, id: &str) -> Result<Instance, BrokerError> {
+        let mut conn = self.conn().await?;
+        conn.transaction::<_, BrokerError, _>(async |conn| {
+            let instance = find_visible(conn, caller, id, true).await?;
+            let id = instance.id;
+            match State::parse(&instance.state) {
+                Some(State::Terminated) => return Err(BrokerError::Gone(Box::new(instance))),
+                Some(State::Terminating) => return Ok(instance),
+                _ => {}
+            }
+            let reason = format!("deleted by token {}", caller.token_id);
+            let updated = transition(
+                conn,
+                id,
+                State::Terminating,
+                Some(&reason),
+                InstanceChange::default(),
+            )
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("instance {id} in state {} cannot terminate", instance.state))?;
+            // A machine nobody started making needs no making; the remove job still runs,
+            // because an earlier attempt may have made one.
+            jobs::drop_unclaimed(conn, JobKind::CreateInstance, id).await?;
+            jobs::enqueue(conn, JobKind::RemoveInstance, id).await?;
+            tracing::info!(instance.id = %id, token.id = caller.token_id, "instance {id} terminating");
+            Ok(updated)
+        })
+        .await
+    }
+
+    /// Lists the instances the caller may see, newest first, one page at a time.
+    pub async fn list_instances(
+        &self,
+        caller: Caller,
+        filter: InstanceFilter,
+    ) -> Result<InstancePage, BrokerError> {
+        let limit = filter.limit.unwrap_or(DEFAULT_PAGE_SIZE);
+        if !(1..=MAX_PAGE_SIZE).contains(&limit) {
+            return Err(BrokerError::invalid(
+                "limit",
+                format!("limit must be between 1 and {MAX_PAGE_SIZE}"),
+            ));
+        }
+        let mut query = instances::table.into_boxed();
+        if caller.scope != Scope::Admin {
+            query = query.filter(instances::owner_token_id.eq(caller.token_id));
+        }
+        if let Some(state) = &filter.state {
+            let state = State::parse(state).ok_or_else(|| {
+                let names: Vec<&str> = State::ALL.iter().map(|s| s.as_str()).collect();
+                BrokerError::invalid(
+                    "state",
+                    format!("state must be one of {}", names.join(", ")),
+                )
+            })?;
+            query = query.filter(instances::state.eq(state.as_str()));
+        }
+        if let Some(provider) = &filter.provider {
+            query = query.filter(instances::provider_name.eq(provider.clone()));
+        }
+        if let Some(cursor) = &filter.cursor {
+            let (at, id) = decode_cursor(cursor)?;
+            query = query.filter(
+                instances::created_at
+                    .lt(at)
+                    .or(instances::created_at.eq(at).and(instances::id.lt(id))),
+            );
+        }
+        let mut conn = self.conn().await?;
+        let mut rows: Vec<Instance> = query
+            .order((instances::created_at.desc(), instances::id.desc()))
+            .limit(limit + 1)
+            .select(Instance::as_select())
+            .load(&mut conn)
+            .await?;
+        let next_cursor = if rows.len() as i64 > limit {
+            rows.truncate(limit as usize);
+            rows.last()
+                .map(|last| encode_cursor(last.created_at, last.id))
+        } else {
+            None
+        };
+        Ok(InstancePage {
+            instances: rows,
+            next_cursor,
+        })
+    }
+
+    /// The state timeline of an instance the caller may see, oldest first.
+    pub async fn instance_events(
+        &self,
+        caller: Caller,
+        id: &str,
+    ) -> Result<Vec<InstanceEvent>, BrokerError> {
+        let mut conn = self.conn().await?;
+        let instance = find_visible(&mut conn, caller, id, false).await?;
+        Ok(instance_events::table
+            .filter(instance_events::instance_id.eq(instance.id))
+            .order(instance_events::id)
+            .select(InstanceEvent::as_select())
+            .load(&mut conn)
+            .await?)
+    }
+}
+
+/// Answers a repeated `Idempotency-Key`: the same request gets the same instance, another
+/// request is refused.
+async fn replay(
+    conn: &mut AsyncPgConnection,
+    caller: Caller,
+    new: &NewInstance<'_>,
+) -> Result<Created, BrokerError> {
+    let instance: Instance = instances::table
+        .filter(instances::owner_token_id.eq(caller.token_id))
+        .filter(instances::idempotency_key.eq(new.idempotency_key))
+        .select(Instance::as_select())
+        .first(conn)
+        .await?;
+    let same = instance.provider_name == new.provider_name
+        && instance.image == new.image
+        && instance.instance_type == new.instance_type
+        && instance.public_ssh_key.as_deref() == new.public_ssh_key;
+    if !same {
+        return Err(BrokerError::IdempotencyConflict);
+    }
+    Ok(Created {
+        instance,
+        replayed: true,
+    })
+}
+
+/// An unparseable id is simply not found: ids are not secret, but errors stay uniform.
+fn parse_id(id: &str) -> Result<Uuid, BrokerError> {
+    Uuid::parse_str(id).map_err(|_| BrokerError::NotFound)
+}
+
+fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {
+    let raw = format!("{}.{}", at.timestamp_micros(), id);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
+fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid), BrokerError> {
+    let invalid = || BrokerError::invalid("cursor", "cursor is not one this server handed out");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .map_err(|_| invalid())?;
+    let raw = String::from_utf8(raw).map_err(|_| invalid())?;
+    let (micros, id) = raw.split_once('.').ok_or_else(invalid)?;
+    let at = micros
+        .parse::<i64>()
+        .ok()
+        .and_then(DateTime::from_timestamp_micros)
+        .ok_or_else(invalid)?;
+    let id = Uuid::parse_str(id).map_err(|_| invalid())?;
+    Ok((at, id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_junk_is_refused() {
+        let at = DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap();
+        let id = Uuid::new_v4();
+        assert_eq!(decode_cursor(&encode_cursor(at, id)).unwrap(), (at, id));
+        for junk in ["", "!!", "bm9wZQ", &encode_cursor(at, id)[3..]] {
+            assert!(decode_cursor(junk).is_err(), "{junk:?}");
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! The business rules: who may see which instance, what a request must contain, which
+//! transition is allowed and what gets enqueued with it. The HTTP API and the workers are
+//! two front ends of this module.
+
+pub mod instances;
+pub mod providers;
+pub mod state;
+pub mod validate;
+
+pub use instances::{CreateInstance, InstanceFilter, InstancePage};
+pub use state::State;
+
+use crate::crypto::SecretKey;
+use crate::db::models::Instance;
+use crate::db::{Pool, PooledConnection};
+
+/// Why the broker refused or could not carry out a request.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The request is well-formed but breaks a rule; `field` names the culprit.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The request field at fault.
+        field: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The `Idempotency-Key` was used before for a different request.
+    #[error("Idempotency-Key was already used with a different request body")]
+    IdempotencyConflict,
+    /// No such instance, or not one the caller may see.
+    #[error("instance not found")]
+    NotFound,
+    /// The instance is terminated.
+    #[error("instance is terminated")]
+    Gone(Box<Instance>),
+    /// The database cannot be reached.
+    #[error("database unavailable")]
+    Unavailable,
+    /// Anything unexpected; logged once where it is turned into a response.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl BrokerError {
+    /// A rule broken by the request field `field`.
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        BrokerError::Invalid {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<diesel::result::Error> for BrokerError {
+    fn from(err: diesel::result::Error) -> Self {
+        use diesel::result::{DatabaseErrorKind, Error};
+        match err {
+            Error::NotFound => BrokerError::NotFound,
+            Error::DatabaseError(DatabaseErrorKind::ClosedConnection, _)
+            | Error::DatabaseError(DatabaseErrorKind::UnableToSendCommand, _) => {
+                BrokerError::Unavailable
+            }
+            other => BrokerError::Internal(anyhow::Error::new(other).context("database query")),
+        }
+    }
+}
+
+/// The broker: the rules, over a connection pool.
+#[derive(Clone)]
+pub struct Broker {
+    pool: Pool,
+    key: SecretKey,
+}
+
+impl Broker {
+    /// A broker over `pool`, opening provider configs with `key`.
+    pub fn new(pool: Pool, key: SecretKey) -> Self {
+        Self { pool, key }
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    async fn conn(&self) -> Result<PooledConnection, BrokerError> {
+        self.pool.get().await.map_err(|error| {
+            tracing::warn!(%error, "no database connection");
+            BrokerError::Unavailable
+        })
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> Result<(), BrokerError> {
+        use diesel_async::RunQueryDsl;
+        let mut conn = self.conn().await?;
+        diesel::sql_query("SELECT 1").execute(&mut conn).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,203 @@
+//! Typed settings, read once from the environment and passed down.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::crypto::SecretKey;
+
+/// Settings of every cloudbrain process, from `CLOUDBRAIN_*`, `DATABASE_URL` and `PORT`.
+#[derive(Clone)]
+pub struct Config {
+    /// Postgres connection string (`DATABASE_URL`).
+    pub database_url: String,
+    /// Where `http` listens: `CLOUDBRAIN_ADDR`, else `0.0.0.0:$PORT`, else `127.0.0.1:42191`.
+    pub addr: SocketAddr,
+    /// Key that seals provider configs (`CLOUDBRAIN_DATABASE_ENCRYPTION_KEY`), when set.
+    pub encryption_key: Option<SecretKey>,
+    /// Largest number of pooled database connections (`CLOUDBRAIN_DATABASE_POOL_SIZE`).
+    pub pool_size: usize,
+    /// How long a handler may run before the request fails with 503 (`CLOUDBRAIN_REQUEST_TIMEOUT`).
+    pub request_timeout: Duration,
+    /// How long SIGTERM waits for in-flight requests (`CLOUDBRAIN_SHUTDOWN_TIMEOUT`).
+    pub shutdown_timeout: Duration,
+    /// How long a verified token is trusted without scrypt (`CLOUDBRAIN_AUTH_CACHE_TTL`).
+    pub auth_cache_ttl: Duration,
+    /// Logs as JSON lines when `CLOUDBRAIN_LOG_FORMAT=json`.
+    pub log_json: bool,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The database URL may carry a password and the key is a secret: neither is printed.
+        f.debug_struct("Config")
+            .field("addr", &self.addr)
+            .field("pool_size", &self.pool_size)
+            .field("request_timeout", &self.request_timeout)
+            .field("auth_cache_ttl", &self.auth_cache_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A setting that is missing or malformed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A required variable is not set.
+    #[error("{0} is not set")]
+    Missing(&'static str),
+    /// A variable is set to something that cannot be used.
+    #[error("{name} is invalid: {message}")]
+    Invalid {
+        /// The variable's name.
+        name: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// Cloud Brain's port, kept so its clients need no change.
+pub const DEFAULT_PORT: u16 = 42191;
+
+impl Config {
+    /// Reads the settings from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the settings through `lookup`, so tests need not touch the process environment.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let database_url = get("DATABASE_URL").ok_or(ConfigError::Missing("DATABASE_URL"))?;
+        let addr = match (get("CLOUDBRAIN_ADDR"), get("PORT")) {
+            (Some(addr), _) => parse_addr(&addr)?,
+            (None, Some(port)) => {
+                let port: u16 = port.parse().map_err(|_| ConfigError::Invalid {
+                    name: "PORT",
+                    message: format!("{port:?} is not a port number"),
+                })?;
+                SocketAddr::from(([0, 0, 0, 0], port))
+            }
+            (None, None) => SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
+        };
+        let encryption_key = get("CLOUDBRAIN_DATABASE_ENCRYPTION_KEY")
+            .map(|hex| {
+                SecretKey::from_hex(&hex).map_err(|message| ConfigError::Invalid {
+                    name: "CLOUDBRAIN_DATABASE_ENCRYPTION_KEY",
+                    message,
+                })
+            })
+            .transpose()?;
+        Ok(Self {
+            database_url,
+            addr,
+            encryption_key,
+            pool_size: parse_number(&get, "CLOUDBRAIN_DATABASE_POOL_SIZE", 16)?,
+            request_timeout: parse_seconds(&get, "CLOUDBRAIN_REQUEST_TIMEOUT", 30)?,
+            shutdown_timeout: parse_seconds(&get, "CLOUDBRAIN_SHUTDOWN_TIMEOUT", 30)?,
+            auth_cache_ttl: parse_seconds(&get, "CLOUDBRAIN_AUTH_CACHE_TTL", 300)?,
+            log_json: get("CLOUDBRAIN_LOG_FORMAT").is_some_and(|f| f.eq_ignore_ascii_case("json")),
+        })
+    }
+
+    /// The key that seals provider configs, or a clear error when it is not set.
+    pub fn require_encryption_key(&self) -> Result<&SecretKey, ConfigError> {
+        self.encryption_key
+            .as_ref()
+            .ok_or(ConfigError::Missing("CLOUDBRAIN_DATABASE_ENCRYPTION_KEY"))
+    }
+}
+
+/// Accepts `host:port`, and Go's `:port` (all interfaces) as Cloud Brain did.
+fn parse_addr(addr: &str) -> Result<SocketAddr, ConfigError> {
+    let full = if addr.starts_with(':') {
+        format!("0.0.0.0{addr}")
+    } else {
+        addr.to_owned()
+    };
+    full.parse().map_err(|_| ConfigError::Invalid {
+        name: "CLOUDBRAIN_ADDR",
+        message: format!("{addr:?} is not an address like 127.0.0.1:42191"),
+    })
+}
+
+fn parse_number(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: usize,
+) -> Result<usize, ConfigError> {
+    match get(name) {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| ConfigError::Invalid {
+                name,
+                message: format!("{v:?} is not a positive whole number"),
+            }),
+    }
+}
+
+/// Reads a duration in seconds (fractions allowed, e.g. `0.5`).
+fn parse_seconds(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: u64,
+) -> Result<Duration, ConfigError> {
+    match get(name) {
+        None => Ok(Duration::from_secs(default)),
+        Some(v) => v
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s > 0.0 && *s < 1e9)
+            .map(Duration::from_secs_f64)
+            .ok_or_else(|| ConfigError::Invalid {
+                name,
+                message: format!("{v:?} is not a positive number of seconds"),
+            }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+    }
+
+    #[test]
+    fn address_falls_back_from_addr_to_port_to_cloud_brain_default() {
+        let db = ("DATABASE_URL", "postgres://x");
+        assert_eq!(config(&[db]).unwrap().addr.to_string(), "127.0.0.1:42191");
+        assert_eq!(
+            config(&[db, ("PORT", "8080")]).unwrap().addr.to_string(),
+            "0.0.0.0:8080"
+        );
+        let both = config(&[db, ("PORT", "8080"), ("CLOUDBRAIN_ADDR", ":9000")]).unwrap();
+        assert_eq!(both.addr.to_string(), "0.0.0.0:9000");
+    }
+
+    #[test]
+    fn malformed_settings_name_the_variable() {
+        let err = config(&[
+            ("DATABASE_URL", "x"),
+            ("CLOUDBRAIN_DATABASE_ENCRYPTION_KEY", "abc"),
+        ])
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("CLOUDBRAIN_DATABASE_ENCRYPTION_KEY"),
+            "{err}"
+        );
+        let err = config(&[("DATABASE_URL", "x"), ("PORT", "http")]).unwrap_err();
+        assert!(err.to_string().contains("PORT"), "{err}");
+        let err = config(&[]).unwrap_err();
+        assert_eq!(err.to_string(), "DATABASE_URL is not set");
+    }
+}

