@@ -1,0 +1,292 @@
+//! The operator commands, run as a user would: the real binary, a real database.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{count, TestDb, KEY_HEX};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cloudbrain");
+
+fn run(program: &Path, db: &TestDb, key: Option<&str>, args: &[&str]) -> Output {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn");
+    if let Some(key) = key {
+        command.env("CLOUDBRAIN_DATABASE_ENCRYPTION_KEY", key);
+    }
+    command.output().unwrap()
+}
+
+fn cloudbrain(db: &TestDb, args: &[&str]) -> Output {
+    run(Path::new(BIN), db, Some(KEY_HEX), args)
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+fn is_token_line(line: &str) -> bool {
+    let Some(token) = line.strip_prefix("generated token: ") else {
+        return false;
+    };
+    let Some((id, secret)) = token.split_once('-') else {
+        return false;
+    };
+    id.parse::<u32>().is_ok()
+        && secret.len() == 32
+        && secret
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+#[tokio::test]
+async fn tokens_are_made_listed_and_revoked_from_the_command_line() {
+    let db = TestDb::new().await;
+    let out = stdout(&cloudbrain(&db, &["create-token", "ci runners"]));
+    assert!(out.ends_with('\n') && out.lines().count() == 1, "{out:?}");
+    assert!(is_token_line(out.trim_end()), "{out:?}");
+    let token = out
+        .trim_end()
+        .strip_prefix("generated token: ")
+        .unwrap()
+        .to_owned();
+    let (id, secret) = token.split_once('-').unwrap();
+
+    // Cloud Brain's binary names work through links.
+    let dir = tempdir();
+    let link = dir.join("cloudbrain-create-token");
+    std::os::unix::fs::symlink(BIN, &link).unwrap();
+    let linked = stdout(&run(&link, &db, None, &["operators", "--scope", "admin"]));
+    assert!(is_token_line(linked.trim_end()), "{linked:?}");
+
+    let listed = stdout(&cloudbrain(&db, &["list-tokens"]));
+    assert!(
+        listed.contains("ci runners") && listed.contains("operators"),
+        "{listed}"
+    );
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(&format!("{id}\tclient\t"))),
+        "{listed}"
+    );
+    assert!(listed.contains("\tadmin\t"), "{listed}");
+    assert!(!listed.contains(secret), "list-tokens printed a secret");
+    let mut conn = db.conn().await;
+    let hash = cloudbrain::auth::store::find_token(&mut conn, id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap()
+        .token_hash;
+    assert!(
+        !listed.contains(&hex::encode(hash)),
+        "list-tokens printed a hash"
+    );
+
+    let link = dir.join("cloudbrain-revoke-token");
+    std::os::unix::fs::symlink(BIN, &link).unwrap();
+    assert_eq!(
+        stdout(&run(&link, &db, None, &[id])),
+        format!("revoked token {id}\n")
+    );
+    assert!(stdout(&cloudbrain(&db, &["revoke-token", id])).contains("already revoked"));
+    let listed = stdout(&cloudbrain(&db, &["list-tokens"]));
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with(&format!("{id}\t")))
+        .unwrap();
+    assert_eq!(
+        row.split('\t').nth(4).unwrap().len(),
+        20,
+        "revoked time missing: {row}"
+    );
+
+    let missing = cloudbrain(&db, &["revoke-token", "424242"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no token 424242"));
+}
+
+#[tokio::test]
+async fn providers_are_registered_sealed_and_refused_with_reasons() {
+    let db = TestDb::new().await;
+    let dir = tempdir();
+    let config = dir.join("fake.json");
+    std::fs::write(
+        &config,
+        r#"{"instance_types": ["standard", "gpu"], "boot_time_ms": 10, "seed": 7}"#,
+    )
+    .unwrap();
+    let out = stdout(&cloudbrain(
+        &db,
+        &[
+            "insert-provider",
+            "--name",
+            "fake-gpu",
+            "--type",
+            "fake",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    ));
+    assert!(out.contains("fake-gpu") && out.contains("gpu"), "{out}");
+    stdout(&cloudbrain(
+        &db,
+        &["insert-provider", "--name", "fake", "--type", "fake"],
+    ));
+    assert_eq!(
+        stdout(&cloudbrain(&db, &["list-providers"])),
+        "NAME\tTYPE\nfake\tfake\nfake-gpu\tfake\n"
+    );
+
+    // The stored config is sealed: its contents do not appear in the row.
+    let mut conn = db.conn().await;
+    let plain = count(
+        &mut conn,
+        "SELECT count(*) AS n FROM providers WHERE position('boot_time_ms'::bytea in config) > 0",
+    )
+    .await;
+    assert_eq!(plain, 0);
+
+    let failures: Vec<(Option<&str>, Vec<&str>, &str)> = vec![
+        (
+            None,
+            vec!["--name", "x", "--type", "fake"],
+            "CLOUDBRAIN_DATABASE_ENCRYPTION_KEY is not set",
+        ),
+        (
+            Some("abc"),
+            vec!["--name", "x", "--type", "fake"],
+            "CLOUDBRAIN_DATABASE_ENCRYPTION_KEY is invalid",
+        ),
+        (
+            Some(KEY_HEX),
+            vec!["--name", "fake", "--type", "fake"],
+            "already exists",
+        ),
+        (Some(KEY_HEX), vec!["--name", "x", "--type", "ec2"], "ec2"),
+        (
+            Some(KEY_HEX),
+            vec![
+                "--name",
+                "x",
+                "--type",
+                "fake",
+                "--config",
+                "/nonexistent.json",
+            ],
+            "/nonexistent.json",
+        ),
+    ];
+    for (key, args, message) in failures {
+        let mut all = vec!["insert-provider"];
+        all.extend(args.iter());
+        let output = run(Path::new(BIN), &db, key, &all);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, r#"{"throttle_rate": 3}"#).unwrap();
+    let output = cloudbrain(
+        &db,
+        &[
+            "insert-provider",
+            "--name",
+            "y",
+            "--type",
+            "fake",
+            "--config",
+            bad.to_str().unwrap(),
+        ],
+    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("throttle_rate"));
+    assert_eq!(
+        stdout(&cloudbrain(&db, &["list-providers"]))
+            .lines()
+            .count(),
+        3
+    );
+}
+
+#[tokio::test]
+async fn migrate_is_safe_to_run_concurrently_and_again() {
+    let db = TestDb::new().await;
+    // The test database comes migrated; start over from an empty one.
+    let mut conn = db.conn().await;
+    diesel_async::SimpleAsyncConnection::batch_execute(
+        &mut conn,
+        "DROP SCHEMA public CASCADE; CREATE SCHEMA public;",
+    )
+    .await
+    .unwrap();
+    let children: Vec<_> = (0..3)
+        .map(|_| {
+            Command::new(BIN)
+                .arg("migrate")
+                .env("DATABASE_URL", &db.url)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut applied = 0;
+    for child in children {
+        let out = stdout(&child.wait_with_output().unwrap());
+        applied += out
+            .lines()
+            .filter(|l| l.starts_with("applied migration"))
+            .count();
+    }
+    assert!(applied >= 1);
+    assert_eq!(
+        stdout(&cloudbrain(&db, &["migrate"])),
+        "database is up to date\n"
+    );
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) AS n FROM instances").await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn schema_rs_is_what_diesel_print_schema_prints() {
+    let db = TestDb::new().await;
+    let output = Command::new("diesel")
+        .args(["print-schema", "--database-url", &db.url])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("the diesel CLI must be installed (script/test installs it)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed = String::from_utf8(output.stdout).unwrap();
+    let ours =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/db/schema.rs"))
+            .unwrap();
+    assert_eq!(
+        ours, printed,
+        "src/db/schema.rs differs from `diesel print-schema`"
+    );
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("cloudbrain-cli-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
