@@ -1,0 +1,12 @@
+-- Spreads requests over the tokens listed (one per line) in the file named by $TOKENS_FILE.
+local tokens = {}
+for line in io.lines(os.getenv("TOKENS_FILE")) do
+  tokens[#tokens + 1] = line
+end
+local n = 0
+request = function()
+  n = n + 1
+  local token = tokens[(n % #tokens) + 1]
+  return wrk.format("GET", os.getenv("BENCH_PATH") or "/instances?limit=10",
+    { ["Authorization"] = "token " .. token })
+end
