@@ -5,17 +5,15 @@
 use std::ffi::OsString;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use cloudbrain::auth::store::{self, Revoked};
-use cloudbrain::auth::{Scope, TokenVerifier};
+use cloudbrain::auth::Scope;
 use cloudbrain::broker::providers::{insert_provider, list_providers};
-use cloudbrain::broker::Broker;
 use cloudbrain::config::Config;
 use cloudbrain::providers::ProviderKind;
-use cloudbrain::{api, db, telemetry};
+use cloudbrain::{db, roles, telemetry};
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 
 #[derive(Parser)]
@@ -29,6 +27,12 @@ struct Cli {
 enum Command {
     /// Serve the HTTP API.
     Http,
+    /// Run create and remove jobs.
+    CreateWorker,
+    /// Keep every instance in step with its cloud; reap stuck machines and orphans.
+    RefreshWorker,
+    /// Everything in one process on a throwaway database with the fake provider.
+    Dev,
     /// Apply pending database migrations.
     Migrate,
     /// Make an API token and print it (the only time its secret is shown).
@@ -107,10 +111,16 @@ async fn connect(config: &Config) -> anyhow::Result<AsyncPgConnection> {
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
+    if let Command::Dev = command {
+        return cloudbrain::dev::run().await;
+    }
     let config = Config::from_env()?;
     telemetry::init(config.log_json);
     match command {
-        Command::Http => http(config).await,
+        Command::Http => run_role(config, Role::Http).await,
+        Command::CreateWorker => run_role(config, Role::JobWorker).await,
+        Command::RefreshWorker => run_role(config, Role::RefreshWorker).await,
+        Command::Dev => unreachable!("dev runs before the environment is read"),
         Command::Migrate => {
             let applied = db::run_migrations(&config.database_url).await?;
             if applied.is_empty() {
@@ -195,25 +205,29 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-async fn http(config: Config) -> anyhow::Result<()> {
-    let key = config.require_encryption_key()?.clone();
-    let pool = db::pool(&config.database_url, config.pool_size)?;
-    let verifier = Arc::new(TokenVerifier::new(pool.clone(), config.auth_cache_ttl));
-    tokio::spawn(
-        verifier
-            .clone()
-            .listen_for_revocations(config.database_url.clone()),
-    );
-    let listener = std::net::TcpListener::bind(config.addr)
-        .with_context(|| format!("listening on {}", config.addr))?;
-    let addr = listener.local_addr()?;
-    let state = api::AppState {
-        broker: Broker::new(pool, key),
-        verifier,
-        request_timeout: config.request_timeout,
-    };
-    tracing::info!(%addr, "cloudbrain http listening on http://{addr}");
-    api::serve(listener, state, config.shutdown_timeout)?.await?;
-    tracing::info!("cloudbrain http stopped");
-    Ok(())
+/// Runs one role until SIGINT or SIGTERM.
+async fn run_role(config: Config, role: Role) -> anyhow::Result<()> {
+    let services = roles::Services::new(config)?;
+    let (stop, shutdown) = roles::shutdown_channel();
+    tokio::spawn(async move {
+        roles::termination_signal().await;
+        tracing::info!("stopping");
+        let _ = stop.send(true);
+    });
+    match role {
+        Role::Http => {
+            let addr = services.config.addr;
+            let listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("listening on {addr}"))?;
+            roles::http(&services, listener, shutdown).await
+        }
+        Role::JobWorker => roles::job_worker(&services, shutdown, true).await,
+        Role::RefreshWorker => roles::refresh_worker(&services, shutdown, true).await,
+    }
+}
+
+enum Role {
+    Http,
+    JobWorker,
+    RefreshWorker,
 }

@@ -24,6 +24,50 @@ pub struct Config {
     pub auth_cache_ttl: Duration,
     /// Logs as JSON lines when `CLOUDBRAIN_LOG_FORMAT=json`.
     pub log_json: bool,
+    /// Where a worker process serves `/metrics` (`CLOUDBRAIN_METRICS_ADDR`), if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
+    /// How the workers run jobs and reconcile.
+    pub workers: WorkerSettings,
+}
+
+/// Settings of the create and refresh workers.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Jobs one worker process runs at once (`CLOUDBRAIN_WORKER_CONCURRENCY`, default 16).
+    pub concurrency: usize,
+    /// How long a claimed job is leased, renewed while it runs (`CLOUDBRAIN_JOB_LEASE`, 60 s).
+    pub lease: Duration,
+    /// How often an idle worker looks for jobs without being woken (`CLOUDBRAIN_WORKER_POLL_INTERVAL`, 1 s).
+    pub poll_interval: Duration,
+    /// Attempts before a job is dead and its instance errored (`CLOUDBRAIN_JOB_MAX_ATTEMPTS`, 10).
+    pub max_attempts: i32,
+    /// First retry delay, doubled each attempt (`CLOUDBRAIN_JOB_BACKOFF_BASE`, 1 s).
+    pub backoff_base: Duration,
+    /// Longest retry delay (`CLOUDBRAIN_JOB_BACKOFF_MAX`, 300 s).
+    pub backoff_max: Duration,
+    /// How often the refresh worker reconciles each provider (`CLOUDBRAIN_REFRESH_INTERVAL`, 10 s).
+    pub refresh_interval: Duration,
+    /// How long an instance may take to reach `running` (`CLOUDBRAIN_LAUNCH_TIMEOUT`, 600 s).
+    pub launch_timeout: Duration,
+    /// How old a machine with no live instance must be before it is destroyed as an orphan
+    /// (`CLOUDBRAIN_ORPHAN_GRACE`, 300 s).
+    pub orphan_grace: Duration,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            lease: Duration::from_secs(60),
+            poll_interval: Duration::from_secs(1),
+            max_attempts: 10,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            refresh_interval: Duration::from_secs(10),
+            launch_timeout: Duration::from_secs(600),
+            orphan_grace: Duration::from_secs(300),
+        }
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -68,7 +112,7 @@ impl Config {
         let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
         let database_url = get("DATABASE_URL").ok_or(ConfigError::Missing("DATABASE_URL"))?;
         let addr = match (get("CLOUDBRAIN_ADDR"), get("PORT")) {
-            (Some(addr), _) => parse_addr(&addr)?,
+            (Some(addr), _) => parse_addr("CLOUDBRAIN_ADDR", &addr)?,
             (None, Some(port)) => {
                 let port: u16 = port.parse().map_err(|_| ConfigError::Invalid {
                     name: "PORT",
@@ -91,10 +135,28 @@ impl Config {
             addr,
             encryption_key,
             pool_size: parse_number(&get, "CLOUDBRAIN_DATABASE_POOL_SIZE", 16)?,
-            request_timeout: parse_seconds(&get, "CLOUDBRAIN_REQUEST_TIMEOUT", 30)?,
-            shutdown_timeout: parse_seconds(&get, "CLOUDBRAIN_SHUTDOWN_TIMEOUT", 30)?,
-            auth_cache_ttl: parse_seconds(&get, "CLOUDBRAIN_AUTH_CACHE_TTL", 300)?,
+            request_timeout: parse_seconds(&get, "CLOUDBRAIN_REQUEST_TIMEOUT", Duration::from_secs(30))?,
+            shutdown_timeout: parse_seconds(&get, "CLOUDBRAIN_SHUTDOWN_TIMEOUT", Duration::from_secs(30))?,
+            auth_cache_ttl: parse_seconds(&get, "CLOUDBRAIN_AUTH_CACHE_TTL", Duration::from_secs(300))?,
             log_json: get("CLOUDBRAIN_LOG_FORMAT").is_some_and(|f| f.eq_ignore_ascii_case("json")),
+            metrics_addr: get("CLOUDBRAIN_METRICS_ADDR")
+                .map(|a| parse_addr("CLOUDBRAIN_METRICS_ADDR", &a))
+                .transpose()?,
+            workers: {
+                let d = WorkerSettings::default();
+                WorkerSettings {
+                    concurrency: parse_number(&get, "CLOUDBRAIN_WORKER_CONCURRENCY", d.concurrency)?,
+                    lease: parse_seconds(&get, "CLOUDBRAIN_JOB_LEASE", d.lease)?,
+                    poll_interval: parse_seconds(&get, "CLOUDBRAIN_WORKER_POLL_INTERVAL", d.poll_interval)?,
+                    max_attempts: parse_number(&get, "CLOUDBRAIN_JOB_MAX_ATTEMPTS", d.max_attempts as usize)?
+                        .min(i32::MAX as usize) as i32,
+                    backoff_base: parse_seconds(&get, "CLOUDBRAIN_JOB_BACKOFF_BASE", d.backoff_base)?,
+                    backoff_max: parse_seconds(&get, "CLOUDBRAIN_JOB_BACKOFF_MAX", d.backoff_max)?,
+                    refresh_interval: parse_seconds(&get, "CLOUDBRAIN_REFRESH_INTERVAL", d.refresh_interval)?,
+                    launch_timeout: parse_seconds(&get, "CLOUDBRAIN_LAUNCH_TIMEOUT", d.launch_timeout)?,
+                    orphan_grace: parse_seconds(&get, "CLOUDBRAIN_ORPHAN_GRACE", d.orphan_grace)?,
+                }
+            },
         })
     }
 
@@ -107,14 +169,14 @@ impl Config {
 }
 
 /// Accepts `host:port`, and Go's `:port` (all interfaces) as Cloud Brain did.
-fn parse_addr(addr: &str) -> Result<SocketAddr, ConfigError> {
+fn parse_addr(name: &'static str, addr: &str) -> Result<SocketAddr, ConfigError> {
     let full = if addr.starts_with(':') {
         format!("0.0.0.0{addr}")
     } else {
         addr.to_owned()
     };
     full.parse().map_err(|_| ConfigError::Invalid {
-        name: "CLOUDBRAIN_ADDR",
+        name,
         message: format!("{addr:?} is not an address like 127.0.0.1:42191"),
     })
 }
@@ -142,19 +204,19 @@ fn parse_number(
 fn parse_seconds(
     get: &impl Fn(&str) -> Option<String>,
     name: &'static str,
-    default: u64,
+    default: Duration,
 ) -> Result<Duration, ConfigError> {
     match get(name) {
-        None => Ok(Duration::from_secs(default)),
+        None => Ok(default),
         Some(v) => v
             .trim()
             .parse::<f64>()
             .ok()
-            .filter(|s| s.is_finite() && *s > 0.0 && *s < 1e9)
+            .filter(|s| s.is_finite() && *s >= 0.0 && *s < 1e9)
             .map(Duration::from_secs_f64)
             .ok_or_else(|| ConfigError::Invalid {
                 name,
-                message: format!("{v:?} is not a positive number of seconds"),
+                message: format!("{v:?} is not a number of seconds"),
             }),
     }
 }

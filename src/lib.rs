@@ -9,3 +9,7 @@ pub mod db;
 pub mod jobs;
 pub mod providers;
 pub mod telemetry;
+pub mod metrics;
+pub mod workers;
+pub mod roles;
+pub mod dev;

@@ -76,3 +76,31 @@ pub async fn list_providers(
 pub async fn openapi() -> HttpResponse {
     HttpResponse::Ok().json(super::ApiDoc::openapi())
 }
+
+async fn render(
+    broker: &crate::broker::Broker,
+    metrics: &crate::metrics::Metrics,
+    auth: Option<crate::auth::verifier::AuthStats>,
+) -> Result<HttpResponse, ApiError> {
+    let gauges = broker.gauges().await?;
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(metrics.render(&gauges, auth)))
+}
+
+/// Metrics in Prometheus' text format: instances by state and provider, queued and dead
+/// jobs, dispatch latency, provider calls and errors, auth cache hits and misses.
+#[utoipa::path(get, path = "/metrics", tag = "service", responses(
+    (status = 200, description = "Prometheus text exposition format", content_type = "text/plain"),
+    (status = 503, description = "Database unreachable", body = ErrorBody),
+))]
+pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    render(&state.broker, &state.metrics, Some(state.verifier.stats())).await
+}
+
+/// `/metrics` of a worker process.
+pub async fn worker_metrics(
+    state: web::Data<(crate::broker::Broker, std::sync::Arc<crate::metrics::Metrics>)>,
+) -> Result<HttpResponse, ApiError> {
+    render(&state.0, &state.1, None).await
+}

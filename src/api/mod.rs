@@ -31,6 +31,8 @@ pub struct AppState {
     pub verifier: Arc<TokenVerifier>,
     /// How long a handler may run.
     pub request_timeout: Duration,
+    /// What this process has measured.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The OpenAPI document of every route.
@@ -48,6 +50,7 @@ pub struct AppState {
         meta::readyz,
         meta::version,
         meta::openapi,
+        meta::metrics,
     ),
     components(schemas(error::ErrorBody)),
     modifiers(&Security)
@@ -173,6 +176,7 @@ pub fn app(
                 .default_service(web::to(method_not_allowed)),
         )
         .service(read_only("/providers", meta::list_providers))
+        .service(read_only("/metrics", meta::metrics))
         .service(read_only("/healthz", meta::healthz))
         .service(read_only("/readyz", meta::readyz))
         .service(read_only("/version", meta::version))
@@ -207,5 +211,26 @@ pub fn serve(
         .shutdown_timeout(shutdown_timeout.as_secs().max(1))
         .listen(listener)?
         .run();
+    Ok(server)
+}
+
+/// Serves only `/metrics` and `/healthz`, for worker processes.
+pub fn serve_metrics(
+    listener: TcpListener,
+    broker: Broker,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> std::io::Result<Server> {
+    let state = web::Data::new((broker, metrics));
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .route("/metrics", web::get().to(meta::worker_metrics))
+            .route("/healthz", web::get().to(meta::healthz))
+            .default_service(web::to(not_found))
+    })
+    .workers(1)
+    .disable_signals()
+    .listen(listener)?
+    .run();
     Ok(server)
 }

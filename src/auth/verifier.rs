@@ -7,14 +7,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio_postgres::AsyncMessage;
 
 use super::store::{self, REVOKED_CHANNEL};
 use super::token::{hash_secret, Token};
 use super::{Caller, Scope};
+use crate::db::listen::{listen_forever, Heard};
 use crate::db::Pool;
 
 /// Wrong secrets for one token id tolerated per [`FAILURE_WINDOW`] before it is throttled.
@@ -286,70 +285,18 @@ impl TokenVerifier {
     /// Listens for revocations until the process ends, reconnecting when the connection
     /// drops; while it is down, cached tokens are checked against the database.
     pub async fn listen_for_revocations(self: Arc<Self>, database_url: String) {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.listen_once(&database_url).await {
-                Ok(()) => backoff = Duration::from_millis(100),
-                Err(error) => {
-                    tracing::warn!(%error, "token revocation listener disconnected; retrying");
-                }
+        listen_forever(database_url, REVOKED_CHANNEL, |heard| match heard {
+            Heard::Connected => {
+                // Revocations may have been missed while disconnected: start afresh.
+                self.forget_all();
+                self.listening.store(true, Ordering::Release);
             }
-            self.listening.store(false, Ordering::Release);
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
-    }
-
-    async fn listen_once(&self, database_url: &str) -> Result<(), tokio_postgres::Error> {
-        let (client, mut connection) =
-            tokio_postgres::connect(database_url, tokio_postgres::NoTls).await?;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let driver = tokio::spawn(async move {
-            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(message) = messages.next().await {
-                match message {
-                    Ok(AsyncMessage::Notification(n)) => {
-                        if tx.send(n.payload().to_owned()).is_err() {
-                            break;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(())
-        });
-        let result = async {
-            client
-                .batch_execute(&format!("LISTEN {REVOKED_CHANNEL}"))
-                .await?;
-            // Revocations may have been missed while disconnected: start from a clean cache.
-            self.forget_all();
-            self.listening.store(true, Ordering::Release);
-            let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
-            loop {
-                tokio::select! {
-                    payload = rx.recv() => match payload {
-                        Some(payload) => match payload.parse::<i32>() {
-                            Ok(id) => self.forget_token(id),
-                            Err(_) => self.forget_all(),
-                        },
-                        None => return Ok(()),
-                    },
-                    _ = heartbeat.tick() => {
-                        // A connection that silently died would otherwise leave the cache
-                        // trusted forever.
-                        match tokio::time::timeout(Duration::from_secs(5), client.simple_query("SELECT 1")).await {
-                            Ok(answer) => { answer?; }
-                            Err(_) => return Ok(()),
-                        }
-                    }
-                }
-            }
-        }
-        .await;
-        self.listening.store(false, Ordering::Release);
-        driver.abort();
-        result
+            Heard::Disconnected => self.listening.store(false, Ordering::Release),
+            Heard::Payload(payload) => match payload.parse::<i32>() {
+                Ok(id) => self.forget_token(id),
+                Err(_) => self.forget_all(),
+            },
+        })
+        .await
     }
 }

@@ -3,6 +3,7 @@
 //! two front ends of this module.
 
 pub mod instances;
+pub mod lifecycle;
 pub mod providers;
 pub mod state;
 pub mod validate;

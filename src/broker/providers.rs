@@ -8,7 +8,7 @@ use super::{Broker, BrokerError};
 use crate::crypto::SecretKey;
 use crate::db::models::{NewProvider, ProviderRow};
 use crate::db::schema::providers;
-use crate::providers::{settings, ProviderKind, ProviderSettings};
+use crate::providers::{settings, ProviderKind, ProviderSettings, StoredProvider};
 
 /// A provider as clients may see it: never its configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -83,6 +83,19 @@ pub async fn list_providers(conn: &mut AsyncPgConnection) -> QueryResult<Vec<Pro
         .collect())
 }
 
+/// Opens a stored row: its kind and its config document.
+fn open(key: &SecretKey, row: ProviderRow) -> Result<StoredProvider, BrokerError> {
+    let name = row.name;
+    let kind = ProviderKind::parse(&row.kind)
+        .ok_or_else(|| anyhow::anyhow!("provider {name} has unknown type {}", row.kind))?;
+    let plain = key
+        .open(&row.config)
+        .map_err(|e| anyhow::anyhow!("provider {name}: {e}"))?;
+    let config = serde_json::from_slice(&plain)
+        .map_err(|e| anyhow::anyhow!("provider {name}: stored config is not JSON: {e}"))?;
+    Ok(StoredProvider { name, kind, config })
+}
+
 /// Reads the provider named `name` and what its config offers; `None` if there is none.
 pub async fn find_settings(
     conn: &mut AsyncPgConnection,
@@ -98,18 +111,41 @@ pub async fn find_settings(
     else {
         return Ok(None);
     };
-    let kind = ProviderKind::parse(&row.kind)
-        .ok_or_else(|| anyhow::anyhow!("provider {name} has unknown type {}", row.kind))?;
-    let plain = key
-        .open(&row.config)
+    let stored = open(key, row)?;
+    let found = settings(stored.kind, &stored.config)
         .map_err(|e| anyhow::anyhow!("provider {name}: {e}"))?;
-    let config: serde_json::Value = serde_json::from_slice(&plain)
-        .map_err(|e| anyhow::anyhow!("provider {name}: stored config is not JSON: {e}"))?;
-    let found = settings(kind, &config).map_err(|e| anyhow::anyhow!("provider {name}: {e}"))?;
     Ok(Some(found))
 }
 
+/// Every stored provider config, opened; a row that cannot be opened is logged and skipped.
+pub async fn load_stored(
+    conn: &mut AsyncPgConnection,
+    key: &SecretKey,
+) -> Result<Vec<StoredProvider>, BrokerError> {
+    let rows: Vec<ProviderRow> = providers::table
+        .select(ProviderRow::as_select())
+        .order(providers::name)
+        .load(conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| match open(key, row) {
+            Ok(stored) => Some(stored),
+            Err(error) => {
+                tracing::error!(%error, "skipping a provider config");
+                None
+            }
+        })
+        .collect())
+}
+
 impl Broker {
+    /// Every stored provider config, opened, for the workers' registry.
+    pub async fn stored_providers(&self) -> Result<Vec<StoredProvider>, BrokerError> {
+        let mut conn = self.conn().await?;
+        load_stored(&mut conn, &self.key).await
+    }
+
     /// Every registered provider's name and type.
     pub async fn list_providers(&self) -> Result<Vec<ProviderSummary>, BrokerError> {
         let mut conn = self.conn().await?;

@@ -1,5 +1,6 @@
 //! The database: diesel schema and models, the connection pool and the migrations runner.
 
+pub mod listen;
 pub mod models;
 pub mod schema;
 

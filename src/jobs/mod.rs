@@ -73,3 +73,179 @@ pub async fn drop_unclaimed(
     .execute(conn)
     .await
 }
+
+/// A job a worker has claimed: its row as the claim left it.
+pub type ClaimedJob = crate::db::models::Job;
+
+/// Claims up to `limit` runnable jobs of `kinds` for `worker`, leasing them for `lease`.
+///
+/// One statement, committed on return: the row locks taken by `FOR UPDATE SKIP LOCKED`
+/// last only while it runs, and from then on the lease (`locked_until`) marks ownership,
+/// so no transaction or connection is held while the provider is called. A job whose
+/// lease ran out (its worker died) is runnable again. Claiming counts an attempt, so a
+/// job that kills its workers still runs out of attempts.
+pub async fn claim(
+    conn: &mut AsyncPgConnection,
+    worker: &str,
+    kinds: &[JobKind],
+    limit: i64,
+    lease: std::time::Duration,
+) -> QueryResult<Vec<ClaimedJob>> {
+    use diesel::sql_types::{Array, BigInt, Double};
+    let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+    diesel::sql_query(
+        "UPDATE jobs SET locked_by = $1, \
+                locked_until = now() + $2 * interval '1 second', \
+                attempts = attempts + 1 \
+         WHERE id IN ( \
+             SELECT id FROM jobs \
+             WHERE status = 'queued' AND kind = ANY($3) AND run_at <= now() \
+               AND (locked_until IS NULL OR locked_until < now()) \
+             ORDER BY run_at, id \
+             LIMIT $4 \
+             FOR UPDATE SKIP LOCKED) \
+         RETURNING *",
+    )
+    .bind::<Text, _>(worker)
+    .bind::<Double, _>(lease.as_secs_f64())
+    .bind::<Array<Text>, _>(kinds)
+    .bind::<BigInt, _>(limit)
+    .load::<ClaimedJobRow>(conn)
+    .await
+    .map(|rows| rows.into_iter().map(|r| r.0).collect())
+}
+
+/// `sql_query` needs `QueryableByName`; the model is `Queryable`, so wrap it.
+struct ClaimedJobRow(ClaimedJob);
+
+impl diesel::QueryableByName<diesel::pg::Pg> for ClaimedJobRow {
+    fn build<'a>(row: &impl diesel::row::NamedRow<'a, diesel::pg::Pg>) -> diesel::deserialize::Result<Self> {
+        use diesel::row::NamedRow;
+        use diesel::sql_types::{BigInt, Integer, Nullable, Timestamptz};
+        Ok(Self(ClaimedJob {
+            id: NamedRow::get::<BigInt, _>(row, "id")?,
+            kind: NamedRow::get::<Text, _>(row, "kind")?,
+            instance_id: NamedRow::get::<diesel::sql_types::Uuid, _>(row, "instance_id")?,
+            status: NamedRow::get::<Text, _>(row, "status")?,
+            attempts: NamedRow::get::<Integer, _>(row, "attempts")?,
+            run_at: NamedRow::get::<Timestamptz, _>(row, "run_at")?,
+            locked_by: NamedRow::get::<Nullable<Text>, _>(row, "locked_by")?,
+            locked_until: NamedRow::get::<Nullable<Timestamptz>, _>(row, "locked_until")?,
+            last_error: NamedRow::get::<Nullable<Text>, _>(row, "last_error")?,
+            created_at: NamedRow::get::<Timestamptz, _>(row, "created_at")?,
+        }))
+    }
+}
+
+/// Extends the lease on job `id` while `worker` still holds it; false if it lost it.
+pub async fn renew(
+    conn: &mut AsyncPgConnection,
+    id: i64,
+    worker: &str,
+    lease: std::time::Duration,
+) -> QueryResult<bool> {
+    let renewed = diesel::update(
+        jobs::table
+            .filter(jobs::id.eq(id))
+            .filter(jobs::locked_by.eq(worker)),
+    )
+    .set(jobs::locked_until.eq(db_now_plus(lease).nullable()))
+    .execute(conn)
+    .await?;
+    Ok(renewed == 1)
+}
+
+/// The database's `now()` plus `after`: leases and schedules use the database's clock, so
+/// workers on hosts with skewed clocks still agree.
+fn db_now_plus(
+    after: std::time::Duration,
+) -> diesel::expression::SqlLiteral<diesel::sql_types::Timestamptz> {
+    let micros = after.as_micros().min(i64::MAX as u128);
+    diesel::dsl::sql(&format!("now() + interval '{micros} microseconds'"))
+}
+
+/// Deletes a finished job, on the caller's connection (in the transaction that records
+/// what the job achieved).
+pub async fn finish(conn: &mut AsyncPgConnection, id: i64) -> QueryResult<()> {
+    diesel::delete(jobs::table.find(id)).execute(conn).await?;
+    Ok(())
+}
+
+/// Puts a failed job back in the queue to run again after `delay`.
+pub async fn retry_later(
+    conn: &mut AsyncPgConnection,
+    id: i64,
+    delay: std::time::Duration,
+    error: &str,
+) -> QueryResult<()> {
+    diesel::update(jobs::table.find(id))
+        .set((
+            jobs::run_at.eq(db_now_plus(delay)),
+            jobs::locked_by.eq(None::<String>),
+            jobs::locked_until.eq(None::<chrono::DateTime<chrono::Utc>>),
+            jobs::last_error.eq(error),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Hands a claimed job back without counting the attempt (a worker stopping, or a job
+/// that must wait for another), to run again after `delay`.
+pub async fn release(
+    conn: &mut AsyncPgConnection,
+    id: i64,
+    worker: &str,
+    delay: std::time::Duration,
+) -> QueryResult<()> {
+    diesel::update(
+        jobs::table
+            .filter(jobs::id.eq(id))
+            .filter(jobs::locked_by.eq(worker)),
+    )
+    .set((
+        jobs::run_at.eq(db_now_plus(delay)),
+        jobs::locked_by.eq(None::<String>),
+        jobs::locked_until.eq(None::<chrono::DateTime<chrono::Utc>>),
+        jobs::attempts.eq(jobs::attempts - 1),
+    ))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Marks a job `dead`: it stays for inspection and never runs again.
+pub async fn bury(conn: &mut AsyncPgConnection, id: i64, error: &str) -> QueryResult<()> {
+    diesel::update(jobs::table.find(id))
+        .set((
+            jobs::status.eq("dead"),
+            jobs::locked_by.eq(None::<String>),
+            jobs::locked_until.eq(None::<chrono::DateTime<chrono::Utc>>),
+            jobs::last_error.eq(error),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// True while a `create` job for `instance_id` is leased by a live worker.
+pub async fn create_in_flight(conn: &mut AsyncPgConnection, instance_id: Uuid) -> QueryResult<bool> {
+    diesel::select(diesel::dsl::exists(
+        jobs::table
+            .filter(jobs::instance_id.eq(instance_id))
+            .filter(jobs::kind.eq(JobKind::CreateInstance.as_str()))
+            .filter(jobs::status.eq("queued"))
+            .filter(jobs::locked_until.gt(diesel::dsl::now)),
+    ))
+    .get_result(conn)
+    .await
+}
+
+impl JobKind {
+    /// Reads a stored kind.
+    pub fn parse(value: &str) -> Option<Self> {
+        [JobKind::CreateInstance, JobKind::RemoveInstance]
+            .into_iter()
+            .find(|k| k.as_str() == value)
+    }
+}

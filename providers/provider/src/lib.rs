@@ -3,7 +3,7 @@
 //! A provider crate depends on this crate and its cloud's client only; it knows nothing of
 //! the broker's database, its HTTP API or its job queue.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -47,6 +47,8 @@ pub struct CloudInstance {
     pub state: CloudState,
     /// The address to reach it at, once it has one.
     pub ip_address: Option<String>,
+    /// When the cloud says the machine was launched, if it says.
+    pub launched_at: Option<SystemTime>,
 }
 
 /// Why a provider call failed; the kind decides what the broker does next.
@@ -115,6 +117,37 @@ impl ConfigError {
     pub fn from_serde(err: &serde_json::Error) -> Self {
         // serde_json names the unknown or mistyped field inside its message.
         Self::new("config", err.to_string())
+    }
+}
+
+/// Limits on calls to one provider config's cloud API, read from its config.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CallLimits {
+    /// Most calls in flight at once.
+    pub max_concurrency: usize,
+    /// Most calls started per second.
+    pub rate_limit: f64,
+}
+
+impl Default for CallLimits {
+    fn default() -> Self {
+        Self {
+            max_concurrency: 8,
+            rate_limit: 10.0,
+        }
+    }
+}
+
+impl CallLimits {
+    /// Checks the limits, naming the field at fault.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_concurrency == 0 || self.max_concurrency > 1024 {
+            return Err(ConfigError::new("max_concurrency", "must be from 1 to 1024"));
+        }
+        if !(self.rate_limit.is_finite() && self.rate_limit > 0.0 && self.rate_limit <= 100_000.0) {
+            return Err(ConfigError::new("rate_limit", "must be a number of calls per second above 0"));
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,193 @@
+//! `cloudbrain dev`: everything in one process for a first try — a throwaway PostgreSQL
+//! (unless `DATABASE_URL` is set), migrations, a `fake` provider, a token, the API, a job
+//! worker and a refresh worker. Ctrl-C stops it all and removes the throwaway cluster.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use diesel_async::{AsyncConnection, AsyncPgConnection};
+
+use crate::auth::{store, Scope};
+use crate::broker::providers::{insert_provider, InsertProviderError};
+use crate::config::Config;
+use crate::providers::ProviderKind;
+use crate::roles::{self, Services};
+use crate::{db, telemetry};
+
+/// A PostgreSQL cluster of its own in a temporary directory, removed on drop.
+pub struct ThrowawayPostgres {
+    dir: PathBuf,
+    bin: PathBuf,
+    user: Option<String>,
+    /// Its connection string (superuser `postgres`, trust auth, loopback only).
+    pub url: String,
+}
+
+fn find_pg_bin() -> anyhow::Result<PathBuf> {
+    if let Ok(path) = std::env::var("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if dir.join("initdb").is_file() && dir.join("pg_ctl").is_file() {
+                return Ok(dir);
+            }
+        }
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|bin| bin.join("initdb").is_file())
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .context("PostgreSQL's initdb and pg_ctl were not found: install PostgreSQL (Debian: apt-get install postgresql) or set DATABASE_URL")
+}
+
+impl ThrowawayPostgres {
+    /// Starts a cluster on a free loopback port. Postgres refuses to run as root, so as
+    /// root it runs as the `postgres` user.
+    pub fn start() -> anyhow::Result<Self> {
+        let bin = find_pg_bin()?;
+        // SAFETY-free check of the effective user through `id`, to avoid a libc dependency.
+        let is_root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        let user = is_root.then(|| "postgres".to_owned());
+        let dir = std::env::temp_dir().join(format!("cloudbrain-dev-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir)?;
+        let mut pg = Self {
+            dir,
+            bin,
+            user,
+            url: String::new(),
+        };
+        if let Some(user) = &pg.user {
+            let status = Command::new("chown").arg(user).arg(&pg.dir).status()?;
+            if !status.success() {
+                bail!("could not hand {} to user {user} (does the user exist?)", pg.dir.display());
+            }
+        }
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let data = pg.dir.join("data");
+        pg.run("initdb", &["-D", path(&data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])?;
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+            path(&pg.dir)
+        );
+        let log = pg.dir.join("postgres.log");
+        pg.run("pg_ctl", &["-D", path(&data), "-l", path(&log), "-o", &options, "-w", "-t", "60", "start"])?;
+        pg.url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+        Ok(pg)
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> anyhow::Result<()> {
+        let program = self.bin.join(program);
+        let output = match &self.user {
+            Some(user) => Command::new("runuser").arg("-u").arg(user).arg("--").arg(&program).args(args).output(),
+            None => Command::new(&program).args(args).output(),
+        }
+        .with_context(|| format!("running {}", program.display()))?;
+        if !output.status.success() {
+            bail!(
+                "{} failed: {}{}",
+                program.display(),
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+impl Drop for ThrowawayPostgres {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let _ = self.run("pg_ctl", &["-D", path(&data), "-m", "fast", "-w", "stop"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `cloudbrain dev` until Ctrl-C or SIGTERM.
+pub async fn run() -> anyhow::Result<()> {
+    let given_url = std::env::var("DATABASE_URL").ok().filter(|u| !u.trim().is_empty());
+    let throwaway = match given_url {
+        Some(_) => None,
+        None => Some(tokio::task::spawn_blocking(ThrowawayPostgres::start).await??),
+    };
+    let database_url = given_url.unwrap_or_else(|| throwaway.as_ref().map(|p| p.url.clone()).unwrap_or_default());
+    // A throwaway key for a throwaway database, unless one is given.
+    let key = std::env::var("CLOUDBRAIN_DATABASE_ENCRYPTION_KEY")
+        .ok()
+        .filter(|k| !k.trim().is_empty())
+        .unwrap_or_else(|| {
+            use rand::RngCore;
+            let mut key = [0u8; 32];
+            rand::rng().fill_bytes(&mut key);
+            hex::encode(key)
+        });
+    let config = Config::from_lookup(|name| match name {
+        "DATABASE_URL" => Some(database_url.clone()),
+        "CLOUDBRAIN_DATABASE_ENCRYPTION_KEY" => Some(key.clone()),
+        // Things should move quickly in a first try.
+        "CLOUDBRAIN_REFRESH_INTERVAL" => std::env::var(name).ok().or_else(|| Some("1".to_owned())),
+        _ => std::env::var(name).ok(),
+    })?;
+    telemetry::init(config.log_json);
+    let result = serve(config).await;
+    drop(throwaway);
+    result
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    db::run_migrations(&config.database_url).await?;
+    let mut conn = AsyncPgConnection::establish(&config.database_url).await?;
+    let fake = serde_json::json!({"boot_time_ms": 3000});
+    match insert_provider(&mut conn, config.require_encryption_key()?, "fake", ProviderKind::Fake, &fake).await {
+        Ok(_) | Err(InsertProviderError::NameTaken(_)) => {}
+        Err(error) => return Err(error.into()),
+    }
+    let token = store::create_token(&mut conn, "cloudbrain dev", Scope::Client).await?;
+    drop(conn);
+
+    let listener = TcpListener::bind(config.addr).with_context(|| format!("listening on {}", config.addr))?;
+    let addr = listener.local_addr()?;
+    let host = if addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { addr.ip().to_string() };
+    let url = format!("http://{host}:{}", addr.port());
+    println!("cloudbrain dev: API, create worker and refresh worker in one process");
+    println!("url:      {url}");
+    println!("token:    {token}");
+    println!("database: {}", config.database_url);
+    println!();
+    println!("try:      http POST {url}/instances \"Authorization: token {token}\" provider=fake image=ubuntu");
+    println!("or put `machine {host} login token password {token}` in ~/.netrc and run");
+    println!("          CLOUDBRAIN_URL={url} script/cloud-brain post instances provider=fake image=ubuntu");
+    println!();
+    println!("Ctrl-C stops everything{}.", if std::env::var("DATABASE_URL").is_ok() { "" } else { " and removes the throwaway database" });
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+
+    let services = Services::new(config)?;
+    let (stop, shutdown) = roles::shutdown_channel();
+    let http = roles::http(&services, listener, shutdown.clone());
+    let jobs = roles::job_worker(&services, shutdown.clone(), false);
+    let refresh = roles::refresh_worker(&services, shutdown, false);
+    let signal = async {
+        roles::termination_signal().await;
+        tracing::info!("stopping");
+        let _ = stop.send(true);
+    };
+    let (http, jobs, refresh, ()) = tokio::join!(http, jobs, refresh, signal);
+    // Let in-flight provider calls settle before the database goes away.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    http.and(jobs).and(refresh)
+}

@@ -1,0 +1,161 @@
+//! The process roles — the API, the job worker, the refresh worker — each runnable alone
+//! (`cloudbrain http`, `create-worker`, `refresh-worker`) or together (`cloudbrain dev`).
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::{watch, Notify};
+
+use crate::api;
+use crate::auth::TokenVerifier;
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::db::listen::{listen_forever, Heard};
+use crate::db::{self, Pool};
+use crate::jobs::JOBS_CHANNEL;
+use crate::metrics::Metrics;
+use crate::providers::{ProviderContext, Registry};
+use crate::workers::{self, JobWorker, RefreshWorker};
+
+/// What every role of one process shares.
+#[derive(Clone)]
+pub struct Services {
+    /// The settings.
+    pub config: Config,
+    /// The database pool.
+    pub pool: Pool,
+    /// The business rules.
+    pub broker: Broker,
+    /// What this process measures.
+    pub metrics: Arc<Metrics>,
+    /// Live providers, for the workers.
+    pub registry: Arc<Registry>,
+}
+
+impl Services {
+    /// Builds the shared parts from `config`; needs the encryption key.
+    pub fn new(config: Config) -> anyhow::Result<Self> {
+        let key = config.require_encryption_key()?.clone();
+        let pool = db::pool(&config.database_url, config.pool_size)?;
+        let metrics = Arc::new(Metrics::default());
+        let registry = Arc::new(Registry::new(
+            ProviderContext {
+                database_url: config.database_url.clone(),
+            },
+            metrics.clone(),
+        ));
+        Ok(Self {
+            broker: Broker::new(pool.clone(), key),
+            config,
+            pool,
+            metrics,
+            registry,
+        })
+    }
+}
+
+/// A stop signal every role watches: true means stop.
+pub fn shutdown_channel() -> (watch::Sender<bool>, watch::Receiver<bool>) {
+    watch::channel(false)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn termination_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGTERM; only Ctrl-C stops this process");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Serves the API on `listener` until `shutdown`, then drains requests in flight.
+pub async fn http(services: &Services, listener: TcpListener, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let verifier = Arc::new(TokenVerifier::new(services.pool.clone(), services.config.auth_cache_ttl));
+    let listener_task = tokio::spawn(verifier.clone().listen_for_revocations(services.config.database_url.clone()));
+    let addr = listener.local_addr()?;
+    let state = api::AppState {
+        broker: services.broker.clone(),
+        verifier,
+        request_timeout: services.config.request_timeout,
+        metrics: services.metrics.clone(),
+    };
+    let server = api::serve(listener, state, services.config.shutdown_timeout)?;
+    let handle = server.handle();
+    tracing::info!(%addr, "cloudbrain http listening on http://{addr}");
+    let stopper = tokio::spawn(async move {
+        workers::stopped(&mut shutdown).await;
+        handle.stop(true).await;
+    });
+    let result = server.await;
+    stopper.abort();
+    listener_task.abort();
+    tracing::info!("cloudbrain http stopped");
+    result.context("serving http")
+}
+
+/// Serves `/metrics` for a worker process when `CLOUDBRAIN_METRICS_ADDR` is set.
+fn worker_metrics(services: &Services) -> anyhow::Result<Option<actix_web::dev::ServerHandle>> {
+    let Some(addr) = services.config.metrics_addr else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+    let server = api::serve_metrics(listener, services.broker.clone(), services.metrics.clone())?;
+    let handle = server.handle();
+    tokio::spawn(server);
+    tracing::info!(%addr, "metrics on http://{addr}/metrics");
+    Ok(Some(handle))
+}
+
+/// Runs create and remove jobs until `shutdown`.
+pub async fn job_worker(services: &Services, shutdown: watch::Receiver<bool>, serve_metrics: bool) -> anyhow::Result<()> {
+    let metrics_server = if serve_metrics { worker_metrics(services)? } else { None };
+    let wake = Arc::new(Notify::new());
+    let waker = wake.clone();
+    let listener = tokio::spawn(listen_forever(
+        services.config.database_url.clone(),
+        JOBS_CHANNEL,
+        move |heard| {
+            // Connected: jobs may have been enqueued unheard; look now.
+            if matches!(heard, Heard::Payload(_) | Heard::Connected) {
+                waker.notify_one();
+            }
+        },
+    ));
+    let worker = Arc::new(JobWorker::new(
+        workers::worker_id("create-worker"),
+        services.broker.clone(),
+        services.registry.clone(),
+        services.metrics.clone(),
+        services.config.workers.clone(),
+    ));
+    worker.run(wake, shutdown).await;
+    listener.abort();
+    if let Some(handle) = metrics_server {
+        handle.stop(false).await;
+    }
+    Ok(())
+}
+
+/// Reconciles every provider config on an interval until `shutdown`.
+pub async fn refresh_worker(services: &Services, shutdown: watch::Receiver<bool>, serve_metrics: bool) -> anyhow::Result<()> {
+    let metrics_server = if serve_metrics { worker_metrics(services)? } else { None };
+    let worker = Arc::new(RefreshWorker::new(
+        services.config.database_url.clone(),
+        services.broker.clone(),
+        services.registry.clone(),
+        services.config.workers.clone(),
+    ));
+    worker.run(shutdown).await;
+    if let Some(handle) = metrics_server {
+        handle.stop(false).await;
+    }
+    Ok(())
+}

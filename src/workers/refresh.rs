@@ -1,0 +1,181 @@
+//! The refresh worker: per provider config, lists the cloud and brings every row in step,
+//! errors stuck launches, and destroys machines no live instance owns. One refresh worker
+//! at a time reconciles a given provider config (advisory lock); several may run.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use cloudbrain_provider::{CloudInstance, Provider};
+use diesel::sql_types::Text;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::{reload, stopped};
+use crate::broker::lifecycle::Verdict;
+use crate::broker::Broker;
+use crate::config::WorkerSettings;
+use crate::providers::{LimitedProvider, Registry};
+
+/// What one reconcile of one provider config did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RefreshReport {
+    /// Machines the cloud listed.
+    pub machines: usize,
+    /// Machines destroyed because their instance errored.
+    pub destroyed_errored: usize,
+    /// Machines destroyed because no live instance owns them.
+    pub destroyed_orphans: usize,
+    /// True when another refresh worker held this provider config.
+    pub skipped: bool,
+}
+
+#[derive(diesel::QueryableByName)]
+struct Locked {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    locked: bool,
+}
+
+/// Reconciles every provider config on an interval.
+pub struct RefreshWorker {
+    database_url: String,
+    broker: Broker,
+    registry: Arc<Registry>,
+    settings: WorkerSettings,
+    /// A connection of its own, not the pool's, holds the advisory locks.
+    lock_conn: tokio::sync::Mutex<Option<AsyncPgConnection>>,
+    /// When each machine without a launch time was first seen without a live instance.
+    first_seen: Mutex<HashMap<Uuid, Instant>>,
+}
+
+impl RefreshWorker {
+    /// A refresh worker over `broker`'s database at `database_url`.
+    pub fn new(database_url: String, broker: Broker, registry: Arc<Registry>, settings: WorkerSettings) -> Self {
+        Self {
+            database_url,
+            broker,
+            registry,
+            settings,
+            lock_conn: tokio::sync::Mutex::new(None),
+            first_seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Reconciles every provider config each interval until `shutdown` turns true.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        tracing::info!(interval_ms = self.settings.refresh_interval.as_millis() as u64, "refresh worker started");
+        loop {
+            self.refresh_all().await;
+            tokio::select! {
+                _ = tokio::time::sleep(self.settings.refresh_interval.max(MIN_INTERVAL)) => {}
+                _ = stopped(&mut shutdown) => break,
+            }
+        }
+        tracing::info!("refresh worker stopped");
+    }
+
+    /// Reconciles every provider config once.
+    pub async fn refresh_all(&self) -> Vec<(String, RefreshReport)> {
+        reload(&self.broker, &self.registry).await;
+        let mut reports = Vec::new();
+        for provider in self.registry.all() {
+            match self.refresh(&provider).await {
+                Ok(report) => reports.push((provider.name().to_owned(), report)),
+                Err(error) => {
+                    tracing::warn!(provider = %provider.name(), error = %format!("{error:#}"), "refresh of {} failed", provider.name());
+                }
+            }
+        }
+        reports
+    }
+
+    async fn try_lock(&self, name: &str, lock: bool) -> anyhow::Result<bool> {
+        let mut slot = self.lock_conn.lock().await;
+        if slot.is_none() {
+            *slot = Some(AsyncPgConnection::establish(&self.database_url).await?);
+        }
+        let conn = slot.as_mut().expect("set just above");
+        let sql = if lock {
+            "SELECT pg_try_advisory_lock(1919, hashtext($1)) AS locked"
+        } else {
+            "SELECT pg_advisory_unlock(1919, hashtext($1)) AS locked"
+        };
+        match diesel::sql_query(sql).bind::<Text, _>(name).get_result::<Locked>(conn).await {
+            Ok(row) => Ok(row.locked),
+            Err(error) => {
+                // The session (and any lock it held) is gone: start a new one next time.
+                *slot = None;
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Reconciles one provider config, unless another refresh worker is at it.
+    pub async fn refresh(&self, provider: &LimitedProvider) -> anyhow::Result<RefreshReport> {
+        if !self.try_lock(provider.name(), true).await? {
+            return Ok(RefreshReport {
+                skipped: true,
+                ..RefreshReport::default()
+            });
+        }
+        let result = self.reconcile(provider).await;
+        if let Err(error) = self.try_lock(provider.name(), false).await {
+            tracing::warn!(%error, "could not release the refresh lock");
+        }
+        result
+    }
+
+    async fn reconcile(&self, provider: &LimitedProvider) -> anyhow::Result<RefreshReport> {
+        // The cloud is listed before the rows are read: a machine in the list was made by a
+        // job whose instance row had already committed, so it is never taken for an orphan.
+        let machines = provider.list().await?;
+        let rows = self.broker.live_instances(provider.name()).await?;
+        let by_id: HashMap<Uuid, &CloudInstance> = machines.iter().map(|m| (m.id, m)).collect();
+        let mut report = RefreshReport {
+            machines: machines.len(),
+            ..RefreshReport::default()
+        };
+        let mut owned = HashSet::new();
+        for row in &rows {
+            owned.insert(row.id);
+            let machine = by_id.get(&row.id).copied();
+            let verdict = self.broker.reconcile(row, machine, self.settings.launch_timeout).await?;
+            if verdict == Verdict::Destroy && machine.is_some() {
+                self.destroy(provider, row.id, "its instance errored").await;
+                report.destroyed_errored += 1;
+            }
+        }
+        let now = Instant::now();
+        let mut first_seen = self.first_seen.lock().unwrap_or_else(|e| e.into_inner());
+        first_seen.retain(|id, _| by_id.contains_key(id) && !owned.contains(id));
+        let orphans: Vec<Uuid> = machines
+            .iter()
+            .filter(|m| !owned.contains(&m.id))
+            .filter(|m| {
+                let age = match m.launched_at {
+                    Some(at) => SystemTime::now().duration_since(at).unwrap_or_default(),
+                    None => now.duration_since(*first_seen.entry(m.id).or_insert(now)),
+                };
+                age >= self.settings.orphan_grace
+            })
+            .map(|m| m.id)
+            .collect();
+        drop(first_seen);
+        for id in orphans {
+            self.destroy(provider, id, "it belongs to no live instance").await;
+            report.destroyed_orphans += 1;
+        }
+        Ok(report)
+    }
+
+    async fn destroy(&self, provider: &LimitedProvider, id: Uuid, why: &str) {
+        match provider.destroy(id).await {
+            Ok(()) => tracing::info!(instance.id = %id, provider = %provider.name(), "destroyed machine of {id}: {why}"),
+            Err(error) => tracing::warn!(instance.id = %id, %error, "could not destroy machine of {id} ({why}); next refresh retries"),
+        }
+    }
+}
+
+/// How long to wait between refreshes when the interval is zero: not a busy loop.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(50);
