@@ -135,9 +135,21 @@ impl Config {
             addr,
             encryption_key,
             pool_size: parse_number(&get, "CLOUDBRAIN_DATABASE_POOL_SIZE", 16)?,
-            request_timeout: parse_seconds(&get, "CLOUDBRAIN_REQUEST_TIMEOUT", Duration::from_secs(30))?,
-            shutdown_timeout: parse_seconds(&get, "CLOUDBRAIN_SHUTDOWN_TIMEOUT", Duration::from_secs(30))?,
-            auth_cache_ttl: parse_seconds(&get, "CLOUDBRAIN_AUTH_CACHE_TTL", Duration::from_secs(300))?,
+            request_timeout: parse_seconds(
+                &get,
+                "CLOUDBRAIN_REQUEST_TIMEOUT",
+                Duration::from_secs(30),
+            )?,
+            shutdown_timeout: parse_seconds(
+                &get,
+                "CLOUDBRAIN_SHUTDOWN_TIMEOUT",
+                Duration::from_secs(30),
+            )?,
+            auth_cache_ttl: parse_seconds(
+                &get,
+                "CLOUDBRAIN_AUTH_CACHE_TTL",
+                Duration::from_secs(300),
+            )?,
             log_json: get("CLOUDBRAIN_LOG_FORMAT").is_some_and(|f| f.eq_ignore_ascii_case("json")),
             metrics_addr: get("CLOUDBRAIN_METRICS_ADDR")
                 .map(|a| parse_addr("CLOUDBRAIN_METRICS_ADDR", &a))
@@ -145,15 +157,39 @@ impl Config {
             workers: {
                 let d = WorkerSettings::default();
                 WorkerSettings {
-                    concurrency: parse_number(&get, "CLOUDBRAIN_WORKER_CONCURRENCY", d.concurrency)?,
+                    concurrency: parse_number(
+                        &get,
+                        "CLOUDBRAIN_WORKER_CONCURRENCY",
+                        d.concurrency,
+                    )?,
                     lease: parse_seconds(&get, "CLOUDBRAIN_JOB_LEASE", d.lease)?,
-                    poll_interval: parse_seconds(&get, "CLOUDBRAIN_WORKER_POLL_INTERVAL", d.poll_interval)?,
-                    max_attempts: parse_number(&get, "CLOUDBRAIN_JOB_MAX_ATTEMPTS", d.max_attempts as usize)?
-                        .min(i32::MAX as usize) as i32,
-                    backoff_base: parse_seconds(&get, "CLOUDBRAIN_JOB_BACKOFF_BASE", d.backoff_base)?,
+                    poll_interval: parse_seconds(
+                        &get,
+                        "CLOUDBRAIN_WORKER_POLL_INTERVAL",
+                        d.poll_interval,
+                    )?,
+                    max_attempts: parse_number(
+                        &get,
+                        "CLOUDBRAIN_JOB_MAX_ATTEMPTS",
+                        d.max_attempts as usize,
+                    )?
+                    .min(i32::MAX as usize) as i32,
+                    backoff_base: parse_seconds(
+                        &get,
+                        "CLOUDBRAIN_JOB_BACKOFF_BASE",
+                        d.backoff_base,
+                    )?,
                     backoff_max: parse_seconds(&get, "CLOUDBRAIN_JOB_BACKOFF_MAX", d.backoff_max)?,
-                    refresh_interval: parse_seconds(&get, "CLOUDBRAIN_REFRESH_INTERVAL", d.refresh_interval)?,
-                    launch_timeout: parse_seconds(&get, "CLOUDBRAIN_LAUNCH_TIMEOUT", d.launch_timeout)?,
+                    refresh_interval: parse_seconds(
+                        &get,
+                        "CLOUDBRAIN_REFRESH_INTERVAL",
+                        d.refresh_interval,
+                    )?,
+                    launch_timeout: parse_seconds(
+                        &get,
+                        "CLOUDBRAIN_LAUNCH_TIMEOUT",
+                        d.launch_timeout,
+                    )?,
                     orphan_grace: parse_seconds(&get, "CLOUDBRAIN_ORPHAN_GRACE", d.orphan_grace)?,
                 }
             },

@@ -59,7 +59,8 @@ impl ThrowawayPostgres {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
             .unwrap_or(false);
         let user = is_root.then(|| "postgres".to_owned());
-        let dir = std::env::temp_dir().join(format!("cloudbrain-dev-{}", uuid::Uuid::new_v4().simple()));
+        let dir =
+            std::env::temp_dir().join(format!("cloudbrain-dev-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir)?;
         let mut pg = Self {
             dir,
@@ -70,18 +71,47 @@ impl ThrowawayPostgres {
         if let Some(user) = &pg.user {
             let status = Command::new("chown").arg(user).arg(&pg.dir).status()?;
             if !status.success() {
-                bail!("could not hand {} to user {user} (does the user exist?)", pg.dir.display());
+                bail!(
+                    "could not hand {} to user {user} (does the user exist?)",
+                    pg.dir.display()
+                );
             }
         }
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let data = pg.dir.join("data");
-        pg.run("initdb", &["-D", path(&data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])?;
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                path(&data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        )?;
         let options = format!(
             "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
             path(&pg.dir)
         );
         let log = pg.dir.join("postgres.log");
-        pg.run("pg_ctl", &["-D", path(&data), "-l", path(&log), "-o", &options, "-w", "-t", "60", "start"])?;
+        pg.run(
+            "pg_ctl",
+            &[
+                "-D",
+                path(&data),
+                "-l",
+                path(&log),
+                "-o",
+                &options,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        )?;
         pg.url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
         Ok(pg)
     }
@@ -89,7 +119,13 @@ impl ThrowawayPostgres {
     fn run(&self, program: &str, args: &[&str]) -> anyhow::Result<()> {
         let program = self.bin.join(program);
         let output = match &self.user {
-            Some(user) => Command::new("runuser").arg("-u").arg(user).arg("--").arg(&program).args(args).output(),
+            Some(user) => Command::new("runuser")
+                .arg("-u")
+                .arg(user)
+                .arg("--")
+                .arg(&program)
+                .args(args)
+                .output(),
             None => Command::new(&program).args(args).output(),
         }
         .with_context(|| format!("running {}", program.display()))?;
@@ -119,12 +155,19 @@ impl Drop for ThrowawayPostgres {
 
 /// Runs `cloudbrain dev` until Ctrl-C or SIGTERM.
 pub async fn run() -> anyhow::Result<()> {
-    let given_url = std::env::var("DATABASE_URL").ok().filter(|u| !u.trim().is_empty());
+    let given_url = std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty());
     let throwaway = match given_url {
         Some(_) => None,
         None => Some(tokio::task::spawn_blocking(ThrowawayPostgres::start).await??),
     };
-    let database_url = given_url.unwrap_or_else(|| throwaway.as_ref().map(|p| p.url.clone()).unwrap_or_default());
+    let database_url = given_url.unwrap_or_else(|| {
+        throwaway
+            .as_ref()
+            .map(|p| p.url.clone())
+            .unwrap_or_default()
+    });
     // A throwaway key for a throwaway database, unless one is given.
     let key = std::env::var("CLOUDBRAIN_DATABASE_ENCRYPTION_KEY")
         .ok()
@@ -152,16 +195,29 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     db::run_migrations(&config.database_url).await?;
     let mut conn = AsyncPgConnection::establish(&config.database_url).await?;
     let fake = serde_json::json!({"boot_time_ms": 3000});
-    match insert_provider(&mut conn, config.require_encryption_key()?, "fake", ProviderKind::Fake, &fake).await {
+    match insert_provider(
+        &mut conn,
+        config.require_encryption_key()?,
+        "fake",
+        ProviderKind::Fake,
+        &fake,
+    )
+    .await
+    {
         Ok(_) | Err(InsertProviderError::NameTaken(_)) => {}
         Err(error) => return Err(error.into()),
     }
     let token = store::create_token(&mut conn, "cloudbrain dev", Scope::Client).await?;
     drop(conn);
 
-    let listener = TcpListener::bind(config.addr).with_context(|| format!("listening on {}", config.addr))?;
+    let listener =
+        TcpListener::bind(config.addr).with_context(|| format!("listening on {}", config.addr))?;
     let addr = listener.local_addr()?;
-    let host = if addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { addr.ip().to_string() };
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        addr.ip().to_string()
+    };
     let url = format!("http://{host}:{}", addr.port());
     println!("cloudbrain dev: API, create worker and refresh worker in one process");
     println!("url:      {url}");
@@ -172,7 +228,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     println!("or put `machine {host} login token password {token}` in ~/.netrc and run");
     println!("          CLOUDBRAIN_URL={url} script/cloud-brain post instances provider=fake image=ubuntu");
     println!();
-    println!("Ctrl-C stops everything{}.", if std::env::var("DATABASE_URL").is_ok() { "" } else { " and removes the throwaway database" });
+    println!(
+        "Ctrl-C stops everything{}.",
+        if std::env::var("DATABASE_URL").is_ok() {
+            ""
+        } else {
+            " and removes the throwaway database"
+        }
+    );
     use std::io::Write;
     let _ = std::io::stdout().flush();
 

@@ -36,8 +36,16 @@ impl Histogram {
         for (bound, count) in BUCKETS.iter().zip(self.counts.iter()) {
             let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {count}");
         }
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", self.count);
-        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            self.count
+        );
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
         let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
         let _ = writeln!(out, "{name}_count{braces} {}", self.count);
     }
@@ -69,7 +77,10 @@ pub struct Gauges {
 }
 
 fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl Metrics {
@@ -106,7 +117,11 @@ impl Metrics {
 
     /// Counts a job that ended (`done`, `retried`, `dead`, `released`).
     pub fn count_job(&self, kind: &'static str, outcome: &'static str) {
-        *self.lock().jobs_finished.entry((kind, outcome)).or_default() += 1;
+        *self
+            .lock()
+            .jobs_finished
+            .entry((kind, outcome))
+            .or_default() += 1;
     }
 
     /// The Prometheus text exposition of everything measured plus `gauges` and `auth`.
@@ -114,11 +129,20 @@ impl Metrics {
         let mut out = String::new();
         out.push_str("# HELP cloudbrain_instances Instances by provider and state.\n# TYPE cloudbrain_instances gauge\n");
         for (provider, state, n) in &gauges.instances {
-            let _ = writeln!(out, "cloudbrain_instances{{provider=\"{}\",state=\"{}\"}} {n}", escape(provider), escape(state));
+            let _ = writeln!(
+                out,
+                "cloudbrain_instances{{provider=\"{}\",state=\"{}\"}} {n}",
+                escape(provider),
+                escape(state)
+            );
         }
         out.push_str("# HELP cloudbrain_jobs_queued Jobs waiting or running, by kind.\n# TYPE cloudbrain_jobs_queued gauge\n");
         for (kind, n) in &gauges.queued_jobs {
-            let _ = writeln!(out, "cloudbrain_jobs_queued{{kind=\"{}\"}} {n}", escape(kind));
+            let _ = writeln!(
+                out,
+                "cloudbrain_jobs_queued{{kind=\"{}\"}} {n}",
+                escape(kind)
+            );
         }
         out.push_str("# HELP cloudbrain_jobs_dead Jobs out of attempts, kept for inspection, by kind.\n# TYPE cloudbrain_jobs_dead gauge\n");
         for (kind, n) in &gauges.dead_jobs {
@@ -126,27 +150,51 @@ impl Metrics {
         }
         let inner = self.lock();
         out.push_str("# HELP cloudbrain_dispatch_latency_seconds Time from a job's enqueue to its provider call, in this process.\n# TYPE cloudbrain_dispatch_latency_seconds histogram\n");
-        inner.dispatch.render(&mut out, "cloudbrain_dispatch_latency_seconds", "");
+        inner
+            .dispatch
+            .render(&mut out, "cloudbrain_dispatch_latency_seconds", "");
         out.push_str("# HELP cloudbrain_provider_call_duration_seconds Provider calls made by this process.\n# TYPE cloudbrain_provider_call_duration_seconds histogram\n");
         for ((provider, operation), histogram) in &inner.provider_calls {
-            let labels = format!("provider=\"{}\",operation=\"{operation}\"", escape(provider));
-            histogram.render(&mut out, "cloudbrain_provider_call_duration_seconds", &labels);
+            let labels = format!(
+                "provider=\"{}\",operation=\"{operation}\"",
+                escape(provider)
+            );
+            histogram.render(
+                &mut out,
+                "cloudbrain_provider_call_duration_seconds",
+                &labels,
+            );
         }
         out.push_str("# HELP cloudbrain_provider_errors_total Failed provider calls by kind.\n# TYPE cloudbrain_provider_errors_total counter\n");
         for ((provider, kind), n) in &inner.provider_errors {
-            let _ = writeln!(out, "cloudbrain_provider_errors_total{{provider=\"{}\",kind=\"{kind}\"}} {n}", escape(provider));
+            let _ = writeln!(
+                out,
+                "cloudbrain_provider_errors_total{{provider=\"{}\",kind=\"{kind}\"}} {n}",
+                escape(provider)
+            );
         }
         out.push_str("# HELP cloudbrain_jobs_finished_total Jobs this process ended, by kind and outcome.\n# TYPE cloudbrain_jobs_finished_total counter\n");
         for ((kind, outcome), n) in &inner.jobs_finished {
-            let _ = writeln!(out, "cloudbrain_jobs_finished_total{{kind=\"{kind}\",outcome=\"{outcome}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "cloudbrain_jobs_finished_total{{kind=\"{kind}\",outcome=\"{outcome}\"}} {n}"
+            );
         }
         if let Some(auth) = auth {
             out.push_str("# HELP cloudbrain_auth_cache_hits_total Requests authenticated from the verified-token cache.\n# TYPE cloudbrain_auth_cache_hits_total counter\n");
             let _ = writeln!(out, "cloudbrain_auth_cache_hits_total {}", auth.cache_hits);
             out.push_str("# HELP cloudbrain_auth_cache_misses_total Requests that needed the token store.\n# TYPE cloudbrain_auth_cache_misses_total counter\n");
-            let _ = writeln!(out, "cloudbrain_auth_cache_misses_total {}", auth.cache_misses);
+            let _ = writeln!(
+                out,
+                "cloudbrain_auth_cache_misses_total {}",
+                auth.cache_misses
+            );
             out.push_str("# HELP cloudbrain_auth_scrypt_runs_total scrypt verifications run.\n# TYPE cloudbrain_auth_scrypt_runs_total counter\n");
-            let _ = writeln!(out, "cloudbrain_auth_scrypt_runs_total {}", auth.scrypt_runs);
+            let _ = writeln!(
+                out,
+                "cloudbrain_auth_scrypt_runs_total {}",
+                auth.scrypt_runs
+            );
         }
         out
     }
@@ -162,8 +210,17 @@ mod tests {
         metrics.observe_dispatch(Duration::from_millis(3));
         metrics.observe_dispatch(Duration::from_millis(700));
         let text = metrics.render(&Gauges::default(), None);
-        assert!(text.contains("cloudbrain_dispatch_latency_seconds_bucket{le=\"0.005\"} 1\n"), "{text}");
-        assert!(text.contains("cloudbrain_dispatch_latency_seconds_bucket{le=\"1\"} 2\n"), "{text}");
-        assert!(text.contains("cloudbrain_dispatch_latency_seconds_count 2\n"), "{text}");
+        assert!(
+            text.contains("cloudbrain_dispatch_latency_seconds_bucket{le=\"0.005\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cloudbrain_dispatch_latency_seconds_bucket{le=\"1\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cloudbrain_dispatch_latency_seconds_count 2\n"),
+            "{text}"
+        );
     }
 }

@@ -264,7 +264,8 @@ impl Registry {
             }
             match build(p.kind, &p.name, &p.config, &self.context) {
                 Ok((inner, limits)) => {
-                    let limited = LimitedProvider::new(&p.name, inner, limits, self.metrics.clone());
+                    let limited =
+                        LimitedProvider::new(&p.name, inner, limits, self.metrics.clone());
                     providers.insert(p.name.clone(), Arc::new(limited));
                 }
                 Err(error) => {

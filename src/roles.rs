@@ -77,9 +77,20 @@ pub async fn termination_signal() {
 }
 
 /// Serves the API on `listener` until `shutdown`, then drains requests in flight.
-pub async fn http(services: &Services, listener: TcpListener, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let verifier = Arc::new(TokenVerifier::new(services.pool.clone(), services.config.auth_cache_ttl));
-    let listener_task = tokio::spawn(verifier.clone().listen_for_revocations(services.config.database_url.clone()));
+pub async fn http(
+    services: &Services,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let verifier = Arc::new(TokenVerifier::new(
+        services.pool.clone(),
+        services.config.auth_cache_ttl,
+    ));
+    let listener_task = tokio::spawn(
+        verifier
+            .clone()
+            .listen_for_revocations(services.config.database_url.clone()),
+    );
     let addr = listener.local_addr()?;
     let state = api::AppState {
         broker: services.broker.clone(),
@@ -115,8 +126,16 @@ fn worker_metrics(services: &Services) -> anyhow::Result<Option<actix_web::dev::
 }
 
 /// Runs create and remove jobs until `shutdown`.
-pub async fn job_worker(services: &Services, shutdown: watch::Receiver<bool>, serve_metrics: bool) -> anyhow::Result<()> {
-    let metrics_server = if serve_metrics { worker_metrics(services)? } else { None };
+pub async fn job_worker(
+    services: &Services,
+    shutdown: watch::Receiver<bool>,
+    serve_metrics: bool,
+) -> anyhow::Result<()> {
+    let metrics_server = if serve_metrics {
+        worker_metrics(services)?
+    } else {
+        None
+    };
     let wake = Arc::new(Notify::new());
     let waker = wake.clone();
     let listener = tokio::spawn(listen_forever(
@@ -145,8 +164,16 @@ pub async fn job_worker(services: &Services, shutdown: watch::Receiver<bool>, se
 }
 
 /// Reconciles every provider config on an interval until `shutdown`.
-pub async fn refresh_worker(services: &Services, shutdown: watch::Receiver<bool>, serve_metrics: bool) -> anyhow::Result<()> {
-    let metrics_server = if serve_metrics { worker_metrics(services)? } else { None };
+pub async fn refresh_worker(
+    services: &Services,
+    shutdown: watch::Receiver<bool>,
+    serve_metrics: bool,
+) -> anyhow::Result<()> {
+    let metrics_server = if serve_metrics {
+        worker_metrics(services)?
+    } else {
+        None
+    };
     let worker = Arc::new(RefreshWorker::new(
         services.config.database_url.clone(),
         services.broker.clone(),

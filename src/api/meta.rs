@@ -100,7 +100,10 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
 
 /// `/metrics` of a worker process.
 pub async fn worker_metrics(
-    state: web::Data<(crate::broker::Broker, std::sync::Arc<crate::metrics::Metrics>)>,
+    state: web::Data<(
+        crate::broker::Broker,
+        std::sync::Arc<crate::metrics::Metrics>,
+    )>,
 ) -> Result<HttpResponse, ApiError> {
     render(&state.0, &state.1, None).await
 }

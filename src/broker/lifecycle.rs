@@ -94,14 +94,24 @@ impl Broker {
     }
 
     /// Schedules a failed job to run again after `delay`.
-    pub async fn retry_job(&self, job: &Job, delay: Duration, error: &str) -> Result<(), BrokerError> {
+    pub async fn retry_job(
+        &self,
+        job: &Job,
+        delay: Duration,
+        error: &str,
+    ) -> Result<(), BrokerError> {
         let mut conn = self.conn().await?;
         jobs::retry_later(&mut conn, job.id, delay, error).await?;
         Ok(())
     }
 
     /// Hands a job back without counting the attempt.
-    pub async fn release_job(&self, job: &Job, worker: &str, delay: Duration) -> Result<(), BrokerError> {
+    pub async fn release_job(
+        &self,
+        job: &Job,
+        worker: &str,
+        delay: Duration,
+    ) -> Result<(), BrokerError> {
         let mut conn = self.conn().await?;
         jobs::release(&mut conn, job.id, worker, delay).await?;
         Ok(())
@@ -114,7 +124,12 @@ impl Broker {
     }
 
     /// Extends a job's lease; false if the worker lost it.
-    pub async fn renew_lease(&self, job_id: i64, worker: &str, lease: Duration) -> Result<bool, BrokerError> {
+    pub async fn renew_lease(
+        &self,
+        job_id: i64,
+        worker: &str,
+        lease: Duration,
+    ) -> Result<bool, BrokerError> {
         let mut conn = self.conn().await?;
         Ok(jobs::renew(&mut conn, job_id, worker, lease).await?)
     }
@@ -193,11 +208,13 @@ impl Broker {
 
 /// True when the machine says something the row does not yet.
 fn needs_update(instance: &Instance, machine: &CloudInstance) -> bool {
-    let state_ahead = match (State::parse(&instance.state), &machine.state) {
-        (Some(State::Creating), CloudState::Starting | CloudState::Running) => true,
-        (Some(State::Starting), CloudState::Running) => true,
-        _ => false,
-    };
+    let state_ahead = matches!(
+        (State::parse(&instance.state), &machine.state),
+        (
+            Some(State::Creating),
+            CloudState::Starting | CloudState::Running
+        ) | (Some(State::Starting), CloudState::Running)
+    );
     state_ahead
         || instance.upstream_id.as_deref() != Some(machine.upstream_id.as_str())
         || (machine.ip_address.is_some() && instance.ip_address != machine.ip_address)

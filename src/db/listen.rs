@@ -17,12 +17,18 @@ pub enum Heard {
 }
 
 /// Listens on `channel` until the process ends, passing what it hears to `on_heard`.
-pub async fn listen_forever(database_url: String, channel: &'static str, mut on_heard: impl FnMut(Heard)) {
+pub async fn listen_forever(
+    database_url: String,
+    channel: &'static str,
+    mut on_heard: impl FnMut(Heard),
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         match listen_once(&database_url, channel, &mut on_heard).await {
             Ok(()) => backoff = Duration::from_millis(100),
-            Err(error) => tracing::warn!(%error, channel, "listener on {channel} disconnected; retrying"),
+            Err(error) => {
+                tracing::warn!(%error, channel, "listener on {channel} disconnected; retrying")
+            }
         }
         on_heard(Heard::Disconnected);
         tokio::time::sleep(backoff).await;
@@ -35,7 +41,8 @@ async fn listen_once(
     channel: &str,
     on_heard: &mut impl FnMut(Heard),
 ) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls).await?;
+    let (client, mut connection) =
+        tokio_postgres::connect(database_url, tokio_postgres::NoTls).await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));

@@ -119,7 +119,9 @@ pub async fn claim(
 struct ClaimedJobRow(ClaimedJob);
 
 impl diesel::QueryableByName<diesel::pg::Pg> for ClaimedJobRow {
-    fn build<'a>(row: &impl diesel::row::NamedRow<'a, diesel::pg::Pg>) -> diesel::deserialize::Result<Self> {
+    fn build<'a>(
+        row: &impl diesel::row::NamedRow<'a, diesel::pg::Pg>,
+    ) -> diesel::deserialize::Result<Self> {
         use diesel::row::NamedRow;
         use diesel::sql_types::{BigInt, Integer, Nullable, Timestamptz};
         Ok(Self(ClaimedJob {
@@ -229,7 +231,10 @@ pub async fn bury(conn: &mut AsyncPgConnection, id: i64, error: &str) -> QueryRe
 }
 
 /// True while a `create` job for `instance_id` is leased by a live worker.
-pub async fn create_in_flight(conn: &mut AsyncPgConnection, instance_id: Uuid) -> QueryResult<bool> {
+pub async fn create_in_flight(
+    conn: &mut AsyncPgConnection,
+    instance_id: Uuid,
+) -> QueryResult<bool> {
     diesel::select(diesel::dsl::exists(
         jobs::table
             .filter(jobs::instance_id.eq(instance_id))

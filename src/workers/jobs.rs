@@ -56,7 +56,13 @@ pub struct JobWorker {
 
 impl JobWorker {
     /// A worker named `id` running jobs with `settings`.
-    pub fn new(id: String, broker: Broker, registry: Arc<Registry>, metrics: Arc<Metrics>, settings: WorkerSettings) -> Self {
+    pub fn new(
+        id: String,
+        broker: Broker,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        settings: WorkerSettings,
+    ) -> Self {
         Self {
             id,
             broker,
@@ -72,7 +78,12 @@ impl JobWorker {
     }
 
     async fn claim(&self, limit: usize) -> Result<Vec<Job>, BrokerError> {
-        let mut conn = self.broker.pool().get().await.map_err(|_| BrokerError::Unavailable)?;
+        let mut conn = self
+            .broker
+            .pool()
+            .get()
+            .await
+            .map_err(|_| BrokerError::Unavailable)?;
         Ok(jobs::claim(
             &mut conn,
             &self.id,
@@ -191,18 +202,24 @@ impl JobWorker {
         };
         let outcome = match result {
             Ok(Ok(outcome)) => outcome,
-            Ok(Err(error)) => self.fail(&job, &error, false).await,
+            Ok(Err(error)) => self.fail(&job, &error).await,
             Err(panic) => {
                 let message = panic
                     .downcast_ref::<&str>()
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".to_owned());
-                self.fail(&job, &format!("job panicked: {message}"), false).await
+                self.fail(&job, &format!("job panicked: {message}")).await
             }
         };
-        self.metrics.count_job(kind.map_or("unknown", |k| k.as_str()), outcome.as_str());
-        tracing::info!(outcome = outcome.as_str(), "job {} {}", job.id, outcome.as_str());
+        self.metrics
+            .count_job(kind.map_or("unknown", |k| k.as_str()), outcome.as_str());
+        tracing::info!(
+            outcome = outcome.as_str(),
+            "job {} {}",
+            job.id,
+            outcome.as_str()
+        );
         outcome
     }
 
@@ -211,21 +228,39 @@ impl JobWorker {
         let every = self.settings.lease / 3;
         loop {
             tokio::time::sleep(every).await;
-            match self.broker.renew_lease(job_id, &self.id, self.settings.lease).await {
+            match self
+                .broker
+                .renew_lease(job_id, &self.id, self.settings.lease)
+                .await
+            {
                 Ok(true) => {}
-                Ok(false) => tracing::warn!(job.id = job_id, "lost the lease on job {job_id}; another worker may run it too"),
-                Err(error) => tracing::warn!(job.id = job_id, %error, "could not renew the lease on job {job_id}"),
+                Ok(false) => tracing::warn!(
+                    job.id = job_id,
+                    "lost the lease on job {job_id}; another worker may run it too"
+                ),
+                Err(error) => {
+                    tracing::warn!(job.id = job_id, %error, "could not renew the lease on job {job_id}")
+                }
             }
         }
     }
 
     async fn work(&self, job: &Job, kind: Option<JobKind>) -> Result<Outcome, String> {
-        let Some(instance) = self.broker.job_instance(job.instance_id).await.map_err(|e| e.to_string())? else {
-            self.broker.finish_job(job.id).await.map_err(|e| e.to_string())?;
+        let Some(instance) = self
+            .broker
+            .job_instance(job.instance_id)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            self.broker
+                .finish_job(job.id)
+                .await
+                .map_err(|e| e.to_string())?;
             return Ok(Outcome::Done);
         };
         let state = State::parse(&instance.state);
-        let Some(provider) = provider(&self.broker, &self.registry, &instance.provider_name).await else {
+        let Some(provider) = provider(&self.broker, &self.registry, &instance.provider_name).await
+        else {
             let reason = format!("provider {} is not registered", instance.provider_name);
             return Ok(self.bury(job, &reason).await);
         };
@@ -233,12 +268,16 @@ impl JobWorker {
             Some(JobKind::CreateInstance) => {
                 if state != Some(State::Creating) {
                     // Deleted or errored before its machine was made: nothing left to do.
-                    self.broker.finish_job(job.id).await.map_err(|e| e.to_string())?;
+                    self.broker
+                        .finish_job(job.id)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     return Ok(Outcome::Done);
                 }
                 if job.attempts == 1 {
                     let waited = Utc::now().signed_duration_since(job.created_at);
-                    self.metrics.observe_dispatch(waited.to_std().unwrap_or_default());
+                    self.metrics
+                        .observe_dispatch(waited.to_std().unwrap_or_default());
                 }
                 let spec = InstanceSpec {
                     image: instance.image.clone(),
@@ -258,11 +297,19 @@ impl JobWorker {
             }
             Some(JobKind::RemoveInstance) => {
                 if state != Some(State::Terminating) {
-                    self.broker.finish_job(job.id).await.map_err(|e| e.to_string())?;
+                    self.broker
+                        .finish_job(job.id)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     return Ok(Outcome::Done);
                 }
                 // A create call still running could make the machine after we destroy it.
-                if self.broker.create_in_flight(instance.id).await.map_err(|e| e.to_string())? {
+                if self
+                    .broker
+                    .create_in_flight(instance.id)
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
                     self.broker
                         .release_job(job, &self.id, Duration::from_secs(1))
                         .await
@@ -274,38 +321,46 @@ impl JobWorker {
                 }
                 match provider.get(instance.id).await {
                     Err(ProviderError::NotFound)
-                    | Ok(cloudbrain_provider::CloudInstance { state: CloudState::Terminated, .. }) => {
+                    | Ok(cloudbrain_provider::CloudInstance {
+                        state: CloudState::Terminated,
+                        ..
+                    }) => {
                         self.broker
                             .record_terminated(job.id, instance.id)
                             .await
                             .map_err(|e| e.to_string())?;
                         Ok(Outcome::Done)
                     }
-                    Ok(_) => Ok(self.fail(job, "the machine is still shutting down", false).await),
+                    Ok(_) => Ok(self.fail(job, "the machine is still shutting down").await),
                     Err(error) => Ok(self.provider_failed(job, error).await),
                 }
             }
-            None => Ok(self.bury(job, &format!("unknown job kind {:?}", job.kind)).await),
+            None => Ok(self
+                .bury(job, &format!("unknown job kind {:?}", job.kind))
+                .await),
         }
     }
 
     async fn provider_failed(&self, job: &Job, error: ProviderError) -> Outcome {
         match &error {
             ProviderError::Invalid(message) => {
-                self.bury(job, &format!("the provider refused the request: {message}")).await
+                self.bury(job, &format!("the provider refused the request: {message}"))
+                    .await
             }
-            ProviderError::Throttled { retry_after: Some(wait) } if job.attempts < self.settings.max_attempts => {
+            ProviderError::Throttled {
+                retry_after: Some(wait),
+            } if job.attempts < self.settings.max_attempts => {
                 // Honour the cloud's word, plus a little jitter so retries do not stampede.
                 let delay = *wait + jittered(*wait / 10);
                 self.retry(job, delay, &error.to_string()).await
             }
-            _ => self.fail(job, &error.to_string(), false).await,
+            _ => self.fail(job, &error.to_string()).await,
         }
     }
 
     /// Retries with exponential backoff, or buries the job once out of attempts.
-    async fn fail(&self, job: &Job, message: &str, permanent: bool) -> Outcome {
-        if permanent || job.attempts >= self.settings.max_attempts {
+    async fn fail(&self, job: &Job, message: &str) -> Outcome {
+        if job.attempts >= self.settings.max_attempts {
             let reason = format!("gave up after {} attempts: {message}", job.attempts);
             return self.bury(job, &reason).await;
         }
@@ -319,7 +374,13 @@ impl JobWorker {
     }
 
     async fn retry(&self, job: &Job, delay: Duration, message: &str) -> Outcome {
-        tracing::warn!(job.id = job.id, delay_ms = delay.as_millis() as u64, error = message, "job {} failed; retrying", job.id);
+        tracing::warn!(
+            job.id = job.id,
+            delay_ms = delay.as_millis() as u64,
+            error = message,
+            "job {} failed; retrying",
+            job.id
+        );
         match self.broker.retry_job(job, delay, message).await {
             Ok(()) => Outcome::Retried,
             Err(error) => {

@@ -16,11 +16,19 @@ pub use self::refresh::RefreshWorker;
 /// A name for this worker, unique across processes: it marks the jobs it leases.
 pub fn worker_id(role: &str) -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".to_owned());
-    format!("{role}:{host}:{}:{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8])
+    format!(
+        "{role}:{host}:{}:{}",
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }
 
 /// The live provider named `name`, loading provider configs registered since the last look.
-pub(crate) async fn provider(broker: &Broker, registry: &Registry, name: &str) -> Option<Arc<LimitedProvider>> {
+pub(crate) async fn provider(
+    broker: &Broker,
+    registry: &Registry,
+    name: &str,
+) -> Option<Arc<LimitedProvider>> {
     if let Some(found) = registry.get(name) {
         return Some(found);
     }

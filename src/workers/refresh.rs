@@ -51,7 +51,12 @@ pub struct RefreshWorker {
 
 impl RefreshWorker {
     /// A refresh worker over `broker`'s database at `database_url`.
-    pub fn new(database_url: String, broker: Broker, registry: Arc<Registry>, settings: WorkerSettings) -> Self {
+    pub fn new(
+        database_url: String,
+        broker: Broker,
+        registry: Arc<Registry>,
+        settings: WorkerSettings,
+    ) -> Self {
         Self {
             database_url,
             broker,
@@ -64,7 +69,10 @@ impl RefreshWorker {
 
     /// Reconciles every provider config each interval until `shutdown` turns true.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        tracing::info!(interval_ms = self.settings.refresh_interval.as_millis() as u64, "refresh worker started");
+        tracing::info!(
+            interval_ms = self.settings.refresh_interval.as_millis() as u64,
+            "refresh worker started"
+        );
         loop {
             self.refresh_all().await;
             tokio::select! {
@@ -101,7 +109,11 @@ impl RefreshWorker {
         } else {
             "SELECT pg_advisory_unlock(1919, hashtext($1)) AS locked"
         };
-        match diesel::sql_query(sql).bind::<Text, _>(name).get_result::<Locked>(conn).await {
+        match diesel::sql_query(sql)
+            .bind::<Text, _>(name)
+            .get_result::<Locked>(conn)
+            .await
+        {
             Ok(row) => Ok(row.locked),
             Err(error) => {
                 // The session (and any lock it held) is gone: start a new one next time.
@@ -140,16 +152,30 @@ impl RefreshWorker {
         for row in &rows {
             owned.insert(row.id);
             let machine = by_id.get(&row.id).copied();
-            let verdict = self.broker.reconcile(row, machine, self.settings.launch_timeout).await?;
+            let verdict = self
+                .broker
+                .reconcile(row, machine, self.settings.launch_timeout)
+                .await?;
             if verdict == Verdict::Destroy && machine.is_some() {
                 self.destroy(provider, row.id, "its instance errored").await;
                 report.destroyed_errored += 1;
             }
         }
+        let orphans = self.orphans(&machines, &owned);
+        for id in orphans {
+            self.destroy(provider, id, "it belongs to no live instance")
+                .await;
+            report.destroyed_orphans += 1;
+        }
+        Ok(report)
+    }
+
+    /// Machines no live instance owns that are past the grace period.
+    fn orphans(&self, machines: &[CloudInstance], owned: &HashSet<Uuid>) -> Vec<Uuid> {
         let now = Instant::now();
         let mut first_seen = self.first_seen.lock().unwrap_or_else(|e| e.into_inner());
-        first_seen.retain(|id, _| by_id.contains_key(id) && !owned.contains(id));
-        let orphans: Vec<Uuid> = machines
+        first_seen.retain(|id, _| machines.iter().any(|m| m.id == *id) && !owned.contains(id));
+        machines
             .iter()
             .filter(|m| !owned.contains(&m.id))
             .filter(|m| {
@@ -160,19 +186,17 @@ impl RefreshWorker {
                 age >= self.settings.orphan_grace
             })
             .map(|m| m.id)
-            .collect();
-        drop(first_seen);
-        for id in orphans {
-            self.destroy(provider, id, "it belongs to no live instance").await;
-            report.destroyed_orphans += 1;
-        }
-        Ok(report)
+            .collect()
     }
 
     async fn destroy(&self, provider: &LimitedProvider, id: Uuid, why: &str) {
         match provider.destroy(id).await {
-            Ok(()) => tracing::info!(instance.id = %id, provider = %provider.name(), "destroyed machine of {id}: {why}"),
-            Err(error) => tracing::warn!(instance.id = %id, %error, "could not destroy machine of {id} ({why}); next refresh retries"),
+            Ok(()) => {
+                tracing::info!(instance.id = %id, provider = %provider.name(), "destroyed machine of {id}: {why}")
+            }
+            Err(error) => {
+                tracing::warn!(instance.id = %id, %error, "could not destroy machine of {id} ({why}); next refresh retries")
+            }
         }
     }
 }

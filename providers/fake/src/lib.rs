@@ -178,13 +178,17 @@ impl FakeCloud {
         if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(client.clone());
         }
-        let (client, connection) = tokio_postgres::connect(&self.database_url, tokio_postgres::NoTls)
-            .await
-            .map_err(transient)?;
+        let (client, connection) =
+            tokio_postgres::connect(&self.database_url, tokio_postgres::NoTls)
+                .await
+                .map_err(transient)?;
         tokio::spawn(async move {
             let _ = connection.await;
         });
-        client.batch_execute(&format!("BEGIN; {SCHEMA} COMMIT;")).await.map_err(transient)?;
+        client
+            .batch_execute(&format!("BEGIN; {SCHEMA} COMMIT;"))
+            .await
+            .map_err(transient)?;
         let client = Arc::new(client);
         *slot = Some(client.clone());
         Ok(client)
@@ -202,7 +206,9 @@ impl FakeCloud {
         }
         edge += self.config.transient_error_rate;
         if roll < edge {
-            return Err(ProviderError::Transient("fake cloud: internal error (injected)".into()));
+            return Err(ProviderError::Transient(
+                "fake cloud: internal error (injected)".into(),
+            ));
         }
         if let Call::Create = call {
             edge += self.config.capacity_error_rate;
@@ -286,14 +292,19 @@ impl Provider for FakeCloud {
             )
             .await
             .map_err(transient)?;
-        row.as_ref().map(Self::machine).ok_or(ProviderError::NotFound)
+        row.as_ref()
+            .map(Self::machine)
+            .ok_or(ProviderError::NotFound)
     }
 
     async fn list(&self) -> Result<Vec<CloudInstance>, ProviderError> {
         self.dice(Call::Other)?;
         let client = self.client().await?;
         let rows = client
-            .query(&format!("{SELECT} WHERE provider = $1 ORDER BY instance_id"), &[&self.name])
+            .query(
+                &format!("{SELECT} WHERE provider = $1 ORDER BY instance_id"),
+                &[&self.name],
+            )
             .await
             .map_err(transient)?;
         Ok(rows.iter().map(Self::machine).collect())
@@ -347,13 +358,22 @@ mod tests {
         };
         let outcomes = || {
             let cloud = FakeCloud::new("f", config.clone(), "postgres://unused");
-            (0..200).map(|_| cloud.dice(Call::Create).err()).collect::<Vec<_>>()
+            (0..200)
+                .map(|_| cloud.dice(Call::Create).err())
+                .collect::<Vec<_>>()
         };
         let first = outcomes();
         assert_eq!(first, outcomes());
         let failed = first.iter().filter(|o| o.is_some()).count();
-        assert!((90..150).contains(&failed), "{failed} of 200 failed at a 60% rate");
-        assert!(first.iter().any(|o| matches!(o, Some(ProviderError::Capacity(_)))));
-        assert!(first.iter().any(|o| matches!(o, Some(ProviderError::Throttled { .. }))));
+        assert!(
+            (90..150).contains(&failed),
+            "{failed} of 200 failed at a 60% rate"
+        );
+        assert!(first
+            .iter()
+            .any(|o| matches!(o, Some(ProviderError::Capacity(_)))));
+        assert!(first
+            .iter()
+            .any(|o| matches!(o, Some(ProviderError::Throttled { .. }))));
     }
 }

@@ -142,10 +142,16 @@ impl CallLimits {
     /// Checks the limits, naming the field at fault.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_concurrency == 0 || self.max_concurrency > 1024 {
-            return Err(ConfigError::new("max_concurrency", "must be from 1 to 1024"));
+            return Err(ConfigError::new(
+                "max_concurrency",
+                "must be from 1 to 1024",
+            ));
         }
         if !(self.rate_limit.is_finite() && self.rate_limit > 0.0 && self.rate_limit <= 100_000.0) {
-            return Err(ConfigError::new("rate_limit", "must be a number of calls per second above 0"));
+            return Err(ConfigError::new(
+                "rate_limit",
+                "must be a number of calls per second above 0",
+            ));
         }
         Ok(())
     }
