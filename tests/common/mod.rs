@@ -275,3 +275,87 @@ impl Drop for TestApp {
         drop(handle.stop(false));
     }
 }
+
+/// The workers, in this process, against a test database.
+pub struct Workers {
+    pub broker: cloudbrain::broker::Broker,
+    pub registry: Arc<cloudbrain::providers::Registry>,
+    pub jobs: Arc<cloudbrain::workers::JobWorker>,
+    pub refresh: Arc<cloudbrain::workers::RefreshWorker>,
+    pub metrics: Arc<cloudbrain::metrics::Metrics>,
+}
+
+impl Workers {
+    pub fn new(db_url: &str, settings: cloudbrain::config::WorkerSettings) -> Self {
+        let pool = db::pool(db_url, 8).unwrap();
+        let broker = Broker::new(pool, key());
+        let metrics = Arc::new(cloudbrain::metrics::Metrics::default());
+        let registry = Arc::new(cloudbrain::providers::Registry::new(
+            cloudbrain::providers::ProviderContext {
+                database_url: db_url.to_owned(),
+            },
+            metrics.clone(),
+        ));
+        let jobs = Arc::new(cloudbrain::workers::JobWorker::new(
+            cloudbrain::workers::worker_id("test"),
+            broker.clone(),
+            registry.clone(),
+            metrics.clone(),
+            settings.clone(),
+        ));
+        let refresh = Arc::new(cloudbrain::workers::RefreshWorker::new(
+            db_url.to_owned(),
+            broker.clone(),
+            registry.clone(),
+            settings,
+        ));
+        Self {
+            broker,
+            registry,
+            jobs,
+            refresh,
+            metrics,
+        }
+    }
+
+    /// Runs the job worker until no job is runnable.
+    pub async fn run_pending_jobs(&self) -> usize {
+        self.jobs.run_until_idle().await.unwrap()
+    }
+}
+
+/// Worker settings for tests: quick retries, short timeouts.
+pub fn fast_settings() -> cloudbrain::config::WorkerSettings {
+    cloudbrain::config::WorkerSettings {
+        concurrency: 16,
+        lease: Duration::from_secs(30),
+        poll_interval: Duration::from_millis(100),
+        max_attempts: 3,
+        backoff_base: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(50),
+        refresh_interval: Duration::from_millis(200),
+        launch_timeout: Duration::from_secs(600),
+        orphan_grace: Duration::ZERO,
+    }
+}
+
+/// Runs `SELECT … AS v` returning one text value.
+pub async fn text(conn: &mut AsyncPgConnection, sql: &str) -> Option<String> {
+    #[derive(diesel::QueryableByName)]
+    struct Text {
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+        v: Option<String>,
+    }
+    diesel::sql_query(sql)
+        .get_result::<Text>(conn)
+        .await
+        .unwrap()
+        .v
+}
+
+/// Runs SQL statements.
+pub async fn exec(conn: &mut AsyncPgConnection, sql: &str) {
+    diesel_async::SimpleAsyncConnection::batch_execute(conn, sql)
+        .await
+        .unwrap();
+}

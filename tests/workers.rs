@@ -1,0 +1,613 @@
+//! The queue and the workers against a real Postgres and the fake cloud: every job outcome
+//! and every refresh case, as a user of the API would see them.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cloudbrain::auth::Scope;
+use cloudbrain::config::WorkerSettings;
+use cloudbrain_provider::{
+    CallLimits, CloudInstance, CloudState, InstanceSpec, Provider, ProviderError,
+};
+use common::{count, exec, fast_settings, text, TestApp, TestDb, Workers};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+struct Setup {
+    db: TestDb,
+    app: TestApp,
+    token: String,
+    workers: Workers,
+}
+
+async fn setup(fake: Value, settings: WorkerSettings) -> Setup {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    app.provider("fake", fake).await;
+    let token = app.token(Scope::Client).await;
+    let workers = Workers::new(&db.url, settings);
+    Setup {
+        db,
+        app,
+        token,
+        workers,
+    }
+}
+
+impl Setup {
+    async fn create(&self, image: &str) -> String {
+        self.app.create(&self.token, image).await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    async fn instance(&self, id: &str) -> Value {
+        self.app
+            .get(&format!("/instances/{id}"), &self.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn machines(&self) -> i64 {
+        let mut conn = self.db.conn().await;
+        // The fake cloud makes its table on first use; no table, no machines.
+        if text(
+            &mut conn,
+            "SELECT to_regclass('fake_cloud.machines')::text AS v",
+        )
+        .await
+        .is_none()
+        {
+            return 0;
+        }
+        count(&mut conn, "SELECT count(*) AS n FROM fake_cloud.machines").await
+    }
+
+    async fn states(&self, id: &str) -> Vec<String> {
+        let events: Value = self
+            .app
+            .get(&format!("/instances/{id}/events"), &self.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["to_state"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    async fn job(&self, id: &str) -> (Option<String>, Option<String>, i64) {
+        let mut conn = self.db.conn().await;
+        let status = text(
+            &mut conn,
+            &format!("SELECT max(status) AS v FROM jobs WHERE instance_id = '{id}'"),
+        )
+        .await;
+        let error = text(
+            &mut conn,
+            &format!("SELECT max(last_error) AS v FROM jobs WHERE instance_id = '{id}'"),
+        )
+        .await;
+        let attempts = count(&mut conn, &format!("SELECT coalesce(sum(attempts), 0)::bigint AS n FROM jobs WHERE instance_id = '{id}'")).await;
+        (status, error, attempts)
+    }
+}
+
+#[tokio::test]
+async fn an_instance_goes_from_creating_to_running_to_terminated() {
+    let s = setup(json!({"boot_time_ms": 0}), fast_settings()).await;
+    let id = s.create("ubuntu").await;
+    assert_eq!(s.workers.run_pending_jobs().await, 1);
+    let running = s.instance(&id).await;
+    assert_eq!(running["state"], "running");
+    assert!(running["upstream_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("fake-"));
+    assert!(running["ip_address"]
+        .as_str()
+        .unwrap()
+        .starts_with("192.0.2."));
+    assert_eq!(s.machines().await, 1);
+
+    s.app
+        .delete(&format!("/instances/{id}"), &s.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(s.workers.run_pending_jobs().await, 1);
+    let gone = s
+        .app
+        .get(&format!("/instances/{id}"), &s.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 410);
+    assert_eq!(s.machines().await, 0);
+    assert_eq!(
+        s.states(&id).await,
+        ["creating", "running", "terminating", "terminated"]
+    );
+    assert_eq!(
+        count(&mut s.db.conn().await, "SELECT count(*) AS n FROM jobs").await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn the_refresh_moves_a_booting_machine_to_running_and_then_writes_nothing() {
+    let s = setup(json!({"boot_time_ms": 300}), fast_settings()).await;
+    let id = s.create("ubuntu").await;
+    s.workers.run_pending_jobs().await;
+    assert_eq!(s.instance(&id).await["state"], "starting");
+    s.workers.refresh.refresh_all().await;
+    assert_eq!(s.instance(&id).await["state"], "starting");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    s.workers.refresh.refresh_all().await;
+    assert_eq!(s.instance(&id).await["state"], "running");
+
+    let mut conn = s.db.conn().await;
+    let snapshot = "SELECT string_agg(xmin::text || updated_at::text, ',') AS v FROM instances";
+    let before = text(&mut conn, snapshot).await;
+    let events = count(&mut conn, "SELECT count(*) AS n FROM instance_events").await;
+    for _ in 0..3 {
+        let reports = s.workers.refresh.refresh_all().await;
+        assert_eq!(reports[0].1.machines, 1);
+    }
+    assert_eq!(
+        text(&mut conn, snapshot).await,
+        before,
+        "a refresh of an unchanged fleet wrote"
+    );
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) AS n FROM instance_events").await,
+        events
+    );
+}
+
+#[tokio::test]
+async fn a_late_refresh_never_moves_a_deleted_instance_back() {
+    let s = setup(json!({"boot_time_ms": 0}), fast_settings()).await;
+    let id = s.create("ubuntu").await;
+    s.workers.run_pending_jobs().await;
+    s.app
+        .delete(&format!("/instances/{id}"), &s.token)
+        .send()
+        .await
+        .unwrap();
+    // The machine still runs (the remove job has not run): the cloud says "running".
+    s.workers.refresh.refresh_all().await;
+    assert_eq!(s.instance(&id).await["state"], "terminating");
+    s.workers.run_pending_jobs().await;
+    s.workers.refresh.refresh_all().await;
+    assert_eq!(
+        s.states(&id).await,
+        ["creating", "running", "terminating", "terminated"]
+    );
+}
+
+#[tokio::test]
+async fn a_vanished_machine_errors_its_instance() {
+    let s = setup(json!({"boot_time_ms": 0}), fast_settings()).await;
+    let id = s.create("ubuntu").await;
+    s.workers.run_pending_jobs().await;
+    exec(&mut s.db.conn().await, "DELETE FROM fake_cloud.machines").await;
+    s.workers.refresh.refresh_all().await;
+    let instance = s.instance(&id).await;
+    assert_eq!(instance["state"], "errored");
+    assert!(
+        instance["error_reason"]
+            .as_str()
+            .unwrap()
+            .contains("vanished"),
+        "{instance}"
+    );
+    // Deleting an errored instance still ends in terminated.
+    s.app
+        .delete(&format!("/instances/{id}"), &s.token)
+        .send()
+        .await
+        .unwrap();
+    s.workers.run_pending_jobs().await;
+    assert_eq!(
+        s.app
+            .get(&format!("/instances/{id}"), &s.token)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        410
+    );
+}
+
+#[tokio::test]
+async fn a_stuck_launch_is_errored_and_its_machine_destroyed() {
+    let settings = WorkerSettings {
+        launch_timeout: Duration::from_millis(200),
+        ..fast_settings()
+    };
+    let s = setup(json!({"boot_time_ms": 3_600_000}), settings).await;
+    // One never got a worker; one got a machine that never boots.
+    let never_made = s.create("ubuntu").await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    s.workers.refresh.refresh_all().await;
+    let instance = s.instance(&never_made).await;
+    assert_eq!(instance["state"], "errored");
+    assert!(
+        instance["error_reason"]
+            .as_str()
+            .unwrap()
+            .contains("not running"),
+        "{instance}"
+    );
+    assert_eq!(
+        s.job(&never_made).await.0,
+        None,
+        "its create job should be gone"
+    );
+
+    let never_booted = s.create("ubuntu").await;
+    s.workers.run_pending_jobs().await;
+    assert_eq!(s.instance(&never_booted).await["state"], "starting");
+    assert_eq!(s.machines().await, 1);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    s.workers.refresh.refresh_all().await;
+    assert_eq!(s.instance(&never_booted).await["state"], "errored");
+    assert_eq!(s.machines().await, 0, "the stuck machine leaked");
+}
+
+#[tokio::test]
+async fn orphans_are_destroyed_after_the_grace_period_only() {
+    let s = setup(json!({"boot_time_ms": 0}), fast_settings()).await;
+    let ours = s.create("ubuntu").await;
+    s.workers.run_pending_jobs().await;
+    let fake = cloudbrain_provider_fake::FakeCloud::new("fake", Default::default(), &s.db.url);
+    let spec = InstanceSpec {
+        image: "x".into(),
+        instance_type: "standard".into(),
+        public_ssh_key: None,
+    };
+    fake.create(Uuid::new_v4(), &spec).await.unwrap();
+    // Another provider config's machines are not ours to judge.
+    let other =
+        cloudbrain_provider_fake::FakeCloud::new("someone-else", Default::default(), &s.db.url);
+    other.create(Uuid::new_v4(), &spec).await.unwrap();
+    assert_eq!(s.machines().await, 3);
+
+    let patient = Workers::new(
+        &s.db.url,
+        WorkerSettings {
+            orphan_grace: Duration::from_secs(3600),
+            ..fast_settings()
+        },
+    );
+    patient.refresh.refresh_all().await;
+    assert_eq!(
+        s.machines().await,
+        3,
+        "an orphan was destroyed inside its grace period"
+    );
+
+    let reports = s.workers.refresh.refresh_all().await;
+    assert_eq!(reports[0].1.destroyed_orphans, 1);
+    assert_eq!(s.machines().await, 2);
+    assert_eq!(s.instance(&ours).await["state"], "running");
+}
+
+#[tokio::test]
+async fn an_invalid_request_errors_the_instance_at_once() {
+    let s = setup(
+        json!({"invalid_images": ["no-such-image"]}),
+        fast_settings(),
+    )
+    .await;
+    let id = s.create("no-such-image").await;
+    s.workers.run_pending_jobs().await;
+    let instance = s.instance(&id).await;
+    assert_eq!(instance["state"], "errored");
+    assert!(
+        instance["error_reason"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-image"),
+        "{instance}"
+    );
+    let (status, _, attempts) = s.job(&id).await;
+    assert_eq!((status.as_deref(), attempts), (Some("dead"), 1));
+}
+
+#[tokio::test]
+async fn transient_errors_retry_with_backoff_until_the_last_attempt() {
+    let s = setup(json!({"transient_error_rate": 1.0}), fast_settings()).await;
+    let id = s.create("ubuntu").await;
+    for _ in 0..100 {
+        s.workers.run_pending_jobs().await;
+        if s.instance(&id).await["state"] == "errored" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let instance = s.instance(&id).await;
+    assert_eq!(instance["state"], "errored");
+    let reason = instance["error_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("gave up after 3 attempts") && reason.contains("internal error"),
+        "{reason}"
+    );
+    let (status, error, attempts) = s.job(&id).await;
+    assert_eq!((status.as_deref(), attempts), (Some("dead"), 3));
+    assert!(error.unwrap().contains("internal error"));
+    assert_eq!(s.machines().await, 0);
+}
+
+#[tokio::test]
+async fn throttling_waits_as_long_as_the_cloud_asks() {
+    let s = setup(
+        json!({"throttle_rate": 1.0, "throttle_retry_after_ms": 30000}),
+        fast_settings(),
+    )
+    .await;
+    let id = s.create("ubuntu").await;
+    assert_eq!(
+        s.workers.run_pending_jobs().await,
+        1,
+        "the retry must not be runnable yet"
+    );
+    let mut conn = s.db.conn().await;
+    let wait = count(&mut conn, &format!("SELECT extract(epoch FROM run_at - now())::bigint AS n FROM jobs WHERE instance_id = '{id}'")).await;
+    assert!((25..=34).contains(&wait), "rescheduled {wait} s ahead");
+    assert_eq!(s.instance(&id).await["state"], "creating");
+    assert!(s.job(&id).await.1.unwrap().contains("throttled"));
+}
+
+#[tokio::test]
+async fn capacity_errors_are_retried_not_fatal() {
+    let s = setup(
+        json!({"capacity_error_rate": 1.0}),
+        WorkerSettings {
+            backoff_base: Duration::from_secs(60),
+            ..fast_settings()
+        },
+    )
+    .await;
+    let id = s.create("ubuntu").await;
+    s.workers.run_pending_jobs().await;
+    let (status, error, attempts) = s.job(&id).await;
+    assert_eq!((status.as_deref(), attempts), (Some("queued"), 1));
+    assert!(error.unwrap().contains("capacity"));
+    assert_eq!(s.instance(&id).await["state"], "creating");
+}
+
+/// A provider whose create panics once, then works.
+struct PanicsOnce(AtomicUsize);
+
+#[async_trait]
+impl Provider for PanicsOnce {
+    async fn create(&self, id: Uuid, _spec: &InstanceSpec) -> Result<CloudInstance, ProviderError> {
+        if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+            panic!("provider bug");
+        }
+        Ok(CloudInstance {
+            id,
+            upstream_id: "u-1".into(),
+            state: CloudState::Running,
+            ip_address: None,
+            launched_at: None,
+        })
+    }
+    async fn get(&self, _id: Uuid) -> Result<CloudInstance, ProviderError> {
+        Err(ProviderError::NotFound)
+    }
+    async fn list(&self) -> Result<Vec<CloudInstance>, ProviderError> {
+        Ok(Vec::new())
+    }
+    async fn destroy(&self, _id: Uuid) -> Result<(), ProviderError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_panic_in_a_job_is_a_failure_not_a_dead_worker() {
+    let s = setup(json!(null), fast_settings()).await;
+    s.workers.registry.insert(
+        "fake",
+        Arc::new(PanicsOnce(AtomicUsize::new(0))),
+        CallLimits::default(),
+    );
+    let id = s.create("ubuntu").await;
+    s.workers.run_pending_jobs().await;
+    let (status, error, _) = s.job(&id).await;
+    assert_eq!(status.as_deref(), Some("queued"));
+    assert!(error.unwrap().contains("job panicked: provider bug"));
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    s.workers.run_pending_jobs().await;
+    assert_eq!(s.instance(&id).await["state"], "running");
+}
+
+/// A provider that counts how many creates run at once.
+#[derive(Default)]
+struct Gauge {
+    now: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+#[async_trait]
+impl Provider for Gauge {
+    async fn create(&self, id: Uuid, _spec: &InstanceSpec) -> Result<CloudInstance, ProviderError> {
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        Ok(CloudInstance {
+            id,
+            upstream_id: format!("u-{id}"),
+            state: CloudState::Running,
+            ip_address: None,
+            launched_at: None,
+        })
+    }
+    async fn get(&self, _id: Uuid) -> Result<CloudInstance, ProviderError> {
+        Err(ProviderError::NotFound)
+    }
+    async fn list(&self) -> Result<Vec<CloudInstance>, ProviderError> {
+        Ok(Vec::new())
+    }
+    async fn destroy(&self, _id: Uuid) -> Result<(), ProviderError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_burst_of_requests_never_becomes_a_burst_against_the_cloud() {
+    let s = setup(json!(null), fast_settings()).await;
+    let gauge = Arc::new(Gauge::default());
+    s.workers.registry.insert(
+        "fake",
+        gauge.clone(),
+        CallLimits {
+            max_concurrency: 2,
+            rate_limit: 1000.0,
+        },
+    );
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(s.create("ubuntu").await);
+    }
+    s.workers.run_pending_jobs().await;
+    for id in &ids {
+        assert_eq!(s.instance(id).await["state"], "running");
+    }
+    assert_eq!(
+        gauge.peak.load(Ordering::SeqCst),
+        2,
+        "16 worker slots, 2 allowed against the cloud"
+    );
+}
+
+#[tokio::test]
+async fn a_refresh_skips_a_provider_another_refresh_worker_holds() {
+    let s = setup(json!(null), fast_settings()).await;
+    let mut holder = s.db.conn().await;
+    exec(
+        &mut holder,
+        "SELECT pg_advisory_lock(1919, hashtext('fake'))",
+    )
+    .await;
+    let reports = s.workers.refresh.refresh_all().await;
+    assert!(reports[0].1.skipped, "{reports:?}");
+    exec(
+        &mut holder,
+        "SELECT pg_advisory_unlock(1919, hashtext('fake'))",
+    )
+    .await;
+    let reports = s.workers.refresh.refresh_all().await;
+    assert!(!reports[0].1.skipped);
+}
+
+#[tokio::test]
+async fn delete_while_the_create_call_runs_leaves_no_machine() {
+    let s = setup(
+        json!({"create_latency_ms": 400, "boot_time_ms": 0}),
+        fast_settings(),
+    )
+    .await;
+    let id = s.create("ubuntu").await;
+    let jobs = s.workers.jobs.clone();
+    let creating = tokio::spawn(async move { jobs.run_until_idle().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(s.machines().await, 1, "the create call should be in flight");
+    s.app
+        .delete(&format!("/instances/{id}"), &s.token)
+        .send()
+        .await
+        .unwrap();
+    creating.await.unwrap();
+    for _ in 0..50 {
+        s.workers.run_pending_jobs().await;
+        if s.app
+            .get(&format!("/instances/{id}"), &s.token)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 410
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        s.app
+            .get(&format!("/instances/{id}"), &s.token)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        410
+    );
+    assert_eq!(s.machines().await, 0);
+}
+
+#[tokio::test]
+async fn metrics_report_instances_jobs_provider_calls_and_auth() {
+    let s = setup(
+        json!({"boot_time_ms": 0, "invalid_images": ["bad"]}),
+        fast_settings(),
+    )
+    .await;
+    s.create("ubuntu").await;
+    s.create("bad").await;
+    let text = s
+        .app
+        .client
+        .get(s.app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("cloudbrain_instances{provider=\"fake\",state=\"creating\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cloudbrain_jobs_queued{kind=\"create\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cloudbrain_auth_scrypt_runs_total 1"),
+        "{text}"
+    );
+    assert!(text.contains("cloudbrain_auth_cache_hits_total"), "{text}");
+    s.workers.run_pending_jobs().await;
+    let gauges = s.workers.broker.gauges().await.unwrap();
+    let text = s.workers.metrics.render(&gauges, None);
+    assert!(
+        text.contains("cloudbrain_instances{provider=\"fake\",state=\"running\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cloudbrain_jobs_dead{kind=\"create\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cloudbrain_dispatch_latency_seconds_count 2"),
+        "{text}"
+    );
+    assert!(text.contains("cloudbrain_provider_call_duration_seconds_count{provider=\"fake\",operation=\"create\"} 2"), "{text}");
+}
