@@ -88,3 +88,17 @@ cb_ensure_diesel_cli() {
         export PATH="$HOME/.cargo/bin:$PATH"
     fi
 }
+
+# httpie, for the end-to-end test of script/cloud-brain: the machine's, or one installed
+# from PyPI into the project's own .venv.
+cb_ensure_httpie() {
+    if command -v http >/dev/null 2>&1; then
+        return 0
+    fi
+    if [ ! -x .venv/bin/http ]; then
+        cb_log "installing httpie into .venv"
+        python3 -m venv .venv
+        .venv/bin/pip install --quiet --disable-pip-version-check httpie
+    fi
+    export PATH="$PWD/.venv/bin:$PATH"
+}

@@ -1,0 +1,171 @@
+//! End to end, as a user: `cloudbrain dev` in its own process on its own throwaway
+//! database, driven with the real httpie through `script/cloud-brain` and a real ~/.netrc.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use serde_json::Value;
+
+struct Dev {
+    child: Child,
+    url: String,
+    token: String,
+    database: String,
+}
+
+fn start_dev() -> Dev {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cloudbrain"))
+        .arg("dev")
+        .env_remove("DATABASE_URL")
+        .env_remove("CLOUDBRAIN_DATABASE_ENCRYPTION_KEY")
+        .env("CLOUDBRAIN_ADDR", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut url, mut token, mut database) = (None, None, None);
+    while database.is_none() {
+        let line = lines
+            .next()
+            .expect("cloudbrain dev ended before printing its database")
+            .unwrap();
+        let field = |name: &str| line.strip_prefix(name).map(|v| v.trim().to_owned());
+        url = url.or(field("url:"));
+        token = token.or(field("token:"));
+        database = database.or(field("database:"));
+    }
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Dev {
+        child,
+        url: url.unwrap(),
+        token: token.unwrap(),
+        database: database.unwrap(),
+    }
+}
+
+fn cloud_brain(home: &Path, url: &str, args: &[&str]) -> (Output, Value) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("script/cloud-brain");
+    let output = Command::new(script)
+        .args(args)
+        .env("HOME", home)
+        .env("CLOUDBRAIN_URL", url)
+        .output()
+        .unwrap();
+    let body = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+    (output, body)
+}
+
+fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn home_with_netrc(token: Option<&str>) -> PathBuf {
+    let home =
+        std::env::temp_dir().join(format!("cloudbrain-home-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&home).unwrap();
+    if let Some(token) = token {
+        let netrc = home.join(".netrc");
+        std::fs::write(
+            &netrc,
+            format!("machine 127.0.0.1\n  login token\n  password {token}\n"),
+        )
+        .unwrap();
+        Command::new("chmod")
+            .arg("600")
+            .arg(&netrc)
+            .status()
+            .unwrap();
+    }
+    home
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dev_and_the_httpie_helper_take_an_instance_from_request_to_terminated() {
+    let mut dev = start_dev();
+    let home = home_with_netrc(Some(&dev.token));
+
+    let (output, created) = cloud_brain(
+        &home,
+        &dev.url,
+        &["post", "instances", "provider=fake", "image=ubuntu-24.04"],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(created["state"], "creating");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let path = format!("instances/{id}");
+
+    wait_for("running", Duration::from_secs(30), || {
+        cloud_brain(&home, &dev.url, &["get", &path]).1["state"] == "running"
+    });
+    let (_, running) = cloud_brain(&home, &dev.url, &["get", &path]);
+    assert!(
+        running["ip_address"].is_string() && running["upstream_id"].is_string(),
+        "{running}"
+    );
+
+    let (output, deleting) = cloud_brain(&home, &dev.url, &["delete", &path]);
+    assert!(output.status.success());
+    assert!(
+        ["terminating", "terminated"].contains(&deleting["state"].as_str().unwrap()),
+        "{deleting}"
+    );
+    wait_for("terminated", Duration::from_secs(30), || {
+        let (output, body) = cloud_brain(&home, &dev.url, &["get", &path]);
+        // httpie's --check-status exits 4 on the 410 that a terminated instance answers.
+        output.status.code() == Some(4) && body["state"] == "terminated"
+    });
+
+    let mut conn = AsyncPgConnection::establish(&dev.database).await.unwrap();
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let machines: Count = diesel::sql_query("SELECT count(*) AS n FROM fake_cloud.machines")
+        .get_result(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(machines.n, 0, "the fake cloud still holds a machine");
+    drop(conn);
+
+    // Without a .netrc entry the helper says what to do, and sends nothing.
+    let bare = home_with_netrc(None);
+    let (output, _) = cloud_brain(&bare, &dev.url, &["get", "instances"]);
+    assert_eq!(output.status.code(), Some(2));
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        message.contains("machine 127.0.0.1 login token password"),
+        "{message}"
+    );
+
+    assert!(Command::new("kill")
+        .args(["-TERM", &dev.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let status = dev.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        AsyncPgConnection::establish(&dev.database).await.is_err(),
+        "the throwaway database outlived dev"
+    );
+}

@@ -1,0 +1,197 @@
+//! `cloudbrain create-worker` as separate processes: killed mid-job, stopped with SIGTERM,
+//! woken by NOTIFY rather than a poll.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cloudbrain::auth::Scope;
+use common::{count, text, TestApp, TestDb, KEY_HEX};
+use serde_json::json;
+
+fn worker(db: &TestDb, lease: &str, poll: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_cloudbrain"))
+        .arg("create-worker")
+        .env("DATABASE_URL", &db.url)
+        .env("CLOUDBRAIN_DATABASE_ENCRYPTION_KEY", KEY_HEX)
+        .env("CLOUDBRAIN_JOB_LEASE", lease)
+        .env("CLOUDBRAIN_WORKER_POLL_INTERVAL", poll)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_for(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn setup(fake: serde_json::Value) -> (TestDb, TestApp, String) {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    app.provider("fake", fake).await;
+    let token = app.token(Scope::Client).await;
+    (db, app, token)
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_job_is_replaced_and_no_machine_doubles() {
+    // Each create makes its machine at once and then takes 2 s to answer: a kill in that
+    // window leaves machines whose jobs never finished.
+    let (db, app, token) = setup(json!({"create_latency_ms": 2000, "boot_time_ms": 0})).await;
+    let mut first = worker(&db, "1.5", "0.1");
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(
+            app.create(&token, &format!("image-{i}")).await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let mut conn = db.conn().await;
+    wait_for(
+        "the first worker to make the machines",
+        Duration::from_secs(20),
+        async || {
+            text(
+                &mut conn,
+                "SELECT to_regclass('fake_cloud.machines')::text AS v",
+            )
+            .await
+            .is_some()
+                && count(&mut conn, "SELECT count(*) AS n FROM fake_cloud.machines").await == 4
+        },
+    )
+    .await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT count(*) AS n FROM instances WHERE state = 'creating'"
+        )
+        .await,
+        4
+    );
+
+    let mut second = worker(&db, "1.5", "0.1");
+    wait_for(
+        "the second worker to finish the jobs",
+        Duration::from_secs(30),
+        async || {
+            count(
+                &mut conn,
+                "SELECT count(*) AS n FROM instances WHERE state = 'running'",
+            )
+            .await
+                == 4
+        },
+    )
+    .await;
+    second.kill().unwrap();
+    second.wait().unwrap();
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) AS n FROM fake_cloud.machines").await,
+        4,
+        "a retried create made a second machine"
+    );
+    let per_instance = count(&mut conn, "SELECT count(*) AS n FROM (SELECT instance_id FROM fake_cloud.machines GROUP BY instance_id HAVING count(*) > 1) d").await;
+    assert_eq!(per_instance, 0);
+    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM jobs").await, 0);
+}
+
+#[tokio::test]
+async fn sigterm_lets_running_jobs_finish_and_claims_nothing_new() {
+    let (db, app, token) = setup(json!({"create_latency_ms": 1000, "boot_time_ms": 0})).await;
+    let mut child = worker(&db, "20", "0.1");
+    let first = app.create(&token, "ubuntu").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut conn = db.conn().await;
+    wait_for(
+        "the job to be claimed",
+        Duration::from_secs(20),
+        async || {
+            count(
+                &mut conn,
+                "SELECT count(*) AS n FROM jobs WHERE locked_by IS NOT NULL",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    let stopped_at = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = app.create(&token, "ubuntu").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(20),
+        "did not exit within the lease"
+    );
+    let state = |id: &str| format!("SELECT state AS v FROM instances WHERE id = '{id}'");
+    assert_eq!(
+        text(&mut conn, &state(&first)).await.as_deref(),
+        Some("running"),
+        "the running job was cut off"
+    );
+    assert_eq!(
+        text(&mut conn, &state(&second)).await.as_deref(),
+        Some("creating")
+    );
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT count(*) AS n FROM jobs WHERE locked_by IS NOT NULL"
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_new_job_is_dispatched_without_waiting_for_a_poll() {
+    let (db, app, token) = setup(json!({"boot_time_ms": 0})).await;
+    // A poll once a minute: only NOTIFY can make this quick.
+    let mut child = worker(&db, "30", "60");
+    // Let the worker start and run its first (empty) claim.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let id = app.create(&token, "ubuntu").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut conn = db.conn().await;
+    wait_for(
+        "the create job to run",
+        Duration::from_secs(10),
+        async || {
+            text(
+                &mut conn,
+                &format!("SELECT state AS v FROM instances WHERE id = '{id}'"),
+            )
+            .await
+            .as_deref()
+                == Some("running")
+        },
+    )
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
