@@ -125,17 +125,30 @@ fn worker_metrics(services: &Services) -> anyhow::Result<Option<actix_web::dev::
     Ok(Some(handle))
 }
 
-/// Runs create and remove jobs until `shutdown`.
-pub async fn job_worker(
+/// Runs a worker role, with its own `/metrics` server when asked and configured.
+async fn with_metrics(
     services: &Services,
-    shutdown: watch::Receiver<bool>,
     serve_metrics: bool,
+    role: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let metrics_server = if serve_metrics {
         worker_metrics(services)?
     } else {
         None
     };
+    role.await;
+    if let Some(handle) = metrics_server {
+        handle.stop(false).await;
+    }
+    Ok(())
+}
+
+/// Runs create and remove jobs until `shutdown`.
+pub async fn job_worker(
+    services: &Services,
+    shutdown: watch::Receiver<bool>,
+    serve_metrics: bool,
+) -> anyhow::Result<()> {
     let wake = Arc::new(Notify::new());
     let waker = wake.clone();
     let listener = tokio::spawn(listen_forever(
@@ -155,12 +168,9 @@ pub async fn job_worker(
         services.metrics.clone(),
         services.config.workers.clone(),
     ));
-    worker.run(wake, shutdown).await;
+    let result = with_metrics(services, serve_metrics, worker.run(wake, shutdown)).await;
     listener.abort();
-    if let Some(handle) = metrics_server {
-        handle.stop(false).await;
-    }
-    Ok(())
+    result
 }
 
 /// Reconciles every provider config on an interval until `shutdown`.
@@ -169,20 +179,11 @@ pub async fn refresh_worker(
     shutdown: watch::Receiver<bool>,
     serve_metrics: bool,
 ) -> anyhow::Result<()> {
-    let metrics_server = if serve_metrics {
-        worker_metrics(services)?
-    } else {
-        None
-    };
     let worker = Arc::new(RefreshWorker::new(
         services.config.database_url.clone(),
         services.broker.clone(),
         services.registry.clone(),
         services.config.workers.clone(),
     ));
-    worker.run(shutdown).await;
-    if let Some(handle) = metrics_server {
-        handle.stop(false).await;
-    }
-    Ok(())
+    with_metrics(services, serve_metrics, worker.run(shutdown)).await
 }

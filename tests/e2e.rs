@@ -16,6 +16,16 @@ struct Dev {
     database: String,
 }
 
+impl Drop for Dev {
+    fn drop(&mut self) {
+        // A failed test still stops dev, so its throwaway database is removed.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn start_dev() -> Dev {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -14,6 +14,8 @@ use cloudbrain_provider::{
     CallLimits, CloudInstance, CloudState, InstanceSpec, Provider, ProviderError,
 };
 use common::{count, exec, fast_settings, text, TestApp, TestDb, Workers};
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -392,22 +394,16 @@ async fn capacity_errors_are_retried_not_fatal() {
     assert_eq!(s.instance(&id).await["state"], "creating");
 }
 
-/// A provider whose create panics once, then works.
-struct PanicsOnce(AtomicUsize);
+type CreateFn =
+    Box<dyn Fn(Uuid) -> BoxFuture<'static, Result<CloudInstance, ProviderError>> + Send + Sync>;
+
+/// A provider whose create does what the test says; it lists nothing and destroys nothing.
+struct Stub(CreateFn);
 
 #[async_trait]
-impl Provider for PanicsOnce {
+impl Provider for Stub {
     async fn create(&self, id: Uuid, _spec: &InstanceSpec) -> Result<CloudInstance, ProviderError> {
-        if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
-            panic!("provider bug");
-        }
-        Ok(CloudInstance {
-            id,
-            upstream_id: "u-1".into(),
-            state: CloudState::Running,
-            ip_address: None,
-            launched_at: None,
-        })
+        (self.0)(id).await
     }
     async fn get(&self, _id: Uuid) -> Result<CloudInstance, ProviderError> {
         Err(ProviderError::NotFound)
@@ -420,14 +416,33 @@ impl Provider for PanicsOnce {
     }
 }
 
+fn running(id: Uuid) -> CloudInstance {
+    CloudInstance {
+        id,
+        upstream_id: format!("u-{id}"),
+        state: CloudState::Running,
+        ip_address: None,
+        launched_at: None,
+    }
+}
+
 #[tokio::test]
 async fn a_panic_in_a_job_is_a_failure_not_a_dead_worker() {
     let s = setup(json!(null), fast_settings()).await;
-    s.workers.registry.insert(
-        "fake",
-        Arc::new(PanicsOnce(AtomicUsize::new(0))),
-        CallLimits::default(),
-    );
+    let calls = Arc::new(AtomicUsize::new(0));
+    let panics_once = Stub(Box::new(move |id| {
+        let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            if first {
+                panic!("provider bug");
+            }
+            Ok(running(id))
+        }
+        .boxed()
+    }));
+    s.workers
+        .registry
+        .insert("fake", Arc::new(panics_once), CallLimits::default());
     let id = s.create("ubuntu").await;
     s.workers.run_pending_jobs().await;
     let (status, error, _) = s.job(&id).await;
@@ -438,46 +453,25 @@ async fn a_panic_in_a_job_is_a_failure_not_a_dead_worker() {
     assert_eq!(s.instance(&id).await["state"], "running");
 }
 
-/// A provider that counts how many creates run at once.
-#[derive(Default)]
-struct Gauge {
-    now: AtomicUsize,
-    peak: AtomicUsize,
-}
-
-#[async_trait]
-impl Provider for Gauge {
-    async fn create(&self, id: Uuid, _spec: &InstanceSpec) -> Result<CloudInstance, ProviderError> {
-        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
-        self.peak.fetch_max(now, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        self.now.fetch_sub(1, Ordering::SeqCst);
-        Ok(CloudInstance {
-            id,
-            upstream_id: format!("u-{id}"),
-            state: CloudState::Running,
-            ip_address: None,
-            launched_at: None,
-        })
-    }
-    async fn get(&self, _id: Uuid) -> Result<CloudInstance, ProviderError> {
-        Err(ProviderError::NotFound)
-    }
-    async fn list(&self) -> Result<Vec<CloudInstance>, ProviderError> {
-        Ok(Vec::new())
-    }
-    async fn destroy(&self, _id: Uuid) -> Result<(), ProviderError> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn a_burst_of_requests_never_becomes_a_burst_against_the_cloud() {
     let s = setup(json!(null), fast_settings()).await;
-    let gauge = Arc::new(Gauge::default());
+    // Counts how many creates run at once.
+    let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (n, p) = (now.clone(), peak.clone());
+    let gauge = Stub(Box::new(move |id| {
+        let (now, peak) = (n.clone(), p.clone());
+        async move {
+            peak.fetch_max(now.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            now.fetch_sub(1, Ordering::SeqCst);
+            Ok(running(id))
+        }
+        .boxed()
+    }));
     s.workers.registry.insert(
         "fake",
-        gauge.clone(),
+        Arc::new(gauge),
         CallLimits {
             max_concurrency: 2,
             rate_limit: 1000.0,
@@ -492,7 +486,7 @@ async fn a_burst_of_requests_never_becomes_a_burst_against_the_cloud() {
         assert_eq!(s.instance(id).await["state"], "running");
     }
     assert_eq!(
-        gauge.peak.load(Ordering::SeqCst),
+        peak.load(Ordering::SeqCst),
         2,
         "16 worker slots, 2 allowed against the cloud"
     );

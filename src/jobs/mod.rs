@@ -166,6 +166,16 @@ fn db_now_plus(
     diesel::dsl::sql(&format!("now() + interval '{micros} microseconds'"))
 }
 
+type Unlocked = (
+    diesel::dsl::Eq<jobs::locked_by, Option<String>>,
+    diesel::dsl::Eq<jobs::locked_until, Option<chrono::DateTime<chrono::Utc>>>,
+);
+
+/// The change that ends a lease.
+fn unlocked() -> Unlocked {
+    (jobs::locked_by.eq(None), jobs::locked_until.eq(None))
+}
+
 /// Deletes a finished job, on the caller's connection (in the transaction that records
 /// what the job achieved).
 pub async fn finish(conn: &mut AsyncPgConnection, id: i64) -> QueryResult<()> {
@@ -183,8 +193,7 @@ pub async fn retry_later(
     diesel::update(jobs::table.find(id))
         .set((
             jobs::run_at.eq(db_now_plus(delay)),
-            jobs::locked_by.eq(None::<String>),
-            jobs::locked_until.eq(None::<chrono::DateTime<chrono::Utc>>),
+            unlocked(),
             jobs::last_error.eq(error),
         ))
         .execute(conn)
@@ -207,8 +216,7 @@ pub async fn release(
     )
     .set((
         jobs::run_at.eq(db_now_plus(delay)),
-        jobs::locked_by.eq(None::<String>),
-        jobs::locked_until.eq(None::<chrono::DateTime<chrono::Utc>>),
+        unlocked(),
         jobs::attempts.eq(jobs::attempts - 1),
     ))
     .execute(conn)
@@ -221,8 +229,7 @@ pub async fn bury(conn: &mut AsyncPgConnection, id: i64, error: &str) -> QueryRe
     diesel::update(jobs::table.find(id))
         .set((
             jobs::status.eq("dead"),
-            jobs::locked_by.eq(None::<String>),
-            jobs::locked_until.eq(None::<chrono::DateTime<chrono::Utc>>),
+            unlocked(),
             jobs::last_error.eq(error),
         ))
         .execute(conn)
