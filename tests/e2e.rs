@@ -20,7 +20,9 @@ impl Drop for Dev {
     fn drop(&mut self) {
         // A failed test still stops dev, so its throwaway database is removed.
         if let Ok(None) = self.child.try_wait() {
-            let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
             let _ = self.child.wait();
         }
     }

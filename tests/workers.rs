@@ -59,6 +59,22 @@ impl Setup {
             .unwrap()
     }
 
+    async fn assert_errored(&self, id: &str, why: &str) {
+        let instance = self.instance(id).await;
+        assert_eq!(instance["state"], "errored", "{instance}");
+        let reason = instance["error_reason"].as_str().unwrap_or_default();
+        assert!(reason.contains(why), "{instance}");
+    }
+
+    async fn status(&self, id: &str) -> u16 {
+        let response = self
+            .app
+            .get(&format!("/instances/{id}"), &self.token)
+            .send()
+            .await;
+        response.unwrap().status().as_u16()
+    }
+
     async fn machines(&self) -> i64 {
         let mut conn = self.db.conn().await;
         // The fake cloud makes its table on first use; no table, no machines.
@@ -132,13 +148,7 @@ async fn an_instance_goes_from_creating_to_running_to_terminated() {
         .await
         .unwrap();
     assert_eq!(s.workers.run_pending_jobs().await, 1);
-    let gone = s
-        .app
-        .get(&format!("/instances/{id}"), &s.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(gone.status(), 410);
+    assert_eq!(s.status(&id).await, 410);
     assert_eq!(s.machines().await, 0);
     assert_eq!(
         s.states(&id).await,
@@ -209,15 +219,7 @@ async fn a_vanished_machine_errors_its_instance() {
     s.workers.run_pending_jobs().await;
     exec(&mut s.db.conn().await, "DELETE FROM fake_cloud.machines").await;
     s.workers.refresh.refresh_all().await;
-    let instance = s.instance(&id).await;
-    assert_eq!(instance["state"], "errored");
-    assert!(
-        instance["error_reason"]
-            .as_str()
-            .unwrap()
-            .contains("vanished"),
-        "{instance}"
-    );
+    s.assert_errored(&id, "vanished").await;
     // Deleting an errored instance still ends in terminated.
     s.app
         .delete(&format!("/instances/{id}"), &s.token)
@@ -225,15 +227,7 @@ async fn a_vanished_machine_errors_its_instance() {
         .await
         .unwrap();
     s.workers.run_pending_jobs().await;
-    assert_eq!(
-        s.app
-            .get(&format!("/instances/{id}"), &s.token)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        410
-    );
+    assert_eq!(s.status(&id).await, 410);
 }
 
 #[tokio::test]
@@ -247,15 +241,7 @@ async fn a_stuck_launch_is_errored_and_its_machine_destroyed() {
     let never_made = s.create("ubuntu").await;
     tokio::time::sleep(Duration::from_millis(250)).await;
     s.workers.refresh.refresh_all().await;
-    let instance = s.instance(&never_made).await;
-    assert_eq!(instance["state"], "errored");
-    assert!(
-        instance["error_reason"]
-            .as_str()
-            .unwrap()
-            .contains("not running"),
-        "{instance}"
-    );
+    s.assert_errored(&never_made, "not running").await;
     assert_eq!(
         s.job(&never_made).await.0,
         None,
@@ -319,15 +305,7 @@ async fn an_invalid_request_errors_the_instance_at_once() {
     .await;
     let id = s.create("no-such-image").await;
     s.workers.run_pending_jobs().await;
-    let instance = s.instance(&id).await;
-    assert_eq!(instance["state"], "errored");
-    assert!(
-        instance["error_reason"]
-            .as_str()
-            .unwrap()
-            .contains("no-such-image"),
-        "{instance}"
-    );
+    s.assert_errored(&id, "no-such-image").await;
     let (status, _, attempts) = s.job(&id).await;
     assert_eq!((status.as_deref(), attempts), (Some("dead"), 1));
 }
@@ -532,27 +510,12 @@ async fn delete_while_the_create_call_runs_leaves_no_machine() {
     creating.await.unwrap();
     for _ in 0..50 {
         s.workers.run_pending_jobs().await;
-        if s.app
-            .get(&format!("/instances/{id}"), &s.token)
-            .send()
-            .await
-            .unwrap()
-            .status()
-            == 410
-        {
+        if s.status(&id).await == 410 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(
-        s.app
-            .get(&format!("/instances/{id}"), &s.token)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        410
-    );
+    assert_eq!(s.status(&id).await, 410);
     assert_eq!(s.machines().await, 0);
 }
 
