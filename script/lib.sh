@@ -102,3 +102,13 @@ cb_ensure_httpie() {
     fi
     export PATH="$PWD/.venv/bin:$PATH"
 }
+
+# moto_server (the AWS API emulator, from PyPI) in the project's .venv, for the EC2 tests.
+cb_ensure_moto() {
+    if [ ! -x .venv/bin/moto_server ]; then
+        [ -x .venv/bin/python ] || python3 -m venv .venv
+        cb_log "installing moto[server] into .venv"
+        .venv/bin/pip install --quiet --disable-pip-version-check "moto[server]"
+    fi
+    export MOTO_SERVER="$PWD/.venv/bin/moto_server"
+}

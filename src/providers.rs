@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use cloudbrain_provider::{
     CallLimits, CloudInstance, ConfigError, InstanceSpec, Provider, ProviderError,
 };
+use cloudbrain_provider_ec2::{Ec2Config, Ec2Provider};
 use cloudbrain_provider_fake::{FakeCloud, FakeConfig};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
@@ -57,7 +58,7 @@ fn unavailable(kind: ProviderKind) -> ConfigError {
     ConfigError::new(
         "type",
         format!(
-            "provider type {} is not available in this build yet; only fake is",
+            "provider type {} is not available in this build yet; fake and ec2 are",
             kind.as_str()
         ),
     )
@@ -76,7 +77,14 @@ pub fn settings(
                 instance_types: config.instance_types,
             })
         }
-        ProviderKind::Ec2 | ProviderKind::Gce => Err(unavailable(kind)),
+        ProviderKind::Ec2 => {
+            let config = Ec2Config::parse(config)?;
+            Ok(ProviderSettings {
+                limits: config.limits(),
+                instance_types: config.instance_types.keys().cloned().collect(),
+            })
+        }
+        ProviderKind::Gce => Err(unavailable(kind)),
     }
 }
 
@@ -88,7 +96,7 @@ pub struct ProviderContext {
 }
 
 /// Makes the live provider for a stored config.
-pub fn build(
+pub async fn build(
     kind: ProviderKind,
     name: &str,
     config: &serde_json::Value,
@@ -103,7 +111,12 @@ pub fn build(
                 limits,
             ))
         }
-        ProviderKind::Ec2 | ProviderKind::Gce => Err(unavailable(kind)),
+        ProviderKind::Ec2 => {
+            let config = Ec2Config::parse(config)?;
+            let limits = config.limits();
+            Ok((Arc::new(Ec2Provider::new(name, config).await), limits))
+        }
+        ProviderKind::Gce => Err(unavailable(kind)),
     }
 }
 
@@ -256,18 +269,13 @@ impl Registry {
 
     /// Builds the providers in `stored` not built yet; a config that cannot be built is
     /// logged and skipped, so one bad row does not stop the others.
-    pub fn load(&self, stored: Vec<StoredProvider>) {
-        let mut providers = self.providers.write().unwrap_or_else(|e| e.into_inner());
+    pub async fn load(&self, stored: Vec<StoredProvider>) {
         for p in stored {
-            if providers.contains_key(&p.name) {
+            if self.get(&p.name).is_some() {
                 continue;
             }
-            match build(p.kind, &p.name, &p.config, &self.context) {
-                Ok((inner, limits)) => {
-                    let limited =
-                        LimitedProvider::new(&p.name, inner, limits, self.metrics.clone());
-                    providers.insert(p.name.clone(), Arc::new(limited));
-                }
+            match build(p.kind, &p.name, &p.config, &self.context).await {
+                Ok((inner, limits)) => self.insert(&p.name, inner, limits),
                 Err(error) => {
                     tracing::error!(provider = %p.name, %error, "provider {} cannot be used", p.name);
                 }

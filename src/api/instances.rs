@@ -39,6 +39,22 @@ pub struct InstanceBody {
     pub created_at: DateTime<Utc>,
     /// When it last changed.
     pub updated_at: DateTime<Utc>,
+    /// Its machine's ECS container instance, for providers whose machines join a cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ecs: Option<EcsBody>,
+}
+
+/// How an instance's machine stands in its ECS cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EcsBody {
+    /// The cluster's name.
+    pub cluster: String,
+    /// The container instance ARN, once registered.
+    pub container_instance_arn: Option<String>,
+    /// ECS's status of it (`ACTIVE`, `DRAINING`, …), once registered.
+    pub status: Option<String>,
+    /// Whether the ECS agent is connected.
+    pub agent_connected: bool,
 }
 
 impl From<Instance> for InstanceBody {
@@ -55,6 +71,7 @@ impl From<Instance> for InstanceBody {
             error_reason: i.error_reason,
             created_at: i.created_at,
             updated_at: i.updated_at,
+            ecs: i.ecs.and_then(|v| serde_json::from_value(v).ok()),
         }
     }
 }

@@ -218,6 +218,14 @@ fn needs_update(instance: &Instance, machine: &CloudInstance) -> bool {
     state_ahead
         || instance.upstream_id.as_deref() != Some(machine.upstream_id.as_str())
         || (machine.ip_address.is_some() && instance.ip_address != machine.ip_address)
+        || (machine.ecs.is_some() && instance.ecs != ecs_json(machine))
+}
+
+fn ecs_json(machine: &CloudInstance) -> Option<serde_json::Value> {
+    machine
+        .ecs
+        .as_ref()
+        .and_then(|m| serde_json::to_value(m).ok())
 }
 
 /// Moves an instance forward to what its machine says, with its id and address.
@@ -226,10 +234,12 @@ async fn apply_cloud_state(
     id: Uuid,
     machine: &CloudInstance,
 ) -> Result<Option<Instance>, BrokerError> {
+    let ecs = ecs_json(machine);
     let change = || InstanceChange {
         upstream_id: Some(&machine.upstream_id),
         ip_address: machine.ip_address.as_deref(),
         error_reason: None,
+        ecs: ecs.as_ref(),
     };
     let to = match &machine.state {
         CloudState::Starting => State::Starting,

@@ -39,7 +39,7 @@ pub(crate) async fn provider(
 /// Loads provider configs registered since the last look.
 pub(crate) async fn reload(broker: &Broker, registry: &Registry) {
     match broker.stored_providers().await {
-        Ok(stored) => registry.load(stored),
+        Ok(stored) => registry.load(stored).await,
         Err(error) => tracing::warn!(%error, "could not read provider configs"),
     }
 }

@@ -228,8 +228,12 @@ impl TestApp {
     }
 
     pub async fn provider(&self, name: &str, config: serde_json::Value) {
+        self.provider_of(ProviderKind::Fake, name, config).await;
+    }
+
+    pub async fn provider_of(&self, kind: ProviderKind, name: &str, config: serde_json::Value) {
         let mut conn = AsyncPgConnection::establish(&self.db_url).await.unwrap();
-        insert_provider(&mut conn, &key(), name, ProviderKind::Fake, &config)
+        insert_provider(&mut conn, &key(), name, kind, &config)
             .await
             .unwrap();
     }
@@ -254,6 +258,19 @@ impl TestApp {
         self.client
             .delete(self.url(path))
             .header("Authorization", format!("token {token}"))
+    }
+
+    /// Creates an instance on `provider` and returns its id.
+    pub async fn create_on(&self, token: &str, provider: &str, image: &str) -> String {
+        let response = self
+            .post("/instances", token)
+            .json(&serde_json::json!({"provider": provider, "image": image}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201, "{:?}", response.text().await);
+        let body: serde_json::Value = response.json().await.unwrap();
+        body["id"].as_str().unwrap().to_owned()
     }
 
     /// Creates an instance on provider `fake` and returns its body.

@@ -233,6 +233,7 @@ impl FakeCloud {
             },
             ip_address: Some(row.get("ip_address")),
             launched_at: Some(row.get::<_, SystemTime>("created_at")),
+            ecs: None,
         }
     }
 }

@@ -49,6 +49,21 @@ pub struct CloudInstance {
     pub ip_address: Option<String>,
     /// When the cloud says the machine was launched, if it says.
     pub launched_at: Option<SystemTime>,
+    /// The machine's membership of an ECS cluster, for providers that join one.
+    pub ecs: Option<EcsMembership>,
+}
+
+/// How a machine stands in the ECS cluster it was told to join.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EcsMembership {
+    /// The cluster's name.
+    pub cluster: String,
+    /// Its container instance ARN, once the ECS agent registered it.
+    pub container_instance_arn: Option<String>,
+    /// ECS's status of the container instance (`ACTIVE`, `DRAINING`, …), once registered.
+    pub status: Option<String>,
+    /// Whether the ECS agent is connected.
+    pub agent_connected: bool,
 }
 
 /// Why a provider call failed; the kind decides what the broker does next.

@@ -1,0 +1,594 @@
+//! The EC2 provider against moto_server (the AWS API emulator from PyPI), started per test
+//! on a free loopback port, and against a canned endpoint for errors moto cannot make.
+//! Nothing here reaches beyond loopback: the endpoint, credentials and region are fixed.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_ec2::types::{Filter, InstanceStateName};
+use base64::Engine;
+use cloudbrain::auth::Scope;
+use cloudbrain::providers::ProviderKind;
+use cloudbrain_provider::{InstanceSpec, Provider, ProviderError};
+use cloudbrain_provider_ec2::{Ec2Config, Ec2Provider};
+use common::{fast_settings, TestApp, TestDb, Workers};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+const ED25519: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ci@example";
+
+struct Moto {
+    child: Child,
+    url: String,
+}
+
+impl Moto {
+    fn start(env: &[(&str, &str)]) -> Self {
+        // SAFETY of the environment: tests set only this variable, to the same value.
+        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+        let program = std::env::var("MOTO_SERVER")
+            .unwrap_or_else(|_| format!("{}/.venv/bin/moto_server", env!("CARGO_MANIFEST_DIR")));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(&program)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .envs(env.iter().copied())
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {program} ({e}); script/test installs moto into .venv")
+            });
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { child, url }
+    }
+
+    async fn clients(&self) -> (aws_sdk_ec2::Client, aws_sdk_ecs::Client) {
+        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .endpoint_url(&self.url)
+            .credentials_provider(aws_credential_types::Credentials::new(
+                "testing", "testing", None, None, "test",
+            ))
+            .load()
+            .await;
+        (
+            aws_sdk_ec2::Client::new(&shared),
+            aws_sdk_ecs::Client::new(&shared),
+        )
+    }
+
+    /// A provider config pointing at this server, with a fresh subnet.
+    async fn config(&self, extra: Value) -> Value {
+        let (ec2, _) = self.clients().await;
+        let vpc = ec2
+            .create_vpc()
+            .cidr_block("10.9.0.0/16")
+            .send()
+            .await
+            .unwrap();
+        let vpc_id = vpc.vpc().unwrap().vpc_id().unwrap().to_owned();
+        let subnet = ec2
+            .create_subnet()
+            .vpc_id(&vpc_id)
+            .cidr_block("10.9.1.0/24")
+            .send()
+            .await
+            .unwrap();
+        let mut config = json!({
+            "region": "us-east-1",
+            "endpoint_url": self.url,
+            "access_key_id": "testing",
+            "secret_access_key": "testing",
+            "subnet_ids": [subnet.subnet().unwrap().subnet_id().unwrap()],
+            "instance_types": {"standard": "t3.medium", "premium": "c6i.xlarge"},
+            "image": "ami-12c6146b",
+            "image_owners": ["self"],
+            "tags": {"team": "ci"},
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        config
+    }
+
+    async fn provider(&self, name: &str, config: &Value) -> Ec2Provider {
+        Ec2Provider::new(name, Ec2Config::parse(config).unwrap()).await
+    }
+
+    /// EC2 instances carrying our instance-id tag, in any state, with their states.
+    async fn machines(&self, id: &str) -> Vec<InstanceStateName> {
+        let (ec2, _) = self.clients().await;
+        let out = ec2
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name("tag:cloudbrain:instance-id")
+                    .values(id)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        out.reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter_map(|i| i.state().and_then(|s| s.name()).cloned())
+            .collect()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spec(image: &str) -> InstanceSpec {
+    InstanceSpec {
+        image: image.into(),
+        instance_type: "standard".into(),
+        public_ssh_key: Some(ED25519.into()),
+    }
+}
+
+struct Broker {
+    _db: TestDb,
+    app: TestApp,
+    token: String,
+    workers: Workers,
+}
+
+async fn broker(config: Value) -> Broker {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    app.provider_of(ProviderKind::Ec2, "ec2", config).await;
+    let token = app.token(Scope::Client).await;
+    let workers = Workers::new(&db.url, fast_settings());
+    Broker {
+        _db: db,
+        app,
+        token,
+        workers,
+    }
+}
+
+impl Broker {
+    async fn instance(&self, id: &str) -> (u16, Value) {
+        let response = self
+            .app
+            .get(&format!("/instances/{id}"), &self.token)
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ec2_instance_goes_from_request_to_running_to_terminated() {
+    let moto = Moto::start(&[]);
+    let b = broker(moto.config(json!({})).await).await;
+    let created: Value = b
+        .app
+        .post("/instances", &b.token)
+        .json(&json!({"provider": "ec2", "image": "ami-12c6146b", "public_ssh_key": ED25519}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    b.workers.run_pending_jobs().await;
+    b.workers.refresh.refresh_all().await;
+    let (_, running) = b.instance(&id).await;
+    assert_eq!(running["state"], "running", "{running}");
+    let upstream = running["upstream_id"].as_str().unwrap().to_owned();
+    assert!(upstream.starts_with("i-"), "{running}");
+    assert!(running["ip_address"].is_string());
+
+    // Tags on the instance and its volumes; the key in cloud-init user data as YAML.
+    let (ec2, _) = moto.clients().await;
+    let described = ec2
+        .describe_instances()
+        .instance_ids(&upstream)
+        .send()
+        .await
+        .unwrap();
+    let machine = &described.reservations()[0].instances()[0];
+    let tag = |key: &str| {
+        machine
+            .tags()
+            .iter()
+            .find(|t| t.key() == Some(key))
+            .and_then(|t| t.value())
+            .map(str::to_owned)
+    };
+    assert_eq!(tag("cloudbrain:instance-id").as_deref(), Some(id.as_str()));
+    assert_eq!(tag("cloudbrain:provider").as_deref(), Some("ec2"));
+    assert_eq!(tag("Name"), Some(format!("cloudbrain-{id}")));
+    assert_eq!(tag("team").as_deref(), Some("ci"));
+    assert_eq!(machine.instance_type().unwrap().as_str(), "t3.medium");
+    let volumes = ec2
+        .describe_volumes()
+        .filters(
+            Filter::builder()
+                .name("tag:cloudbrain:instance-id")
+                .values(&id)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(!volumes.volumes().is_empty(), "volumes are not tagged");
+    let attribute = ec2
+        .describe_instance_attribute()
+        .instance_id(&upstream)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .unwrap();
+    let encoded = attribute.user_data().and_then(|v| v.value()).unwrap();
+    let user_data = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(user_data.starts_with("#cloud-config\n"), "{user_data}");
+    assert!(
+        user_data.contains(&format!("  - \"{ED25519}\"")),
+        "{user_data}"
+    );
+
+    b.app
+        .delete(&format!("/instances/{id}"), &b.token)
+        .send()
+        .await
+        .unwrap();
+    b.workers.run_pending_jobs().await;
+    let (status, gone) = b.instance(&id).await;
+    assert_eq!(status, 410, "{gone}");
+    assert_eq!(moto.machines(&id).await, [InstanceStateName::Terminated]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_create_finds_the_first_machine() {
+    let moto = Moto::start(&[]);
+    let b = broker(moto.config(json!({})).await).await;
+    let id = b.app.create_on(&b.token, "ec2", "ami-12c6146b").await;
+    // A worker made the machine and died before recording it: its job is still queued.
+    let config = moto.config(json!({})).await;
+    let dead_worker = moto.provider("ec2", &config).await;
+    dead_worker
+        .create(Uuid::parse_str(&id).unwrap(), &spec("ami-12c6146b"))
+        .await
+        .unwrap();
+    b.workers.run_pending_jobs().await;
+    assert_eq!(b.instance(&id).await.1["state"], "running");
+    assert_eq!(
+        moto.machines(&id).await.len(),
+        1,
+        "the retried create made a second EC2 instance"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn list_reads_every_page_and_only_our_machines() {
+    let moto = Moto::start(&[]);
+    let config = moto.config(json!({})).await;
+    let ours = moto.provider("ec2", &config).await.with_page_size(5);
+    let theirs = moto.provider("other", &config).await;
+    let mut made = Vec::new();
+    for _ in 0..12 {
+        let id = Uuid::new_v4();
+        ours.create(id, &spec("ami-12c6146b")).await.unwrap();
+        made.push(id);
+    }
+    theirs
+        .create(Uuid::new_v4(), &spec("ami-12c6146b"))
+        .await
+        .unwrap();
+    // moto pages DescribeInstances as EC2 does.
+    let (ec2, _) = moto.clients().await;
+    let first = ec2
+        .describe_instances()
+        .max_results(5)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        first.next_token().is_some(),
+        "one page held everything: paging untested"
+    );
+
+    let mut listed: Vec<Uuid> = ours
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    listed.sort();
+    made.sort();
+    assert_eq!(listed, made);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn destroy_is_idempotent() {
+    let moto = Moto::start(&[]);
+    let provider = moto.provider("ec2", &moto.config(json!({})).await).await;
+    let id = Uuid::new_v4();
+    provider.create(id, &spec("ami-12c6146b")).await.unwrap();
+    provider.destroy(id).await.unwrap();
+    provider.destroy(id).await.unwrap();
+    provider.destroy(Uuid::new_v4()).await.unwrap();
+    assert_eq!(provider.get(id).await, Err(ProviderError::NotFound));
+    assert_eq!(
+        moto.machines(&id.to_string()).await,
+        [InstanceStateName::Terminated]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_images_and_types_are_invalid() {
+    let moto = Moto::start(&[
+        ("MOTO_ENABLE_AMI_VALIDATION", "true"),
+        ("MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "true"),
+    ]);
+    let config = moto
+        .config(json!({"instance_types": {"standard": "t3.medium", "bogus": "x9.huge"}}))
+        .await;
+    let provider = moto.provider("ec2", &config).await;
+    let err = provider
+        .create(Uuid::new_v4(), &spec("ami-deadbeef"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ProviderError::Invalid(m) if m.contains("InvalidAMIID")),
+        "{err:?}"
+    );
+    let bogus = InstanceSpec {
+        instance_type: "bogus".into(),
+        ..spec("ami-12c6146b")
+    };
+    let err = provider.create(Uuid::new_v4(), &bogus).await.unwrap_err();
+    assert!(
+        matches!(&err, ProviderError::Invalid(m) if m.contains("InvalidInstanceType") || m.contains("x9.huge")),
+        "{err:?}"
+    );
+    let err = provider
+        .create(Uuid::new_v4(), &spec("no-such-image-name"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ProviderError::Invalid(m) if m.contains("no-such-image-name")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_image_name_resolves_to_the_newest_of_ours() {
+    let moto = Moto::start(&[]);
+    let config = moto.config(json!({})).await;
+    let provider = moto.provider("ec2", &config).await;
+    let (ec2, _) = moto.clients().await;
+    let seed = Uuid::new_v4();
+    let machine = provider.create(seed, &spec("ami-12c6146b")).await.unwrap();
+    let image = ec2
+        .create_image()
+        .instance_id(&machine.upstream_id)
+        .name("ci-runner")
+        .send()
+        .await
+        .unwrap();
+    let image_id = image.image_id().unwrap().to_owned();
+    let id = Uuid::new_v4();
+    provider.create(id, &spec("ci-runner")).await.unwrap();
+    let described = ec2
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name("tag:cloudbrain:instance-id")
+                .values(id.to_string())
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        described.reservations()[0].instances()[0].image_id(),
+        Some(image_id.as_str())
+    );
+}
+
+type Expect = fn(&ProviderError) -> bool;
+
+/// An endpoint that answers every call with one canned EC2 error.
+fn canned(status: u16, code: &str) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>canned {code}</Message></Error></Errors><RequestID>r-1</RequestID></Response>"
+    );
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut buf = [0u8; 65536];
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+            let _ = stream.read(&mut buf);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status} Canned\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_errors_map_to_the_broker_kinds() {
+    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+    let cases: [(u16, &str, Expect); 5] = [
+        (503, "RequestLimitExceeded", |e| {
+            matches!(e, ProviderError::Throttled { .. })
+        }),
+        (500, "InsufficientInstanceCapacity", |e| {
+            matches!(e, ProviderError::Capacity(_))
+        }),
+        (400, "VcpuLimitExceeded", |e| {
+            matches!(e, ProviderError::Capacity(_))
+        }),
+        (403, "UnauthorizedOperation", |e| {
+            matches!(e, ProviderError::Invalid(_))
+        }),
+        (500, "InternalError", |e| {
+            matches!(e, ProviderError::Transient(_))
+        }),
+    ];
+    for (status, code, expected) in cases {
+        let config = json!({
+            "region": "us-east-1", "endpoint_url": canned(status, code),
+            "access_key_id": "testing", "secret_access_key": "testing",
+            "subnet_ids": ["subnet-1"], "instance_types": {"standard": "t3.medium"}, "image": "ami-12c6146b",
+        });
+        let provider = Ec2Provider::new("ec2", Ec2Config::parse(&config).unwrap()).await;
+        let err = provider
+            .create(Uuid::new_v4(), &spec("ami-12c6146b"))
+            .await
+            .unwrap_err();
+        assert!(expected(&err), "{code}: {err:?}");
+    }
+    // Nothing listening: transient.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = json!({
+        "region": "us-east-1", "endpoint_url": format!("http://127.0.0.1:{port}"),
+        "access_key_id": "testing", "secret_access_key": "testing",
+        "subnet_ids": ["subnet-1"], "instance_types": {"standard": "t3.medium"}, "image": "ami-12c6146b",
+    });
+    let provider = Ec2Provider::new("ec2", Ec2Config::parse(&config).unwrap()).await;
+    assert!(matches!(
+        provider.list().await,
+        Err(ProviderError::Transient(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ecs_instance_runs_once_registered_and_is_drained_on_delete() {
+    let moto = Moto::start(&[]);
+    let (ec2, ecs) = moto.clients().await;
+    ecs.create_cluster()
+        .cluster_name("builds")
+        .send()
+        .await
+        .unwrap();
+    let b = broker(moto.config(json!({"ecs_cluster": "builds"})).await).await;
+    let id = b.app.create_on(&b.token, "ec2", "ami-12c6146b").await;
+    b.workers.run_pending_jobs().await;
+    b.workers.refresh.refresh_all().await;
+    let (_, waiting) = b.instance(&id).await;
+    assert_eq!(
+        waiting["state"], "starting",
+        "running before it registered: {waiting}"
+    );
+    assert_eq!(waiting["ecs"]["cluster"], "builds");
+    assert!(waiting["ecs"]["container_instance_arn"].is_null());
+    let upstream = waiting["upstream_id"].as_str().unwrap().to_owned();
+
+    let attribute = ec2
+        .describe_instance_attribute()
+        .instance_id(&upstream)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .unwrap();
+    let user_data = base64::engine::general_purpose::STANDARD
+        .decode(attribute.user_data().unwrap().value().unwrap())
+        .unwrap();
+    assert!(String::from_utf8(user_data)
+        .unwrap()
+        .contains("ECS_CLUSTER=builds"));
+
+    // moto runs no ECS agent: register the machine as the agent would.
+    let document = json!({"instanceId": upstream, "region": "us-east-1"}).to_string();
+    let registered = ecs
+        .register_container_instance()
+        .cluster("builds")
+        .instance_identity_document(document)
+        .send()
+        .await
+        .unwrap();
+    let arn = registered
+        .container_instance()
+        .unwrap()
+        .container_instance_arn()
+        .unwrap()
+        .to_owned();
+    b.workers.refresh.refresh_all().await;
+    let (_, running) = b.instance(&id).await;
+    assert_eq!(running["state"], "running", "{running}");
+    assert_eq!(running["ecs"]["container_instance_arn"], arn.as_str());
+    assert_eq!(running["ecs"]["status"], "ACTIVE");
+    assert!(running["ecs"]["agent_connected"].is_boolean());
+
+    b.app
+        .delete(&format!("/instances/{id}"), &b.token)
+        .send()
+        .await
+        .unwrap();
+    b.workers.run_pending_jobs().await;
+    assert_eq!(b.instance(&id).await.0, 410);
+    let left = ecs
+        .list_container_instances()
+        .cluster("builds")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        left.container_instance_arns().is_empty(),
+        "still registered: {left:?}"
+    );
+    assert_eq!(moto.machines(&id).await, [InstanceStateName::Terminated]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tagged_machine_without_an_instance_is_destroyed() {
+    let moto = Moto::start(&[]);
+    let config = moto.config(json!({})).await;
+    let b = broker(config.clone()).await;
+    let kept = b.app.create_on(&b.token, "ec2", "ami-12c6146b").await;
+    b.workers.run_pending_jobs().await;
+    let orphan = Uuid::new_v4();
+    moto.provider("ec2", &config)
+        .await
+        .create(orphan, &spec("ami-12c6146b"))
+        .await
+        .unwrap();
+    let reports = b.workers.refresh.refresh_all().await;
+    assert_eq!(reports[0].1.destroyed_orphans, 1, "{reports:?}");
+    assert_eq!(
+        moto.machines(&orphan.to_string()).await,
+        [InstanceStateName::Terminated]
+    );
+    assert_eq!(moto.machines(&kept).await, [InstanceStateName::Running]);
+}
