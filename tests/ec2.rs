@@ -398,23 +398,27 @@ async fn an_image_name_resolves_to_the_newest_of_ours() {
         .await
         .unwrap();
     let image_id = image.image_id().unwrap().to_owned();
-    let id = Uuid::new_v4();
-    provider.create(id, &spec("ci-runner")).await.unwrap();
-    let described = ec2
-        .describe_instances()
-        .filters(
-            Filter::builder()
-                .name("tag:cloudbrain:instance-id")
-                .values(id.to_string())
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        described.reservations()[0].instances()[0].image_id(),
-        Some(image_id.as_str())
-    );
+    // By name in the request, and as the config's image for a request of "default".
+    let mut named = config.clone();
+    named["image"] = json!("ci-runner");
+    let by_default = moto.provider("ec2", &named).await;
+    for (provider, image) in [(&provider, "ci-runner"), (&by_default, "default")] {
+        let id = Uuid::new_v4();
+        provider.create(id, &spec(image)).await.unwrap();
+        let described = ec2
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name("tag:cloudbrain:instance-id")
+                    .values(id.to_string())
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        let launched = described.reservations()[0].instances()[0].image_id();
+        assert_eq!(launched, Some(image_id.as_str()), "{image}");
+    }
 }
 
 type Expect = fn(&ProviderError) -> bool;

@@ -350,12 +350,13 @@ impl Provider for Ec2Provider {
                     spec.instance_type
                 ))
             })?;
-        let image = if spec.image.is_empty() {
-            self.config.image.clone()
+        // A request names its image the same way, or asks for the config's with "default".
+        let image = if spec.image == "default" {
+            &self.config.image
         } else {
-            spec.image.clone()
+            &spec.image
         };
-        let image_id = self.image_id(&image).await?;
+        let image_id = self.image_id(image).await?;
         // The same instance always lands in the same subnet, so a retry asks for the same thing.
         let subnet =
             &self.config.subnet_ids[id.as_bytes()[0] as usize % self.config.subnet_ids.len()];
