@@ -383,7 +383,7 @@ async fn invalid_images_and_types_are_invalid() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_image_name_resolves_to_the_newest_of_ours() {
+async fn an_image_name_resolves_to_an_ami_of_ours() {
     let moto = Moto::start(&[]);
     let config = moto.config(json!({})).await;
     let provider = moto.provider("ec2", &config).await;
