@@ -112,3 +112,14 @@ cb_ensure_moto() {
     fi
     export MOTO_SERVER="$PWD/.venv/bin/moto_server"
 }
+
+# Google's Compute discovery document (google-api-python-client) and libcloud's recorded
+# Compute responses (apache-libcloud), from PyPI into .venv: the GCE tests check the fake
+# Compute API against them.
+cb_ensure_gce_references() {
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    if ! .venv/bin/python -c 'import libcloud, googleapiclient' 2>/dev/null; then
+        cb_log "installing apache-libcloud and google-api-python-client into .venv"
+        .venv/bin/pip install --quiet --disable-pip-version-check apache-libcloud google-api-python-client
+    fi
+}

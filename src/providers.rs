@@ -11,6 +11,7 @@ use cloudbrain_provider::{
 };
 use cloudbrain_provider_ec2::{Ec2Config, Ec2Provider};
 use cloudbrain_provider_fake::{FakeCloud, FakeConfig};
+use cloudbrain_provider_gce::{GceConfig, GceProvider};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
@@ -54,16 +55,6 @@ pub struct ProviderSettings {
     pub limits: CallLimits,
 }
 
-fn unavailable(kind: ProviderKind) -> ConfigError {
-    ConfigError::new(
-        "type",
-        format!(
-            "provider type {} is not available in this build yet; fake and ec2 are",
-            kind.as_str()
-        ),
-    )
-}
-
 /// Checks a config document for `kind` and returns what the broker needs of it.
 pub fn settings(
     kind: ProviderKind,
@@ -84,7 +75,13 @@ pub fn settings(
                 instance_types: config.instance_types.keys().cloned().collect(),
             })
         }
-        ProviderKind::Gce => Err(unavailable(kind)),
+        ProviderKind::Gce => {
+            let config = GceConfig::parse(config)?;
+            Ok(ProviderSettings {
+                limits: config.limits(),
+                instance_types: config.machine_types.keys().cloned().collect(),
+            })
+        }
     }
 }
 
@@ -116,7 +113,14 @@ pub async fn build(
             let limits = config.limits();
             Ok((Arc::new(Ec2Provider::new(name, config).await), limits))
         }
-        ProviderKind::Gce => Err(unavailable(kind)),
+        ProviderKind::Gce => {
+            let config = GceConfig::parse(config)?;
+            let limits = config.limits();
+            let provider = GceProvider::new(name, config)
+                .await
+                .map_err(|e| ConfigError::new("credentials", e.to_string()))?;
+            Ok((Arc::new(provider), limits))
+        }
     }
 }
 

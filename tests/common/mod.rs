@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod fake_compute;
+
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
