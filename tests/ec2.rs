@@ -10,11 +10,10 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::types::{Filter, InstanceStateName};
 use base64::Engine;
-use cloudbrain::auth::Scope;
 use cloudbrain::providers::ProviderKind;
 use cloudbrain_provider::{InstanceSpec, Provider, ProviderError};
 use cloudbrain_provider_ec2::{Ec2Config, Ec2Provider};
-use common::{fast_settings, TestApp, TestDb, Workers};
+use common::{fast_settings, CloudBroker};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -146,43 +145,16 @@ fn spec(image: &str) -> InstanceSpec {
     }
 }
 
-struct Broker {
-    _db: TestDb,
-    app: TestApp,
-    token: String,
-    workers: Workers,
-}
-
-async fn broker(config: Value) -> Broker {
-    let db = TestDb::new().await;
-    let app = TestApp::spawn(&db).await;
-    app.provider_of(ProviderKind::Ec2, "ec2", config).await;
-    let token = app.token(Scope::Client).await;
-    let workers = Workers::new(&db.url, fast_settings());
-    Broker {
-        _db: db,
-        app,
-        token,
-        workers,
-    }
-}
-
-impl Broker {
-    async fn instance(&self, id: &str) -> (u16, Value) {
-        let response = self
-            .app
-            .get(&format!("/instances/{id}"), &self.token)
-            .send()
-            .await
-            .unwrap();
-        (response.status().as_u16(), response.json().await.unwrap())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_ec2_instance_goes_from_request_to_running_to_terminated() {
     let moto = Moto::start(&[]);
-    let b = broker(moto.config(json!({})).await).await;
+    let b = CloudBroker::new(
+        ProviderKind::Ec2,
+        "ec2",
+        moto.config(json!({})).await,
+        fast_settings(),
+    )
+    .await;
     let created: Value = b
         .app
         .post("/instances", &b.token)
@@ -270,7 +242,13 @@ async fn an_ec2_instance_goes_from_request_to_running_to_terminated() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retried_create_finds_the_first_machine() {
     let moto = Moto::start(&[]);
-    let b = broker(moto.config(json!({})).await).await;
+    let b = CloudBroker::new(
+        ProviderKind::Ec2,
+        "ec2",
+        moto.config(json!({})).await,
+        fast_settings(),
+    )
+    .await;
     let id = b.app.create_on(&b.token, "ec2", "ami-12c6146b").await;
     // A worker made the machine and died before recording it: its job is still queued.
     let config = moto.config(json!({})).await;
@@ -506,7 +484,13 @@ async fn an_ecs_instance_runs_once_registered_and_is_drained_on_delete() {
         .send()
         .await
         .unwrap();
-    let b = broker(moto.config(json!({"ecs_cluster": "builds"})).await).await;
+    let b = CloudBroker::new(
+        ProviderKind::Ec2,
+        "ec2",
+        moto.config(json!({"ecs_cluster": "builds"})).await,
+        fast_settings(),
+    )
+    .await;
     let id = b.app.create_on(&b.token, "ec2", "ami-12c6146b").await;
     b.workers.run_pending_jobs().await;
     b.workers.refresh.refresh_all().await;
@@ -579,7 +563,7 @@ async fn an_ecs_instance_runs_once_registered_and_is_drained_on_delete() {
 async fn a_tagged_machine_without_an_instance_is_destroyed() {
     let moto = Moto::start(&[]);
     let config = moto.config(json!({})).await;
-    let b = broker(config.clone()).await;
+    let b = CloudBroker::new(ProviderKind::Ec2, "ec2", config.clone(), fast_settings()).await;
     let kept = b.app.create_on(&b.token, "ec2", "ami-12c6146b").await;
     b.workers.run_pending_jobs().await;
     let orphan = Uuid::new_v4();

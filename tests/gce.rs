@@ -6,15 +6,12 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
 
-use cloudbrain::auth::Scope;
-use cloudbrain::config::WorkerSettings;
 use cloudbrain::providers::ProviderKind;
 use cloudbrain_provider::{InstanceSpec, Provider, ProviderError};
 use cloudbrain_provider_gce::{GceConfig, GceProvider};
 use common::fake_compute::{FakeCompute, Inject};
-use common::{fast_settings, TestApp, TestDb, Workers};
+use common::{fast_settings, CloudBroker};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -55,57 +52,16 @@ fn spec() -> InstanceSpec {
     }
 }
 
-struct Broker {
-    _db: TestDb,
-    app: TestApp,
-    token: String,
-    workers: Workers,
-}
-
-async fn broker(config: Value, settings: WorkerSettings) -> Broker {
-    let db = TestDb::new().await;
-    let app = TestApp::spawn(&db).await;
-    app.provider_of(ProviderKind::Gce, "gce", config).await;
-    let token = app.token(Scope::Client).await;
-    let workers = Workers::new(&db.url, settings);
-    Broker {
-        _db: db,
-        app,
-        token,
-        workers,
-    }
-}
-
-impl Broker {
-    async fn instance(&self, id: &str) -> (u16, Value) {
-        let response = self
-            .app
-            .get(&format!("/instances/{id}"), &self.token)
-            .send()
-            .await
-            .unwrap();
-        (response.status().as_u16(), response.json().await.unwrap())
-    }
-
-    /// Runs jobs and refreshes until the instance reaches `state` (or gives up).
-    async fn settle(&self, id: &str, state: &str) -> Value {
-        for _ in 0..40 {
-            self.workers.run_pending_jobs().await;
-            self.workers.refresh.refresh_all().await;
-            let (_, body) = self.instance(id).await;
-            if body["state"] == state {
-                return body;
-            }
-            tokio::time::sleep(Duration::from_millis(30)).await;
-        }
-        panic!("{id} never reached {state}: {:?}", self.instance(id).await);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_gce_vm_goes_from_request_to_running_to_terminated() {
     let fake = FakeCompute::start();
-    let b = broker(config(&fake, json!({})), fast_settings()).await;
+    let b = CloudBroker::new(
+        ProviderKind::Gce,
+        "gce",
+        config(&fake, json!({})),
+        fast_settings(),
+    )
+    .await;
     let response = b
         .app
         .post("/instances", &b.token)
@@ -165,7 +121,13 @@ async fn a_gce_vm_goes_from_request_to_running_to_terminated() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retried_create_adopts_the_first_vm() {
     let fake = FakeCompute::start();
-    let b = broker(config(&fake, json!({})), fast_settings()).await;
+    let b = CloudBroker::new(
+        ProviderKind::Gce,
+        "gce",
+        config(&fake, json!({})),
+        fast_settings(),
+    )
+    .await;
     let id = b.app.create_on(&b.token, "gce", "default").await;
     // A worker inserted the VM and died before recording it.
     provider(&fake, "gce", json!({}))
@@ -285,7 +247,13 @@ async fn an_image_family_resolves_to_its_image() {
 async fn an_exhausted_zone_moves_the_next_attempt_to_the_next_zone() {
     let fake = FakeCompute::start();
     fake.inject("us-central1-a", Inject::Exhausted, 1);
-    let b = broker(config(&fake, json!({})), fast_settings()).await;
+    let b = CloudBroker::new(
+        ProviderKind::Gce,
+        "gce",
+        config(&fake, json!({})),
+        fast_settings(),
+    )
+    .await;
     let id = b.app.create_on(&b.token, "gce", "default").await;
     b.settle(&id, "running").await;
     assert_eq!(fake.vms_in("us-central1-a").len(), 0);
@@ -295,7 +263,13 @@ async fn an_exhausted_zone_moves_the_next_attempt_to_the_next_zone() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_preempted_vm_errors_its_instance_and_is_destroyed() {
     let fake = FakeCompute::start();
-    let b = broker(config(&fake, json!({"preemptible": true})), fast_settings()).await;
+    let b = CloudBroker::new(
+        ProviderKind::Gce,
+        "gce",
+        config(&fake, json!({"preemptible": true})),
+        fast_settings(),
+    )
+    .await;
     let id = b.app.create_on(&b.token, "gce", "default").await;
     b.settle(&id, "running").await;
     assert_eq!(
@@ -317,7 +291,13 @@ async fn a_preempted_vm_errors_its_instance_and_is_destroyed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_labelled_vm_without_an_instance_is_destroyed() {
     let fake = FakeCompute::start();
-    let b = broker(config(&fake, json!({})), fast_settings()).await;
+    let b = CloudBroker::new(
+        ProviderKind::Gce,
+        "gce",
+        config(&fake, json!({})),
+        fast_settings(),
+    )
+    .await;
     let kept = b.app.create_on(&b.token, "gce", "default").await;
     b.settle(&kept, "running").await;
     provider(&fake, "gce", json!({}))

@@ -378,3 +378,57 @@ pub async fn exec(conn: &mut AsyncPgConnection, sql: &str) {
         .await
         .unwrap();
 }
+
+/// The broker (API, database, workers) with one provider config registered.
+pub struct CloudBroker {
+    pub db: TestDb,
+    pub app: TestApp,
+    pub token: String,
+    pub workers: Workers,
+}
+
+impl CloudBroker {
+    pub async fn new(
+        kind: ProviderKind,
+        name: &str,
+        config: serde_json::Value,
+        settings: cloudbrain::config::WorkerSettings,
+    ) -> Self {
+        let db = TestDb::new().await;
+        let app = TestApp::spawn(&db).await;
+        app.provider_of(kind, name, config).await;
+        let token = app.token(Scope::Client).await;
+        let workers = Workers::new(&db.url, settings);
+        Self {
+            db,
+            app,
+            token,
+            workers,
+        }
+    }
+
+    /// GET /instances/<id>: the status and the body.
+    pub async fn instance(&self, id: &str) -> (u16, serde_json::Value) {
+        let response = self
+            .app
+            .get(&format!("/instances/{id}"), &self.token)
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
+    }
+
+    /// Runs jobs and refreshes until the instance reaches `state`.
+    pub async fn settle(&self, id: &str, state: &str) -> serde_json::Value {
+        for _ in 0..40 {
+            self.workers.run_pending_jobs().await;
+            self.workers.refresh.refresh_all().await;
+            let (_, body) = self.instance(id).await;
+            if body["state"] == state {
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        panic!("{id} never reached {state}: {:?}", self.instance(id).await);
+    }
+}

@@ -10,8 +10,7 @@ pub mod config;
 pub mod errors;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use aws_config::retry::RetryConfig;
@@ -24,7 +23,7 @@ use aws_sdk_ec2::types::{
 use aws_sdk_ecs::types::ContainerInstanceStatus;
 use base64::Engine;
 use cloudbrain_provider::{
-    CloudInstance, CloudState, EcsMembership, InstanceSpec, Provider, ProviderError,
+    CloudInstance, CloudState, EcsMembership, InstanceSpec, Provider, ProviderError, TtlCache,
 };
 use uuid::Uuid;
 
@@ -49,7 +48,7 @@ pub struct Ec2Provider {
     config: Ec2Config,
     ec2: aws_sdk_ec2::Client,
     ecs: aws_sdk_ecs::Client,
-    images: Mutex<HashMap<String, (String, Instant)>>,
+    images: TtlCache,
     page_size: i32,
 }
 
@@ -84,7 +83,7 @@ impl Ec2Provider {
             ec2: aws_sdk_ec2::Client::new(&shared),
             ecs: aws_sdk_ecs::Client::new(&shared),
             config,
-            images: Mutex::new(HashMap::new()),
+            images: TtlCache::new(IMAGE_CACHE_TTL),
             page_size: PAGE_SIZE,
         }
     }
@@ -144,15 +143,8 @@ impl Ec2Provider {
         if image.starts_with("ami-") {
             return Ok(image.to_owned());
         }
-        if let Some((id, at)) = self
-            .images
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(image)
-        {
-            if at.elapsed() < IMAGE_CACHE_TTL {
-                return Ok(id.clone());
-            }
+        if let Some(id) = self.images.get(image) {
+            return Ok(id);
         }
         let found = self
             .ec2
@@ -176,10 +168,7 @@ impl Ec2Provider {
                 ))
             })?
             .to_owned();
-        self.images
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(image.to_owned(), (newest.clone(), Instant::now()));
+        self.images.put(image, &newest);
         Ok(newest)
     }
 
@@ -340,22 +329,8 @@ impl Provider for Ec2Provider {
         if let Some(existing) = self.find(id).await?.first() {
             return self.view(existing).await;
         }
-        let instance_type = self
-            .config
-            .instance_types
-            .get(&spec.instance_type)
-            .ok_or_else(|| {
-                ProviderError::Invalid(format!(
-                    "instance type {:?} is not configured",
-                    spec.instance_type
-                ))
-            })?;
-        // A request names its image the same way, or asks for the config's with "default".
-        let image = if spec.image == "default" {
-            &self.config.image
-        } else {
-            &spec.image
-        };
+        let instance_type = spec.cloud_type(&self.config.instance_types)?;
+        let image = spec.image_or(&self.config.image);
         let image_id = self.image_id(image).await?;
         // The same instance always lands in the same subnet, so a retry asks for the same thing.
         let subnet =
@@ -369,7 +344,7 @@ impl Provider for Ec2Provider {
             .ec2
             .run_instances()
             .image_id(image_id)
-            .instance_type(InstanceType::from(instance_type.as_str()))
+            .instance_type(InstanceType::from(instance_type))
             .min_count(1)
             .max_count(1)
             .subnet_id(subnet)

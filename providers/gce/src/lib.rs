@@ -13,7 +13,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
-use cloudbrain_provider::{CloudInstance, CloudState, InstanceSpec, Provider, ProviderError};
+use cloudbrain_provider::{
+    CloudInstance, CloudState, InstanceSpec, Provider, ProviderError, TtlCache,
+};
 use google_cloud_compute_v1::client::{Images, Instances};
 use google_cloud_compute_v1::model::{
     self, instance::Status, operation, AccessConfig, AttachedDisk, AttachedDiskInitializeParams,
@@ -75,7 +77,7 @@ pub struct GceProvider {
     images: Images,
     /// The zone the next create of an instance tries, after a capacity error moved it.
     next_zone: Mutex<HashMap<Uuid, usize>>,
-    families: Mutex<HashMap<String, (String, Instant)>>,
+    families: TtlCache,
 }
 
 fn credentials(
@@ -124,7 +126,7 @@ impl GceProvider {
                 .map_err(|e| BuildError(e.to_string()))?,
             config,
             next_zone: Mutex::new(HashMap::new()),
-            families: Mutex::new(HashMap::new()),
+            families: TtlCache::new(Duration::from_secs(300)),
         })
     }
 
@@ -137,15 +139,8 @@ impl GceProvider {
         if image.contains('/') {
             return Ok(image.to_owned());
         }
-        if let Some((link, at)) = self
-            .families
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(image)
-        {
-            if at.elapsed() < Duration::from_secs(300) {
-                return Ok(link.clone());
-            }
+        if let Some(link) = self.families.get(image) {
+            return Ok(link);
         }
         let project = self
             .config
@@ -172,10 +167,7 @@ impl GceProvider {
                 .name
                 .map(|n| format!("projects/{project}/global/images/{n}")))
             .ok_or_else(|| ProviderError::Transient("image family answer without a link".into()))?;
-        self.families
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(image.to_owned(), (link.clone(), Instant::now()));
+        self.families.put(image, &link);
         Ok(link)
     }
 
@@ -414,22 +406,8 @@ impl Provider for GceProvider {
         if let Some((_, vm)) = self.find(id).await? {
             return self.view(&vm);
         }
-        let machine_type = self
-            .config
-            .machine_types
-            .get(&spec.instance_type)
-            .ok_or_else(|| {
-                ProviderError::Invalid(format!(
-                    "instance type {:?} is not configured",
-                    spec.instance_type
-                ))
-            })?;
-        // A request names its image the same way, or asks for the config's with "default".
-        let image = if spec.image == "default" {
-            &self.config.image
-        } else {
-            &spec.image
-        };
+        let machine_type = spec.cloud_type(&self.config.machine_types)?;
+        let image = spec.image_or(&self.config.image);
         let image = self.source_image(image).await?;
         let index = *self
             .next_zone

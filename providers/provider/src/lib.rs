@@ -20,6 +20,71 @@ pub struct InstanceSpec {
     pub public_ssh_key: Option<String>,
 }
 
+impl InstanceSpec {
+    /// The image to boot: the requested one, or `default` (the provider config's) when the
+    /// request asks for `"default"`.
+    pub fn image_or<'a>(&'a self, default: &'a str) -> &'a str {
+        if self.image == "default" {
+            default
+        } else {
+            &self.image
+        }
+    }
+
+    /// The cloud's type for the requested instance type, from a config's table.
+    pub fn cloud_type<'a>(
+        &self,
+        table: &'a std::collections::BTreeMap<String, String>,
+    ) -> Result<&'a str, ProviderError> {
+        table
+            .get(&self.instance_type)
+            .map(String::as_str)
+            .ok_or_else(|| {
+                ProviderError::Invalid(format!(
+                    "instance type {:?} is not configured",
+                    self.instance_type
+                ))
+            })
+    }
+}
+
+/// Resolved names (an image name to an image id, say), each trusted for a while.
+#[derive(Debug)]
+pub struct TtlCache {
+    ttl: Duration,
+    entries: std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
+}
+
+impl TtlCache {
+    /// A cache whose entries live for `ttl`.
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            entries: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// The fresh value for `key`, if any.
+    pub fn get(&self, key: &str) -> Option<String> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .get(key)
+            .filter(|(_, at)| at.elapsed() < self.ttl)
+            .map(|(value, _)| value.clone())
+    }
+
+    /// Remembers `value` for `key` from now.
+    pub fn put(&self, key: &str, value: &str) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                key.to_owned(),
+                (value.to_owned(), std::time::Instant::now()),
+            );
+    }
+}
+
 /// The state of a machine as its cloud reports it, in the broker's vocabulary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
