@@ -51,10 +51,10 @@ pub struct Ec2Config {
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
     /// Most EC2/ECS API calls started per second, per process.
-    #[serde(default = "default_rate_limit")]
+    #[serde(default = "cloudbrain_provider::default_rate_limit")]
     pub rate_limit: f64,
     /// Most EC2/ECS API calls in flight, per process.
-    #[serde(default = "default_max_concurrency")]
+    #[serde(default = "cloudbrain_provider::default_max_concurrency")]
     pub max_concurrency: usize,
 }
 
@@ -64,14 +64,6 @@ fn default_image_owners() -> Vec<String> {
 
 fn yes() -> bool {
     true
-}
-
-fn default_rate_limit() -> f64 {
-    CallLimits::default().rate_limit
-}
-
-fn default_max_concurrency() -> usize {
-    CallLimits::default().max_concurrency
 }
 
 /// Tag keys the provider writes itself; extra tags may not override them.

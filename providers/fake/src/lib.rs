@@ -50,7 +50,7 @@ pub struct FakeConfig {
     #[serde(default)]
     pub seed: u64,
     /// Most calls to this cloud in flight at once, per process.
-    #[serde(default = "default_max_concurrency")]
+    #[serde(default = "cloudbrain_provider::default_max_concurrency")]
     pub max_concurrency: usize,
     /// Most calls to this cloud started per second, per process.
     #[serde(default = "default_rate_limit")]
@@ -67,10 +67,6 @@ fn default_boot_time_ms() -> u64 {
 
 fn default_retry_after_ms() -> u64 {
     1000
-}
-
-fn default_max_concurrency() -> usize {
-    CallLimits::default().max_concurrency
 }
 
 fn default_rate_limit() -> f64 {
@@ -91,7 +87,7 @@ impl Default for FakeConfig {
             capacity_error_rate: 0.0,
             invalid_images: Vec::new(),
             seed: 0,
-            max_concurrency: default_max_concurrency(),
+            max_concurrency: cloudbrain_provider::default_max_concurrency(),
             rate_limit: default_rate_limit(),
         }
     }

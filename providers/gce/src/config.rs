@@ -84,10 +84,10 @@ pub struct GceConfig {
     #[serde(default = "default_page_size")]
     pub page_size: u32,
     /// Most Compute API calls started per second, per process.
-    #[serde(default = "default_rate_limit")]
+    #[serde(default = "cloudbrain_provider::default_rate_limit")]
     pub rate_limit: f64,
     /// Most Compute API calls in flight, per process.
-    #[serde(default = "default_max_concurrency")]
+    #[serde(default = "cloudbrain_provider::default_max_concurrency")]
     pub max_concurrency: usize,
 }
 
@@ -105,12 +105,6 @@ fn default_poll_interval() -> u64 {
 }
 fn default_page_size() -> u32 {
     500
-}
-fn default_rate_limit() -> f64 {
-    CallLimits::default().rate_limit
-}
-fn default_max_concurrency() -> usize {
-    CallLimits::default().max_concurrency
 }
 
 /// Whether `value` is a valid GCE label key or value (lowercase letters, digits, `_`, `-`).

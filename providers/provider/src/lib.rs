@@ -218,6 +218,16 @@ impl Default for CallLimits {
     }
 }
 
+/// The default of [`CallLimits::max_concurrency`], for serde defaults of provider configs.
+pub fn default_max_concurrency() -> usize {
+    CallLimits::default().max_concurrency
+}
+
+/// The default of [`CallLimits::rate_limit`], for serde defaults of provider configs.
+pub fn default_rate_limit() -> f64 {
+    CallLimits::default().rate_limit
+}
+
 impl CallLimits {
     /// Checks the limits, naming the field at fault.
     pub fn validate(&self) -> Result<(), ConfigError> {
