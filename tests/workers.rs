@@ -162,13 +162,13 @@ async fn an_instance_goes_from_creating_to_running_to_terminated() {
 
 #[tokio::test]
 async fn the_refresh_moves_a_booting_machine_to_running_and_then_writes_nothing() {
-    let s = setup(json!({"boot_time_ms": 300}), fast_settings()).await;
+    let s = setup(json!({"boot_time_ms": 2000}), fast_settings()).await;
     let id = s.create("ubuntu").await;
     s.workers.run_pending_jobs().await;
     assert_eq!(s.instance(&id).await["state"], "starting");
     s.workers.refresh.refresh_all().await;
     assert_eq!(s.instance(&id).await["state"], "starting");
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     s.workers.refresh.refresh_all().await;
     assert_eq!(s.instance(&id).await["state"], "running");
 
