@@ -184,12 +184,13 @@ impl Broker {
                 return fail(&mut conn, "the machine vanished from the cloud").await;
             }
             (_, Some(CloudState::Starting | CloudState::Running)) => {
-                let machine = machine.expect("matched Some above");
-                if needs_update(instance, machine) {
-                    apply_cloud_state(&mut conn, instance.id, machine).await?;
-                }
-                if matches!(machine.state, CloudState::Running) {
-                    return Ok(Verdict::Keep);
+                if let Some(machine) = machine {
+                    if needs_update(instance, machine) {
+                        apply_cloud_state(&mut conn, instance.id, machine).await?;
+                    }
+                    if matches!(machine.state, CloudState::Running) {
+                        return Ok(Verdict::Keep);
+                    }
                 }
             }
             (State::Creating, None) => {}

@@ -198,7 +198,7 @@ impl JobWorker {
         let work = AssertUnwindSafe(self.work(&job, kind)).catch_unwind();
         let result = tokio::select! {
             result = work => result,
-            () = self.renew_while_running(job.id) => unreachable!("renewal never ends"),
+            never = self.renew_while_running(job.id) => match never {},
         };
         let outcome = match result {
             Ok(Ok(outcome)) => outcome,
@@ -224,7 +224,7 @@ impl JobWorker {
     }
 
     /// Renews the lease every third of its length; never returns.
-    async fn renew_while_running(&self, job_id: i64) {
+    async fn renew_while_running(&self, job_id: i64) -> std::convert::Infallible {
         let every = self.settings.lease / 3;
         loop {
             tokio::time::sleep(every).await;

@@ -103,7 +103,9 @@ impl RefreshWorker {
         if slot.is_none() {
             *slot = Some(AsyncPgConnection::establish(&self.database_url).await?);
         }
-        let conn = slot.as_mut().expect("set just above");
+        let Some(conn) = slot.as_mut() else {
+            anyhow::bail!("no connection for the refresh lock");
+        };
         let sql = if lock {
             "SELECT pg_try_advisory_lock(1919, hashtext($1)) AS locked"
         } else {
