@@ -11,8 +11,13 @@ use common::{count, text, TestApp, TestDb, KEY_HEX};
 use serde_json::json;
 
 fn worker(db: &TestDb, lease: &str, poll: &str) -> Child {
+    worker_with(db, lease, poll, &[])
+}
+
+fn worker_with(db: &TestDb, lease: &str, poll: &str, env: &[(&str, String)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_cloudbrain"))
         .arg("create-worker")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("DATABASE_URL", &db.url)
         .env("CLOUDBRAIN_DATABASE_ENCRYPTION_KEY", KEY_HEX)
         .env("CLOUDBRAIN_JOB_LEASE", lease)
@@ -170,7 +175,18 @@ async fn sigterm_lets_running_jobs_finish_and_claims_nothing_new() {
 async fn a_new_job_is_dispatched_without_waiting_for_a_poll() {
     let (db, app, token) = setup(json!({"boot_time_ms": 0})).await;
     // A poll once a minute: only NOTIFY can make this quick.
-    let mut child = worker(&db, "30", "60");
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let mut child = worker_with(
+        &db,
+        "30",
+        "60",
+        &[("CLOUDBRAIN_METRICS_ADDR", metrics_addr.clone())],
+    );
     // Let the worker start and run its first (empty) claim.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let id = app.create(&token, "ubuntu").await["id"]
