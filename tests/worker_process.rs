@@ -208,6 +208,29 @@ async fn a_new_job_is_dispatched_without_waiting_for_a_poll() {
         },
     )
     .await;
+    // The worker's own /metrics saw the job dispatched (it counts the job just after
+    // recording its result, so give it a moment).
+    let mut metrics = String::new();
+    for _ in 0..40 {
+        metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains("outcome=\"done\"} 1\n") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        metrics.contains("cloudbrain_dispatch_latency_seconds_count 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("cloudbrain_jobs_finished_total{kind=\"create\",outcome=\"done\"} 1\n"),
+        "{metrics}"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 }
