@@ -104,6 +104,17 @@ impl Moto {
         config
     }
 
+    /// The broker with an `ec2` provider config pointing at this server.
+    async fn broker(&self, extra: Value) -> CloudBroker {
+        CloudBroker::new(
+            ProviderKind::Ec2,
+            "ec2",
+            self.config(extra).await,
+            fast_settings(),
+        )
+        .await
+    }
+
     async fn provider(&self, name: &str, config: &Value) -> Ec2Provider {
         Ec2Provider::new(name, Ec2Config::parse(config).unwrap()).await
     }
@@ -148,13 +159,7 @@ fn spec(image: &str) -> InstanceSpec {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_ec2_instance_goes_from_request_to_running_to_terminated() {
     let moto = Moto::start(&[]);
-    let b = CloudBroker::new(
-        ProviderKind::Ec2,
-        "ec2",
-        moto.config(json!({})).await,
-        fast_settings(),
-    )
-    .await;
+    let b = moto.broker(json!({})).await;
     let created: Value = b
         .app
         .post("/instances", &b.token)
@@ -242,13 +247,7 @@ async fn an_ec2_instance_goes_from_request_to_running_to_terminated() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retried_create_finds_the_first_machine() {
     let moto = Moto::start(&[]);
-    let b = CloudBroker::new(
-        ProviderKind::Ec2,
-        "ec2",
-        moto.config(json!({})).await,
-        fast_settings(),
-    )
-    .await;
+    let b = moto.broker(json!({})).await;
     let id = b.app.create_on(&b.token, "ec2", "ami-12c6146b").await;
     // A worker made the machine and died before recording it: its job is still queued.
     let config = moto.config(json!({})).await;
@@ -484,13 +483,7 @@ async fn an_ecs_instance_runs_once_registered_and_is_drained_on_delete() {
         .send()
         .await
         .unwrap();
-    let b = CloudBroker::new(
-        ProviderKind::Ec2,
-        "ec2",
-        moto.config(json!({"ecs_cluster": "builds"})).await,
-        fast_settings(),
-    )
-    .await;
+    let b = moto.broker(json!({"ecs_cluster": "builds"})).await;
     let id = b.app.create_on(&b.token, "ec2", "ami-12c6146b").await;
     b.workers.run_pending_jobs().await;
     b.workers.refresh.refresh_all().await;

@@ -484,41 +484,38 @@ async fn the_fake_answers_in_the_shapes_google_does() {
     };
     let instance = get(format!("{base}/instances/cloudbrain-{id}")).await;
     let list = get(format!("{base}/instances")).await;
-    let insert_op = client
-        .post(format!("{base}/instances?requestId={}", Uuid::new_v4()))
-        .json(&json!({"name": "shape-check", "machineType": "zones/us-central1-a/machineTypes/e2-small", "labels": {"a": "b"}}))
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap();
-    let mut polled = Value::Null;
-    for _ in 0..3 {
-        polled = get(format!(
-            "{base}/operations/{}",
-            insert_op["name"].as_str().unwrap()
-        ))
-        .await;
-    }
+    // Inserts `body` and polls its operation three times (PENDING -> RUNNING -> DONE).
+    let insert_and_poll = |query: String, body: Value| {
+        let client = client.clone();
+        let base = base.clone();
+        async move {
+            let op: Value = client
+                .post(format!("{base}/instances{query}"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let mut polled = Value::Null;
+            for _ in 0..3 {
+                polled = get(format!(
+                    "{base}/operations/{}",
+                    op["name"].as_str().unwrap()
+                ))
+                .await;
+            }
+            (op, polled)
+        }
+    };
+    let (insert_op, polled) = insert_and_poll(
+        format!("?requestId={}", Uuid::new_v4()),
+        json!({"name": "shape-check", "machineType": "zones/us-central1-a/machineTypes/e2-small", "labels": {"a": "b"}}),
+    )
+    .await;
     fake.inject("us-central1-a", Inject::Quota, 1);
-    let failing = client
-        .post(format!("{base}/instances"))
-        .json(&json!({"name": "quota-check"}))
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap();
-    let mut failed = Value::Null;
-    for _ in 0..3 {
-        failed = get(format!(
-            "{base}/operations/{}",
-            failing["name"].as_str().unwrap()
-        ))
-        .await;
-    }
+    let (_, failed) = insert_and_poll(String::new(), json!({"name": "quota-check"})).await;
     assert_eq!(polled["status"], "DONE");
     assert_eq!(failed["error"]["errors"][0]["code"], "QUOTA_EXCEEDED");
 
