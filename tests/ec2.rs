@@ -119,6 +119,23 @@ impl Moto {
         Ec2Provider::new(name, Ec2Config::parse(config).unwrap()).await
     }
 
+    /// An instance's cloud-init user data, decoded.
+    async fn user_data(&self, upstream: &str) -> String {
+        let (ec2, _) = self.clients().await;
+        let attribute = ec2
+            .describe_instance_attribute()
+            .instance_id(upstream)
+            .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+            .send()
+            .await
+            .unwrap();
+        let encoded = attribute.user_data().and_then(|v| v.value()).unwrap();
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap();
+        String::from_utf8(decoded).unwrap()
+    }
+
     /// EC2 instances carrying our instance-id tag, in any state, with their states.
     async fn machines(&self, id: &str) -> Vec<InstanceStateName> {
         let (ec2, _) = self.clients().await;
@@ -213,20 +230,7 @@ async fn an_ec2_instance_goes_from_request_to_running_to_terminated() {
         .await
         .unwrap();
     assert!(!volumes.volumes().is_empty(), "volumes are not tagged");
-    let attribute = ec2
-        .describe_instance_attribute()
-        .instance_id(&upstream)
-        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
-        .send()
-        .await
-        .unwrap();
-    let encoded = attribute.user_data().and_then(|v| v.value()).unwrap();
-    let user_data = String::from_utf8(
-        base64::engine::general_purpose::STANDARD
-            .decode(encoded)
-            .unwrap(),
-    )
-    .unwrap();
+    let user_data = moto.user_data(&upstream).await;
     assert!(user_data.starts_with("#cloud-config\n"), "{user_data}");
     assert!(
         user_data.contains(&format!("  - \"{ED25519}\"")),
@@ -477,7 +481,7 @@ async fn api_errors_map_to_the_broker_kinds() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_ecs_instance_runs_once_registered_and_is_drained_on_delete() {
     let moto = Moto::start(&[]);
-    let (ec2, ecs) = moto.clients().await;
+    let (_, ecs) = moto.clients().await;
     ecs.create_cluster()
         .cluster_name("builds")
         .send()
@@ -496,19 +500,8 @@ async fn an_ecs_instance_runs_once_registered_and_is_drained_on_delete() {
     assert!(waiting["ecs"]["container_instance_arn"].is_null());
     let upstream = waiting["upstream_id"].as_str().unwrap().to_owned();
 
-    let attribute = ec2
-        .describe_instance_attribute()
-        .instance_id(&upstream)
-        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
-        .send()
-        .await
-        .unwrap();
-    let user_data = base64::engine::general_purpose::STANDARD
-        .decode(attribute.user_data().unwrap().value().unwrap())
-        .unwrap();
-    assert!(String::from_utf8(user_data)
-        .unwrap()
-        .contains("ECS_CLUSTER=builds"));
+    let user_data = moto.user_data(&upstream).await;
+    assert!(user_data.contains("ECS_CLUSTER=builds"), "{user_data}");
 
     // moto runs no ECS agent: register the machine as the agent would.
     let document = json!({"instanceId": upstream, "region": "us-east-1"}).to_string();

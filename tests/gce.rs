@@ -38,6 +38,17 @@ fn config(fake: &FakeCompute, extra: Value) -> Value {
     config
 }
 
+/// The broker with a `gce` provider config pointing at `fake`.
+async fn broker(fake: &FakeCompute, extra: Value) -> CloudBroker {
+    CloudBroker::new(
+        ProviderKind::Gce,
+        "gce",
+        config(fake, extra),
+        fast_settings(),
+    )
+    .await
+}
+
 async fn provider(fake: &FakeCompute, name: &str, extra: Value) -> GceProvider {
     GceProvider::new(name, GceConfig::parse(&config(fake, extra)).unwrap())
         .await
@@ -55,13 +66,7 @@ fn spec() -> InstanceSpec {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_gce_vm_goes_from_request_to_running_to_terminated() {
     let fake = FakeCompute::start();
-    let b = CloudBroker::new(
-        ProviderKind::Gce,
-        "gce",
-        config(&fake, json!({})),
-        fast_settings(),
-    )
-    .await;
+    let b = broker(&fake, json!({})).await;
     let response = b
         .app
         .post("/instances", &b.token)
@@ -121,13 +126,7 @@ async fn a_gce_vm_goes_from_request_to_running_to_terminated() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retried_create_adopts_the_first_vm() {
     let fake = FakeCompute::start();
-    let b = CloudBroker::new(
-        ProviderKind::Gce,
-        "gce",
-        config(&fake, json!({})),
-        fast_settings(),
-    )
-    .await;
+    let b = broker(&fake, json!({})).await;
     let id = b.app.create_on(&b.token, "gce", "default").await;
     // A worker inserted the VM and died before recording it.
     provider(&fake, "gce", json!({}))
@@ -247,13 +246,7 @@ async fn an_image_family_resolves_to_its_image() {
 async fn an_exhausted_zone_moves_the_next_attempt_to_the_next_zone() {
     let fake = FakeCompute::start();
     fake.inject("us-central1-a", Inject::Exhausted, 1);
-    let b = CloudBroker::new(
-        ProviderKind::Gce,
-        "gce",
-        config(&fake, json!({})),
-        fast_settings(),
-    )
-    .await;
+    let b = broker(&fake, json!({})).await;
     let id = b.app.create_on(&b.token, "gce", "default").await;
     b.settle(&id, "running").await;
     assert_eq!(fake.vms_in("us-central1-a").len(), 0);
@@ -263,13 +256,7 @@ async fn an_exhausted_zone_moves_the_next_attempt_to_the_next_zone() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_preempted_vm_errors_its_instance_and_is_destroyed() {
     let fake = FakeCompute::start();
-    let b = CloudBroker::new(
-        ProviderKind::Gce,
-        "gce",
-        config(&fake, json!({"preemptible": true})),
-        fast_settings(),
-    )
-    .await;
+    let b = broker(&fake, json!({"preemptible": true})).await;
     let id = b.app.create_on(&b.token, "gce", "default").await;
     b.settle(&id, "running").await;
     assert_eq!(
@@ -291,13 +278,7 @@ async fn a_preempted_vm_errors_its_instance_and_is_destroyed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_labelled_vm_without_an_instance_is_destroyed() {
     let fake = FakeCompute::start();
-    let b = CloudBroker::new(
-        ProviderKind::Gce,
-        "gce",
-        config(&fake, json!({})),
-        fast_settings(),
-    )
-    .await;
+    let b = broker(&fake, json!({})).await;
     let kept = b.app.create_on(&b.token, "gce", "default").await;
     b.settle(&kept, "running").await;
     provider(&fake, "gce", json!({}))
