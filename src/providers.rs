@@ -51,6 +51,8 @@ impl ProviderKind {
 pub struct ProviderSettings {
     /// The instance type names it offers.
     pub instance_types: Vec<String>,
+    /// The type a request gets when it names none, or `default`.
+    pub default_instance_type: String,
     /// Limits on calls to its cloud.
     pub limits: CallLimits,
 }
@@ -65,6 +67,7 @@ pub fn settings(
             let config = FakeConfig::parse(config)?;
             Ok(ProviderSettings {
                 limits: config.limits(),
+                default_instance_type: config.default_type()?,
                 instance_types: config.instance_types,
             })
         }
@@ -72,6 +75,7 @@ pub fn settings(
             let config = Ec2Config::parse(config)?;
             Ok(ProviderSettings {
                 limits: config.limits(),
+                default_instance_type: config.default_type()?,
                 instance_types: config.instance_types.keys().cloned().collect(),
             })
         }
@@ -79,6 +83,7 @@ pub fn settings(
             let config = GceConfig::parse(config)?;
             Ok(ProviderSettings {
                 limits: config.limits(),
+                default_instance_type: config.default_type()?,
                 instance_types: config.machine_types.keys().cloned().collect(),
             })
         }

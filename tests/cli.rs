@@ -197,21 +197,44 @@ async fn providers_are_registered_sealed_and_refused_with_reasons() {
         assert!(stderr.contains(message), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
-    let bad = dir.join("bad.json");
-    std::fs::write(&bad, r#"{"throttle_rate": 3}"#).unwrap();
-    let output = cloudbrain(
-        &db,
-        &[
-            "insert-provider",
-            "--name",
-            "y",
-            "--type",
-            "fake",
-            "--config",
-            bad.to_str().unwrap(),
-        ],
-    );
-    assert!(String::from_utf8_lossy(&output.stderr).contains("throttle_rate"));
+    // Every refusal names the field, type errors included.
+    for (doc, message) in [
+        (
+            r#"{"throttle_rate": 3}"#,
+            "throttle_rate: must be between 0 and 1",
+        ),
+        (
+            r#"{"boot_time_ms": "fast"}"#,
+            r#"boot_time_ms: expected an integer, got string "fast""#,
+        ),
+        (
+            r#"{"default_instance_type": "gpu"}"#,
+            r#"default_instance_type: "gpu" is not one of the instance types offered"#,
+        ),
+        (
+            r#"{"instance_types": ["default"]}"#,
+            "instance_types: \"default\" is reserved",
+        ),
+        (r#"{"bogus": 1}"#, "unknown field `bogus`"),
+    ] {
+        let bad = dir.join("bad.json");
+        std::fs::write(&bad, doc).unwrap();
+        let output = cloudbrain(
+            &db,
+            &[
+                "insert-provider",
+                "--name",
+                "y",
+                "--type",
+                "fake",
+                "--config",
+                bad.to_str().unwrap(),
+            ],
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{doc} was accepted");
+        assert!(stderr.contains(message), "{doc}: {stderr}");
+    }
     assert_eq!(
         stdout(&cloudbrain(&db, &["list-providers"]))
             .lines()

@@ -122,7 +122,7 @@ async fn sigterm_drains_a_request_in_flight() {
     let mut status_line = String::new();
     BufReader::new(&stream).read_line(&mut status_line).unwrap();
     assert!(
-        status_line.starts_with("HTTP/1.1 201"),
+        status_line.starts_with("HTTP/1.1 200"),
         "in-flight request lost: {status_line:?}"
     );
     assert!(child.wait().unwrap().success());

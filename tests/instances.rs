@@ -27,7 +27,7 @@ async fn create_records_the_instance_and_its_job_at_once() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 201);
+    assert_eq!(response.status(), 200);
     let location = response.headers()["location"].to_str().unwrap().to_owned();
     let body: Value = response.json().await.unwrap();
     let id = body["id"].as_str().unwrap();
@@ -186,7 +186,7 @@ async fn idempotency_key_replays_the_same_instance_and_refuses_another_body() {
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status(), 201);
+        assert_eq!(response.status(), 200);
         ids.push(
             response.json::<Value>().await.unwrap()["id"]
                 .as_str()
@@ -219,7 +219,7 @@ async fn idempotency_key_replays_the_same_instance_and_refuses_another_body() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 201);
+    assert_eq!(response.status(), 200);
     assert_ne!(
         response.json::<Value>().await.unwrap()["id"]
             .as_str()
@@ -249,7 +249,7 @@ async fn concurrent_requests_with_one_idempotency_key_make_one_instance() {
     let mut ids = std::collections::HashSet::new();
     for response in responses {
         let response = response.unwrap();
-        assert_eq!(response.status(), 201);
+        assert_eq!(response.status(), 200);
         ids.insert(
             response.json::<Value>().await.unwrap()["id"]
                 .as_str()
@@ -661,7 +661,7 @@ async fn openapi_document_describes_every_route_and_error() {
         }
     }
     let post = &paths["/instances"]["post"]["responses"];
-    for status in ["201", "400", "401", "413", "422", "429", "503"] {
+    for status in ["200", "400", "401", "413", "422", "429", "503"] {
         assert!(post[status].is_object(), "POST /instances lacks {status}");
     }
     assert!(paths["/instances/{id}"]["get"]["responses"]["410"].is_object());
@@ -674,5 +674,33 @@ async fn openapi_document_describes_every_route_and_error() {
         "EventList",
     ] {
         assert!(schemas.contains_key(name), "schema {name} missing");
+    }
+}
+
+#[tokio::test]
+async fn default_empty_or_absent_instance_type_is_the_providers_default() {
+    let (_db, app, token) = setup().await;
+    app.provider(
+        "fake-premium",
+        json!({"instance_types": ["standard", "premium"], "default_instance_type": "premium"}),
+    )
+    .await;
+    for (provider, expected) in [("fake", "standard"), ("fake-premium", "premium")] {
+        for body in [
+            json!({"provider": provider, "image": "ubuntu"}),
+            json!({"provider": provider, "image": "ubuntu", "instance_type": ""}),
+            json!({"provider": provider, "image": "ubuntu", "instance_type": "default"}),
+            json!({"provider": provider, "image": "ubuntu", "instance_type": null, "public_ssh_key": ""}),
+        ] {
+            let response = app
+                .post("/instances", &token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "{body}");
+            let created: Value = response.json().await.unwrap();
+            assert_eq!(created["instance_type"], expected, "{body}");
+        }
     }
 }

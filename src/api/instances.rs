@@ -83,9 +83,10 @@ pub struct CreateInstanceBody {
     pub provider: String,
     /// The image to boot (at most 255 characters, no control characters).
     pub image: String,
-    /// One of the provider's instance types; `standard` when absent.
+    /// One of the provider's instance types; absent, empty or `default` means the
+    /// provider's default type.
     pub instance_type: Option<String>,
-    /// One OpenSSH public key line to authorise on the machine.
+    /// One OpenSSH public key line to authorise on the machine; absent or empty means none.
     pub public_ssh_key: Option<String>,
 }
 
@@ -210,7 +211,7 @@ fn parse_create(body: &[u8]) -> Result<CreateInstance, ApiError> {
     request_body = CreateInstanceBody,
     params(("Idempotency-Key" = Option<String>, Header, description = "Repeat a request safely: the same key and body return the same instance")),
     responses(
-        (status = 201, description = "Recorded; a create job is queued", body = InstanceBody,
+        (status = 200, description = "Recorded; a create job is queued (200, not 201, as Cloud Brain answered and its clients expect)", body = InstanceBody,
          headers(("Location" = String, description = "/instances/<id>"))),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
@@ -240,7 +241,8 @@ pub async fn create_instance(
         .create_instance(caller, request, idempotency_key)
         .await?;
     let body = InstanceBody::from(created.instance);
-    Ok(HttpResponse::Created()
+    // 200, not 201: Cloud Brain answered 200, and Travis CI's worker accepts nothing else.
+    Ok(HttpResponse::Ok()
         .insert_header((header::LOCATION, format!("/instances/{}", body.id)))
         .json(body))
 }

@@ -13,9 +13,8 @@ use crate::auth::{Caller, Scope};
 use crate::db::models::{Instance, InstanceChange, InstanceEvent, NewInstance};
 use crate::db::schema::{instance_events, instances};
 use crate::jobs::{self, JobKind};
+use cloudbrain_provider::DEFAULT_TYPE_ALIAS;
 
-/// The instance type asked for when a request names none, as in Cloud Brain.
-pub const DEFAULT_INSTANCE_TYPE: &str = "standard";
 /// Instances per page when the client does not say.
 pub const DEFAULT_PAGE_SIZE: i64 = 100;
 /// Most instances per page.
@@ -28,9 +27,9 @@ pub struct CreateInstance {
     pub provider: String,
     /// The image to boot.
     pub image: String,
-    /// The instance type; `standard` when absent.
+    /// The instance type; absent, empty or `default` means the provider's default type.
     pub instance_type: Option<String>,
-    /// One OpenSSH public key line.
+    /// One OpenSSH public key line; absent or empty means none.
     pub public_ssh_key: Option<String>,
 }
 
@@ -100,16 +99,17 @@ impl Broker {
     ) -> Result<Created, BrokerError> {
         validate::required_text("provider", &request.provider, validate::MAX_PROVIDER_LEN)?;
         validate::required_text("image", &request.image, validate::MAX_IMAGE_LEN)?;
-        if let Some(key) = &request.public_ssh_key {
+        // Travis CI's worker always sends the key, empty when it has none.
+        let public_ssh_key = request
+            .public_ssh_key
+            .as_deref()
+            .filter(|key| !key.trim().is_empty());
+        if let Some(key) = public_ssh_key {
             validate::ssh_public_key(key)?;
         }
         if let Some(key) = idempotency_key {
             validate::idempotency_key(key)?;
         }
-        let instance_type = request
-            .instance_type
-            .clone()
-            .unwrap_or_else(|| DEFAULT_INSTANCE_TYPE.to_owned());
 
         let mut conn = self.conn().await?;
         let offered = find_settings(&mut conn, &self.key, &request.provider)
@@ -120,6 +120,13 @@ impl Broker {
                     format!("provider {:?} does not exist", request.provider),
                 )
             })?;
+        let instance_type = match request.instance_type.as_deref().map(str::trim) {
+            None | Some("") | Some(DEFAULT_TYPE_ALIAS) => offered.default_instance_type.clone(),
+            Some(named) => {
+                validate::required_text("instance_type", named, validate::MAX_INSTANCE_TYPE_LEN)?;
+                named.to_owned()
+            }
+        };
         if !offered.instance_types.contains(&instance_type) {
             return Err(BrokerError::invalid(
                 "instance_type",
@@ -139,7 +146,7 @@ impl Broker {
             provider_name: &request.provider,
             image: &request.image,
             instance_type: &instance_type,
-            public_ssh_key: request.public_ssh_key.as_deref(),
+            public_ssh_key,
             state: State::Creating.as_str(),
             idempotency_key,
         };

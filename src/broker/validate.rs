@@ -8,6 +8,8 @@ use super::BrokerError;
 pub const MAX_IMAGE_LEN: usize = 255;
 /// Longest provider name accepted.
 pub const MAX_PROVIDER_LEN: usize = 255;
+/// Longest instance type name accepted.
+pub const MAX_INSTANCE_TYPE_LEN: usize = 64;
 /// Longest `Idempotency-Key` accepted.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 /// Longest SSH public key line accepted (a 16384-bit RSA key is about 2.8 KiB).

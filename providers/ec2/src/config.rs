@@ -36,6 +36,10 @@ pub struct Ec2Config {
     pub key_name: Option<String>,
     /// The broker's instance type names mapped to EC2's, e.g. `{"standard": "t3.medium"}`.
     pub instance_types: BTreeMap<String, String>,
+    /// The type a request gets when it names none or `default` (see
+    /// [`cloudbrain_provider::default_instance_type`]).
+    #[serde(default)]
+    pub default_instance_type: Option<String>,
     /// An AMI id (`ami-…`) used as is, or an AMI name resolved to the newest match.
     pub image: String,
     /// Owners whose AMIs a name may resolve to (default: this account, `self`).
@@ -85,8 +89,7 @@ impl Ec2Config {
                 "an ec2 provider needs a config file (--config)",
             ));
         }
-        let config: Self =
-            serde_json::from_value(doc.clone()).map_err(|e| ConfigError::from_serde(&e))?;
+        let config: Self = cloudbrain_provider::parse_config(doc)?;
         required("region", &config.region)?;
         required("image", &config.image)?;
         if config.subnet_ids.is_empty() || config.subnet_ids.iter().any(|s| s.trim().is_empty()) {
@@ -106,6 +109,7 @@ impl Ec2Config {
             ));
         }
         validate_instance_types("instance_types", config.instance_types.keys())?;
+        config.default_type()?;
         if let Some((name, _)) = config
             .instance_types
             .iter()
@@ -157,6 +161,15 @@ impl Ec2Config {
         }
         config.limits().validate()?;
         Ok(config)
+    }
+
+    /// The type a request gets when it names none or `default`.
+    pub fn default_type(&self) -> Result<String, ConfigError> {
+        cloudbrain_provider::default_instance_type(
+            "default_instance_type",
+            self.default_instance_type.as_deref(),
+            self.instance_types.keys(),
+        )
     }
 
     /// The call limits this config sets.

@@ -25,6 +25,10 @@ pub struct FakeConfig {
     /// The broker's instance type names this cloud offers.
     #[serde(default = "default_instance_types")]
     pub instance_types: Vec<String>,
+    /// The type a request gets when it names none or `default` (see
+    /// [`cloudbrain_provider::default_instance_type`]).
+    #[serde(default)]
+    pub default_instance_type: Option<String>,
     /// How long a create call takes, in milliseconds (the machine exists from its start).
     #[serde(default)]
     pub create_latency_ms: u64,
@@ -79,6 +83,7 @@ impl Default for FakeConfig {
     fn default() -> Self {
         Self {
             instance_types: default_instance_types(),
+            default_instance_type: None,
             create_latency_ms: 0,
             boot_time_ms: default_boot_time_ms(),
             transient_error_rate: 0.0,
@@ -99,9 +104,10 @@ impl FakeConfig {
         let config: Self = if doc.is_null() {
             Self::default()
         } else {
-            serde_json::from_value(doc.clone()).map_err(|e| ConfigError::from_serde(&e))?
+            cloudbrain_provider::parse_config(doc)?
         };
         validate_instance_types("instance_types", &config.instance_types)?;
+        config.default_type()?;
         for (field, rate) in [
             ("transient_error_rate", config.transient_error_rate),
             ("throttle_rate", config.throttle_rate),
@@ -113,6 +119,15 @@ impl FakeConfig {
         }
         config.limits().validate()?;
         Ok(config)
+    }
+
+    /// The type a request gets when it names none or `default`.
+    pub fn default_type(&self) -> Result<String, ConfigError> {
+        cloudbrain_provider::default_instance_type(
+            "default_instance_type",
+            self.default_instance_type.as_deref(),
+            &self.instance_types,
+        )
     }
 
     /// The call limits this config sets.

@@ -30,6 +30,10 @@ pub struct GceConfig {
     pub zones: Vec<String>,
     /// The broker's instance type names mapped to GCE machine types.
     pub machine_types: BTreeMap<String, String>,
+    /// The type a request gets when it names none or `default` (see
+    /// [`cloudbrain_provider::default_instance_type`]).
+    #[serde(default)]
+    pub default_instance_type: Option<String>,
     /// A full image URL (or `projects/…/global/images/…` path), or an image family.
     pub image: String,
     /// The project an image family is looked up in (default: `project`).
@@ -125,8 +129,7 @@ impl GceConfig {
                 "a gce provider needs a config file (--config)",
             ));
         }
-        let config: Self =
-            serde_json::from_value(doc.clone()).map_err(|e| ConfigError::from_serde(&e))?;
+        let config: Self = cloudbrain_provider::parse_config(doc)?;
         if config.project.trim().is_empty() {
             return Err(ConfigError::new("project", "must not be empty"));
         }
@@ -134,6 +137,7 @@ impl GceConfig {
             return Err(ConfigError::new("zones", "at least one zone is required"));
         }
         validate_instance_types("machine_types", config.machine_types.keys())?;
+        config.default_type()?;
         if config.machine_types.values().any(|t| t.trim().is_empty()) {
             return Err(ConfigError::new(
                 "machine_types",
@@ -205,6 +209,15 @@ impl GceConfig {
         }
         config.limits().validate()?;
         Ok(config)
+    }
+
+    /// The type a request gets when it names none or `default`.
+    pub fn default_type(&self) -> Result<String, ConfigError> {
+        cloudbrain_provider::default_instance_type(
+            "default_instance_type",
+            self.default_instance_type.as_deref(),
+            self.machine_types.keys(),
+        )
     }
 
     /// The call limits this config sets.

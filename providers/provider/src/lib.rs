@@ -192,12 +192,48 @@ impl ConfigError {
             message: message.into(),
         }
     }
+}
 
-    /// Turns a serde error from reading a config document into a `ConfigError`.
-    pub fn from_serde(err: &serde_json::Error) -> Self {
-        // serde_json names the unknown or mistyped field inside its message.
-        Self::new("config", err.to_string())
-    }
+/// Reads a config document into `T`, naming the field at fault when it does not fit
+/// (`boot_time_ms: expected an integer, got string "fast"`).
+pub fn parse_config<T: serde::de::DeserializeOwned>(
+    doc: &serde_json::Value,
+) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(doc).map_err(|err| {
+        let path = err.path().to_string();
+        let field = if path.is_empty() || path == "." {
+            "config".to_owned()
+        } else {
+            path
+        };
+        ConfigError::new(field, plain_serde_message(&err.into_inner().to_string()))
+    })
+}
+
+/// serde's message in words an operator knows: `expected an integer, got string "x"`
+/// rather than `invalid type: string "x", expected u64`.
+fn plain_serde_message(message: &str) -> String {
+    let message = message
+        .split(" at line ")
+        .next()
+        .unwrap_or(message)
+        .to_owned();
+    let Some((got, expected)) = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "))
+        .and_then(|rest| rest.split_once(", expected "))
+    else {
+        return message;
+    };
+    let expected = match expected {
+        "u8" | "u16" | "u32" | "u64" | "usize" | "i8" | "i16" | "i32" | "i64" | "isize" => {
+            "an integer"
+        }
+        "f32" | "f64" => "a number",
+        "a boolean" | "bool" => "true or false",
+        other => other,
+    };
+    format!("expected {expected}, got {got}")
 }
 
 /// Limits on calls to one provider config's cloud API, read from its config.
@@ -247,7 +283,37 @@ impl CallLimits {
     }
 }
 
-/// Checks an instance type table: at least one entry, no blank names.
+/// The instance type name that means "the provider's default" in a request.
+pub const DEFAULT_TYPE_ALIAS: &str = "default";
+
+/// The instance type a request gets when it names none, or `default`: the config's own
+/// choice (`named`), else `standard` when offered (Cloud Brain booted its standard type
+/// for anything but `premium`), else the first offered.
+pub fn default_instance_type<'a>(
+    field: &str,
+    named: Option<&str>,
+    offered: impl IntoIterator<Item = &'a String>,
+) -> Result<String, ConfigError> {
+    let offered: Vec<&String> = offered.into_iter().collect();
+    if let Some(named) = named {
+        if !offered.iter().any(|t| *t == named) {
+            return Err(ConfigError::new(
+                field,
+                format!("{named:?} is not one of the instance types offered"),
+            ));
+        }
+        return Ok(named.to_owned());
+    }
+    offered
+        .iter()
+        .find(|t| t.as_str() == "standard")
+        .or_else(|| offered.first())
+        .map(|t| (*t).clone())
+        .ok_or_else(|| ConfigError::new(field, "at least one instance type is required"))
+}
+
+/// Checks an instance type table: at least one entry, no blank names, and not the name
+/// `default`, which every request may use to mean the config's default type.
 pub fn validate_instance_types<'a>(
     field: &str,
     names: impl IntoIterator<Item = &'a String>,
@@ -261,6 +327,12 @@ pub fn validate_instance_types<'a>(
                 "instance type names must be 1 to 64 characters",
             ));
         }
+        if name == DEFAULT_TYPE_ALIAS {
+            return Err(ConfigError::new(
+                field,
+                "\"default\" is reserved: it means default_instance_type",
+            ));
+        }
     }
     if !any {
         return Err(ConfigError::new(
@@ -269,4 +341,65 @@ pub fn validate_instance_types<'a>(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn types(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn the_default_type_is_the_named_one_else_standard_else_the_first() {
+        let offered = types(&["gpu", "premium", "standard"]);
+        let pick = |named| default_instance_type("default_instance_type", named, &offered);
+        assert_eq!(pick(Some("premium")).unwrap(), "premium");
+        assert_eq!(pick(None).unwrap(), "standard");
+        let err = pick(Some("huge")).unwrap_err();
+        assert_eq!(err.field, "default_instance_type");
+        let no_standard = types(&["small", "large"]);
+        assert_eq!(
+            default_instance_type("x", None, &no_standard).unwrap(),
+            "small"
+        );
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[expect(dead_code, reason = "only read through Debug")]
+    struct Sample {
+        boot_time_ms: u64,
+        #[serde(default)]
+        rate: f64,
+        #[serde(default)]
+        nested: Option<Nested>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[expect(dead_code, reason = "only read through Debug")]
+    struct Nested {
+        enabled: bool,
+    }
+
+    #[test]
+    fn config_errors_name_the_field_in_plain_words() {
+        let err = parse_config::<Sample>(&serde_json::json!({"boot_time_ms": "fast"})).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"invalid provider config: boot_time_ms: expected an integer, got string "fast""#
+        );
+        let err = parse_config::<Sample>(&serde_json::json!({"boot_time_ms": 1, "rate": "x"}))
+            .unwrap_err();
+        assert_eq!(err.field, "rate");
+        assert!(err.message.starts_with("expected a number"), "{err}");
+        let err = parse_config::<Sample>(
+            &serde_json::json!({"boot_time_ms": 1, "nested": {"enabled": 3}}),
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "nested.enabled");
+        let err = parse_config::<Sample>(&serde_json::json!({})).unwrap_err();
+        assert!(err.message.contains("boot_time_ms"), "{err}");
+    }
 }
