@@ -49,14 +49,7 @@ impl Setup {
     }
 
     async fn instance(&self, id: &str) -> Value {
-        self.app
-            .get(&format!("/instances/{id}"), &self.token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.app.instance(&self.token, id).await.1
     }
 
     async fn assert_errored(&self, id: &str, why: &str) {
@@ -67,12 +60,14 @@ impl Setup {
     }
 
     async fn status(&self, id: &str) -> u16 {
-        let response = self
-            .app
-            .get(&format!("/instances/{id}"), &self.token)
-            .send()
-            .await;
-        response.unwrap().status().as_u16()
+        self.app.instance(&self.token, id).await.0
+    }
+
+    /// Brings every scheduled retry due now. Tests that look at a job between its attempts
+    /// use a backoff no run can outlast and call this, rather than racing a short backoff.
+    async fn make_jobs_due(&self) {
+        let mut conn = self.db.conn().await;
+        exec(&mut conn, "UPDATE jobs SET run_at = now()").await;
     }
 
     async fn machines(&self) -> i64 {
@@ -407,7 +402,15 @@ fn running(id: Uuid) -> CloudInstance {
 
 #[tokio::test]
 async fn a_panic_in_a_job_is_a_failure_not_a_dead_worker() {
-    let s = setup(json!(null), fast_settings()).await;
+    let s = setup(
+        json!(null),
+        WorkerSettings {
+            backoff_base: Duration::from_secs(3600),
+            backoff_max: Duration::from_secs(3600),
+            ..fast_settings()
+        },
+    )
+    .await;
     let calls = Arc::new(AtomicUsize::new(0));
     let panics_once = Stub(Box::new(move |id| {
         let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
@@ -427,7 +430,7 @@ async fn a_panic_in_a_job_is_a_failure_not_a_dead_worker() {
     let (status, error, _) = s.job(&id).await;
     assert_eq!(status.as_deref(), Some("queued"));
     assert!(error.unwrap().contains("job panicked: provider bug"));
-    tokio::time::sleep(Duration::from_millis(60)).await;
+    s.make_jobs_due().await;
     s.workers.run_pending_jobs().await;
     assert_eq!(s.instance(&id).await["state"], "running");
 }
@@ -568,4 +571,131 @@ async fn metrics_report_instances_jobs_provider_calls_and_auth() {
         "{text}"
     );
     assert!(text.contains("cloudbrain_provider_call_duration_seconds_count{provider=\"fake\",operation=\"create\"} 2"), "{text}");
+}
+
+#[tokio::test]
+async fn a_worker_that_lost_its_lease_cannot_finish_requeue_or_bury_the_job() {
+    use cloudbrain::jobs::{self, JobKind};
+    let s = setup(json!(null), fast_settings()).await;
+    let id = s.create("ubuntu").await;
+    let mut conn = s.db.conn().await;
+    let kinds = [JobKind::CreateInstance];
+    let stale = jobs::claim(&mut conn, "worker-a", &kinds, 1, Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let held = jobs::claim(&mut conn, "worker-b", &kinds, 1, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(held[0].id, stale[0].id, "the lapsed lease is claimed again");
+    let stale = &stale[0];
+
+    assert!(!s.workers.broker.finish_job(stale).await.unwrap());
+    assert!(!s
+        .workers
+        .broker
+        .retry_job(stale, Duration::ZERO, "late retry")
+        .await
+        .unwrap());
+    assert!(!s
+        .workers
+        .broker
+        .bury_job(stale, "late give-up")
+        .await
+        .unwrap());
+    jobs::release(&mut conn, stale.id, "worker-a", Duration::ZERO)
+        .await
+        .unwrap();
+
+    // The job is still worker B's, untouched, and its instance was not errored.
+    let row =
+        |column: &str| format!("SELECT {column}::text AS v FROM jobs WHERE instance_id = '{id}'");
+    assert_eq!(
+        text(&mut conn, &row("locked_by")).await.as_deref(),
+        Some("worker-b")
+    );
+    assert_eq!(
+        text(&mut conn, &row("status")).await.as_deref(),
+        Some("queued")
+    );
+    assert_eq!(text(&mut conn, &row("last_error")).await, None);
+    assert_eq!(
+        text(&mut conn, &row("attempts")).await.as_deref(),
+        Some("2")
+    );
+    assert_eq!(s.instance(&id).await["state"], "creating");
+    // Worker B, which holds it, can.
+    assert!(s.workers.broker.finish_job(&held[0]).await.unwrap());
+    let left = format!("SELECT count(*) AS n FROM jobs WHERE instance_id = '{id}'");
+    assert_eq!(count(&mut conn, &left).await, 0);
+}
+
+/// The fake cloud, whose first listing waits, once listed, until the test says go: what
+/// happens between a refresh's listing and its read of the rows is up to the test.
+struct PausedListing {
+    inner: cloudbrain_provider_fake::FakeCloud,
+    paused: std::sync::atomic::AtomicBool,
+    listed: Arc<tokio::sync::Notify>,
+    go: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait]
+impl Provider for PausedListing {
+    async fn create(&self, id: Uuid, spec: &InstanceSpec) -> Result<CloudInstance, ProviderError> {
+        self.inner.create(id, spec).await
+    }
+    async fn get(&self, id: Uuid) -> Result<CloudInstance, ProviderError> {
+        self.inner.get(id).await
+    }
+    async fn list(&self) -> Result<Vec<CloudInstance>, ProviderError> {
+        let listing = self.inner.list().await;
+        if !self.paused.swap(true, Ordering::SeqCst) {
+            self.listed.notify_one();
+            self.go.notified().await;
+        }
+        listing
+    }
+    async fn destroy(&self, id: Uuid) -> Result<(), ProviderError> {
+        self.inner.destroy(id).await
+    }
+}
+
+#[tokio::test]
+async fn a_create_recorded_while_the_refresh_lists_the_cloud_is_not_taken_for_vanished() {
+    let s = setup(json!({"boot_time_ms": 60000}), fast_settings()).await;
+    let (listed, go) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let config = cloudbrain_provider_fake::FakeConfig {
+        boot_time_ms: 60000,
+        ..Default::default()
+    };
+    let cloud = PausedListing {
+        inner: cloudbrain_provider_fake::FakeCloud::new("fake", config, &s.db.url),
+        paused: Default::default(),
+        listed: listed.clone(),
+        go: go.clone(),
+    };
+    s.workers
+        .registry
+        .insert("fake", Arc::new(cloud), CallLimits::default());
+
+    // The refresh lists the cloud (empty) and stops there ...
+    let refresh = s.workers.refresh.clone();
+    let cycle = tokio::spawn(async move { refresh.refresh_all().await });
+    listed.notified().await;
+    // ... a request comes in and its machine is made and recorded ...
+    let id = s.create("ubuntu").await;
+    s.workers.run_pending_jobs().await;
+    assert_eq!(s.instance(&id).await["state"], "starting");
+    // ... and then the refresh reads the rows.
+    go.notify_one();
+    let reports = cycle.await.unwrap();
+    assert_eq!(reports[0].1.destroyed_errored, 0, "{reports:?}");
+    assert_eq!(s.instance(&id).await["state"], "starting");
+    assert_eq!(s.machines().await, 1);
+    // The next cycle sees the machine and has nothing to say.
+    s.workers.refresh.refresh_all().await;
+    assert_eq!(s.instance(&id).await["state"], "starting");
 }

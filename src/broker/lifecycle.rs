@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use cloudbrain_provider::{CloudInstance, CloudState};
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl};
@@ -37,39 +37,39 @@ impl Broker {
             .optional()?)
     }
 
-    /// Finishes a job that has nothing (more) to do.
-    pub async fn finish_job(&self, job_id: i64) -> Result<(), BrokerError> {
+    /// Finishes a job that has nothing (more) to do; false if its worker lost the lease.
+    pub async fn finish_job(&self, job: &Job) -> Result<bool, BrokerError> {
         let mut conn = self.conn().await?;
-        jobs::finish(&mut conn, job_id).await?;
-        Ok(())
+        Ok(jobs::finish(&mut conn, job.id, owner(job)).await?)
     }
 
     /// Records the machine a create job made and finishes the job, in one transaction.
     ///
     /// If the instance moved on meanwhile (deleted, timed out) the row stays as it is; the
-    /// machine is then the remove job's or the refresh's to destroy.
+    /// machine is then the remove job's or the refresh's to destroy. What the cloud said is
+    /// recorded even when the worker lost its lease: the guarded transition makes it safe,
+    /// and the job stays with the worker that holds it now.
     pub async fn record_launched(
         &self,
-        job_id: i64,
-        id: Uuid,
+        job: &Job,
         machine: &CloudInstance,
     ) -> Result<Option<Instance>, BrokerError> {
         let mut conn = self.conn().await?;
         conn.transaction::<_, BrokerError, _>(async |conn| {
-            let updated = apply_cloud_state(conn, id, machine).await?;
-            jobs::finish(conn, job_id).await?;
+            let updated = apply_cloud_state(conn, job.instance_id, machine).await?;
+            finish_held(conn, job).await?;
             Ok(updated)
         })
         .await
     }
 
     /// Records that an instance's machine is gone and finishes its remove job.
-    pub async fn record_terminated(&self, job_id: i64, id: Uuid) -> Result<(), BrokerError> {
+    pub async fn record_terminated(&self, job: &Job) -> Result<(), BrokerError> {
+        let id = job.instance_id;
         let mut conn = self.conn().await?;
         conn.transaction::<_, BrokerError, _>(async |conn| {
             transition(conn, id, State::Terminated, None, InstanceChange::default()).await?;
-            jobs::finish(conn, job_id).await?;
-            Ok(())
+            finish_held(conn, job).await
         })
         .await?;
         tracing::info!(instance.id = %id, "instance {id} terminated");
@@ -77,32 +77,38 @@ impl Broker {
     }
 
     /// Gives up on a job: its instance is `errored` with `reason`, and the job stays `dead`.
-    pub async fn bury_job(&self, job: &Job, reason: &str) -> Result<(), BrokerError> {
+    /// False, and nothing changed, if its worker lost the lease: the worker holding the job
+    /// now decides.
+    pub async fn bury_job(&self, job: &Job, reason: &str) -> Result<bool, BrokerError> {
         let mut conn = self.conn().await?;
-        conn.transaction::<_, BrokerError, _>(async |conn| {
-            let change = InstanceChange {
-                error_reason: Some(reason),
-                ..InstanceChange::default()
-            };
-            transition(conn, job.instance_id, State::Errored, Some(reason), change).await?;
-            jobs::bury(conn, job.id, reason).await?;
-            Ok(())
-        })
-        .await?;
-        tracing::warn!(instance.id = %job.instance_id, job.id = job.id, reason, "instance {} errored", job.instance_id);
-        Ok(())
+        let buried = conn
+            .transaction::<_, BrokerError, _>(async |conn| {
+                if !jobs::bury(conn, job.id, owner(job), reason).await? {
+                    return Ok(false);
+                }
+                let change = InstanceChange {
+                    error_reason: Some(reason),
+                    ..InstanceChange::default()
+                };
+                transition(conn, job.instance_id, State::Errored, Some(reason), change).await?;
+                Ok(true)
+            })
+            .await?;
+        if buried {
+            tracing::warn!(instance.id = %job.instance_id, job.id = job.id, reason, "instance {} errored", job.instance_id);
+        }
+        Ok(buried)
     }
 
-    /// Schedules a failed job to run again after `delay`.
+    /// Schedules a failed job to run again after `delay`; false if its worker lost the lease.
     pub async fn retry_job(
         &self,
         job: &Job,
         delay: Duration,
         error: &str,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<bool, BrokerError> {
         let mut conn = self.conn().await?;
-        jobs::retry_later(&mut conn, job.id, delay, error).await?;
-        Ok(())
+        Ok(jobs::retry_later(&mut conn, job.id, owner(job), delay, error).await?)
     }
 
     /// Hands a job back without counting the attempt.
@@ -145,14 +151,31 @@ impl Broker {
             .await?)
     }
 
-    /// Brings one live instance in step with its machine (`None`: the cloud has none), and
-    /// says whether the machine should be destroyed. Writes nothing when nothing changed.
+    /// The database's clock, which stamps every row's `updated_at`.
+    pub async fn db_now(&self) -> Result<DateTime<Utc>, BrokerError> {
+        let mut conn = self.conn().await?;
+        Ok(diesel::select(diesel::dsl::now.into_sql::<diesel::sql_types::Timestamptz>())
+            .get_result::<DateTime<Utc>>(&mut conn)
+            .await?)
+    }
+
+    /// Brings one live instance in step with its machine as a listing of the cloud begun
+    /// at `listed_at` (database clock) shows it (`None`: the listing had none), and says
+    /// whether the machine should be destroyed. Writes nothing when nothing changed.
+    ///
+    /// A row that changed after the listing began is newer than the listing: a machine
+    /// recorded meanwhile may be missing from it, so its absence proves nothing, and the
+    /// row waits for the next refresh.
     pub async fn reconcile(
         &self,
         instance: &Instance,
         machine: Option<&CloudInstance>,
+        listed_at: DateTime<Utc>,
         launch_timeout: Duration,
     ) -> Result<Verdict, BrokerError> {
+        if machine.is_none() && instance.updated_at >= listed_at {
+            return Ok(Verdict::Keep);
+        }
         let state = State::parse(&instance.state).unwrap_or(State::Errored);
         let launching = matches!(state, State::Creating | State::Starting);
         let mut conn = self.conn().await?;
@@ -205,6 +228,26 @@ impl Broker {
         }
         Ok(Verdict::Keep)
     }
+}
+
+/// The worker that claimed `job`; an unclaimed job has none, and matches no worker.
+fn owner(job: &Job) -> &str {
+    job.locked_by.as_deref().unwrap_or_default()
+}
+
+/// Deletes a job its worker finished, unless the worker lost the lease meanwhile.
+async fn finish_held(
+    conn: &mut diesel_async::AsyncPgConnection,
+    job: &Job,
+) -> Result<(), BrokerError> {
+    if !jobs::finish(conn, job.id, owner(job)).await? {
+        tracing::warn!(
+            job.id = job.id,
+            "job {} was claimed by another worker; leaving it to that one",
+            job.id
+        );
+    }
+    Ok(())
 }
 
 /// True when the machine says something the row does not yet.

@@ -146,14 +146,10 @@ pub async fn renew(
     worker: &str,
     lease: std::time::Duration,
 ) -> QueryResult<bool> {
-    let renewed = diesel::update(
-        jobs::table
-            .filter(jobs::id.eq(id))
-            .filter(jobs::locked_by.eq(worker)),
-    )
-    .set(jobs::locked_until.eq(db_now_plus(lease).nullable()))
-    .execute(conn)
-    .await?;
+    let renewed = diesel::update(held_by(id, worker))
+        .set(jobs::locked_until.eq(db_now_plus(lease).nullable()))
+        .execute(conn)
+        .await?;
     Ok(renewed == 1)
 }
 
@@ -176,21 +172,37 @@ fn unlocked() -> Unlocked {
     (jobs::locked_by.eq(None), jobs::locked_until.eq(None))
 }
 
-/// Deletes a finished job, on the caller's connection (in the transaction that records
-/// what the job achieved).
-pub async fn finish(conn: &mut AsyncPgConnection, id: i64) -> QueryResult<()> {
-    diesel::delete(jobs::table.find(id)).execute(conn).await?;
-    Ok(())
+/// The jobs row `id` while `worker` holds its lease. Every change a worker makes to a job
+/// it claimed goes through this filter, so a worker whose lease ran out (and whose job
+/// another worker claimed since) cannot delete, re-queue or bury that job.
+fn held_by(
+    id: i64,
+    worker: &str,
+) -> diesel::dsl::Filter<
+    diesel::dsl::Find<jobs::table, i64>,
+    diesel::dsl::Eq<jobs::locked_by, String>,
+> {
+    jobs::table
+        .find(id)
+        .filter(jobs::locked_by.eq(worker.to_owned()))
 }
 
-/// Puts a failed job back in the queue to run again after `delay`.
+/// Deletes a finished job, on the caller's connection (in the transaction that records
+/// what the job achieved); false if `worker` no longer holds it.
+pub async fn finish(conn: &mut AsyncPgConnection, id: i64, worker: &str) -> QueryResult<bool> {
+    Ok(diesel::delete(held_by(id, worker)).execute(conn).await? == 1)
+}
+
+/// Puts a failed job back in the queue to run again after `delay`; false if `worker` no
+/// longer holds it.
 pub async fn retry_later(
     conn: &mut AsyncPgConnection,
     id: i64,
+    worker: &str,
     delay: std::time::Duration,
     error: &str,
-) -> QueryResult<()> {
-    diesel::update(jobs::table.find(id))
+) -> QueryResult<bool> {
+    let updated = diesel::update(held_by(id, worker))
         .set((
             jobs::run_at.eq(db_now_plus(delay)),
             unlocked(),
@@ -198,7 +210,7 @@ pub async fn retry_later(
         ))
         .execute(conn)
         .await?;
-    Ok(())
+    Ok(updated == 1)
 }
 
 /// Hands a claimed job back without counting the attempt (a worker stopping, or a job
@@ -209,24 +221,26 @@ pub async fn release(
     worker: &str,
     delay: std::time::Duration,
 ) -> QueryResult<()> {
-    diesel::update(
-        jobs::table
-            .filter(jobs::id.eq(id))
-            .filter(jobs::locked_by.eq(worker)),
-    )
-    .set((
-        jobs::run_at.eq(db_now_plus(delay)),
-        unlocked(),
-        jobs::attempts.eq(jobs::attempts - 1),
-    ))
-    .execute(conn)
-    .await?;
+    diesel::update(held_by(id, worker))
+        .set((
+            jobs::run_at.eq(db_now_plus(delay)),
+            unlocked(),
+            jobs::attempts.eq(jobs::attempts - 1),
+        ))
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
-/// Marks a job `dead`: it stays for inspection and never runs again.
-pub async fn bury(conn: &mut AsyncPgConnection, id: i64, error: &str) -> QueryResult<()> {
-    diesel::update(jobs::table.find(id))
+/// Marks a job `dead`: it stays for inspection and never runs again; false if `worker`
+/// no longer holds it.
+pub async fn bury(
+    conn: &mut AsyncPgConnection,
+    id: i64,
+    worker: &str,
+    error: &str,
+) -> QueryResult<bool> {
+    let updated = diesel::update(held_by(id, worker))
         .set((
             jobs::status.eq("dead"),
             unlocked(),
@@ -234,7 +248,7 @@ pub async fn bury(conn: &mut AsyncPgConnection, id: i64, error: &str) -> QueryRe
         ))
         .execute(conn)
         .await?;
-    Ok(())
+    Ok(updated == 1)
 }
 
 /// True while a `create` job for `instance_id` is leased by a live worker.

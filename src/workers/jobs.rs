@@ -32,6 +32,8 @@ pub enum Outcome {
     Dead,
     /// It had to wait for something else and was handed back uncounted.
     Released,
+    /// Its lease ran out and another worker claimed it: that one decides.
+    Lost,
 }
 
 impl Outcome {
@@ -41,6 +43,7 @@ impl Outcome {
             Outcome::Retried => "retried",
             Outcome::Dead => "dead",
             Outcome::Released => "released",
+            Outcome::Lost => "lost",
         }
     }
 }
@@ -252,11 +255,7 @@ impl JobWorker {
             .await
             .map_err(|e| e.to_string())?
         else {
-            self.broker
-                .finish_job(job.id)
-                .await
-                .map_err(|e| e.to_string())?;
-            return Ok(Outcome::Done);
+            return self.finish(job).await;
         };
         let state = State::parse(&instance.state);
         let Some(provider) = provider(&self.broker, &self.registry, &instance.provider_name).await
@@ -268,11 +267,7 @@ impl JobWorker {
             Some(JobKind::CreateInstance) => {
                 if state != Some(State::Creating) {
                     // Deleted or errored before its machine was made: nothing left to do.
-                    self.broker
-                        .finish_job(job.id)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    return Ok(Outcome::Done);
+                    return self.finish(job).await;
                 }
                 if job.attempts == 1 {
                     let waited = Utc::now().signed_duration_since(job.created_at);
@@ -287,7 +282,7 @@ impl JobWorker {
                 match provider.create(instance.id, &spec).await {
                     Ok(machine) => {
                         self.broker
-                            .record_launched(job.id, instance.id, &machine)
+                            .record_launched(job, &machine)
                             .await
                             .map_err(|e| e.to_string())?;
                         Ok(Outcome::Done)
@@ -297,11 +292,7 @@ impl JobWorker {
             }
             Some(JobKind::RemoveInstance) => {
                 if state != Some(State::Terminating) {
-                    self.broker
-                        .finish_job(job.id)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    return Ok(Outcome::Done);
+                    return self.finish(job).await;
                 }
                 // A create call still running could make the machine after we destroy it.
                 if self
@@ -326,7 +317,7 @@ impl JobWorker {
                         ..
                     }) => {
                         self.broker
-                            .record_terminated(job.id, instance.id)
+                            .record_terminated(job)
                             .await
                             .map_err(|e| e.to_string())?;
                         Ok(Outcome::Done)
@@ -382,7 +373,8 @@ impl JobWorker {
             job.id
         );
         match self.broker.retry_job(job, delay, message).await {
-            Ok(()) => Outcome::Retried,
+            Ok(true) => Outcome::Retried,
+            Ok(false) => Outcome::Lost,
             Err(error) => {
                 // The lease will run out and another attempt follow: nothing is lost.
                 tracing::error!(job.id = job.id, %error, "could not reschedule job {}", job.id);
@@ -392,10 +384,22 @@ impl JobWorker {
     }
 
     async fn bury(&self, job: &Job, reason: &str) -> Outcome {
-        if let Err(error) = self.broker.bury_job(job, reason).await {
-            tracing::error!(job.id = job.id, %error, "could not record the failure of job {}", job.id);
-            return Outcome::Retried;
+        match self.broker.bury_job(job, reason).await {
+            Ok(true) => Outcome::Dead,
+            Ok(false) => Outcome::Lost,
+            Err(error) => {
+                tracing::error!(job.id = job.id, %error, "could not record the failure of job {}", job.id);
+                Outcome::Retried
+            }
         }
-        Outcome::Dead
+    }
+
+    /// Finishes a job with nothing (more) to do.
+    async fn finish(&self, job: &Job) -> Result<Outcome, String> {
+        match self.broker.finish_job(job).await {
+            Ok(true) => Ok(Outcome::Done),
+            Ok(false) => Ok(Outcome::Lost),
+            Err(error) => Err(error.to_string()),
+        }
     }
 }

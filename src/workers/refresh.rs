@@ -143,6 +143,8 @@ impl RefreshWorker {
     async fn reconcile(&self, provider: &LimitedProvider) -> anyhow::Result<RefreshReport> {
         // The cloud is listed before the rows are read: a machine in the list was made by a
         // job whose instance row had already committed, so it is never taken for an orphan.
+        // A row recorded after the listing began is spared by `reconcile` instead.
+        let listed_at = self.broker.db_now().await?;
         let machines = provider.list().await?;
         let rows = self.broker.live_instances(provider.name()).await?;
         let by_id: HashMap<Uuid, &CloudInstance> = machines.iter().map(|m| (m.id, m)).collect();
@@ -156,7 +158,7 @@ impl RefreshWorker {
             let machine = by_id.get(&row.id).copied();
             let verdict = self
                 .broker
-                .reconcile(row, machine, self.settings.launch_timeout)
+                .reconcile(row, machine, listed_at, self.settings.launch_timeout)
                 .await?;
             if verdict == Verdict::Destroy && machine.is_some() {
                 self.destroy(provider, row.id, "its instance errored").await;
