@@ -22,6 +22,7 @@ pub struct ThrowawayPostgres {
     dir: PathBuf,
     bin: PathBuf,
     user: Option<String>,
+    options: String,
     /// Its connection string (superuser `postgres`, trust auth, loopback only).
     pub url: String,
 }
@@ -66,6 +67,7 @@ impl ThrowawayPostgres {
             dir,
             bin,
             user,
+            options: String::new(),
             url: String::new(),
         };
         if let Some(user) = &pg.user {
@@ -92,12 +94,20 @@ impl ThrowawayPostgres {
                 "--no-sync",
             ],
         )?;
-        let options = format!(
+        pg.options = format!(
             "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
             path(&pg.dir)
         );
-        let log = pg.dir.join("postgres.log");
-        pg.run(
+        pg.start_again()?;
+        pg.url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+        Ok(pg)
+    }
+
+    /// Starts the cluster (again, after [`ThrowawayPostgres::stop`]) on the same port.
+    pub fn start_again(&self) -> anyhow::Result<()> {
+        let data = self.dir.join("data");
+        let log = self.dir.join("postgres.log");
+        self.run(
             "pg_ctl",
             &[
                 "-D",
@@ -105,15 +115,20 @@ impl ThrowawayPostgres {
                 "-l",
                 path(&log),
                 "-o",
-                &options,
+                &self.options,
                 "-w",
                 "-t",
                 "60",
                 "start",
             ],
-        )?;
-        pg.url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
-        Ok(pg)
+        )
+    }
+
+    /// Stops the cluster with pg_ctl's `mode` (`fast`: every session is told
+    /// "terminating connection due to administrator command"; `immediate`: killed).
+    pub fn stop(&self, mode: &str) -> anyhow::Result<()> {
+        let data = self.dir.join("data");
+        self.run("pg_ctl", &["-D", path(&data), "-m", mode, "-w", "stop"])
     }
 
     fn run(&self, program: &str, args: &[&str]) -> anyhow::Result<()> {
@@ -147,8 +162,7 @@ fn path(p: &Path) -> &str {
 
 impl Drop for ThrowawayPostgres {
     fn drop(&mut self) {
-        let data = self.dir.join("data");
-        let _ = self.run("pg_ctl", &["-D", path(&data), "-m", "fast", "-w", "stop"]);
+        let _ = self.stop("fast");
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -284,15 +284,7 @@ async fn a_database_outage_is_503_never_401() {
         .unwrap()
         .port();
     let app = TestApp::spawn_on(&format!("postgres://nobody@127.0.0.1:{port}/gone")).await;
-    assert_eq!(
-        app.client
-            .get(app.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(app.anonymous_status("/healthz").await, 200);
     let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 503);
     assert!(ready.json::<Value>().await.unwrap()["errors"].is_array());

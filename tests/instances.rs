@@ -553,38 +553,14 @@ async fn providers_are_listed_without_configuration() {
         body,
         json!({"providers": [{"name": "fake", "type": "fake"}, {"name": "fake-slow", "type": "fake"}]})
     );
-    assert_eq!(
-        app.client
-            .get(app.url("/providers"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
+    assert_eq!(app.anonymous_status("/providers").await, 401);
 }
 
 #[tokio::test]
 async fn service_routes_unknown_routes_and_wrong_methods_answer_json() {
     let (_db, app, token) = setup().await;
-    assert_eq!(
-        app.client
-            .get(app.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        app.client
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(app.anonymous_status("/healthz").await, 200);
+    assert_eq!(app.anonymous_status("/readyz").await, 200);
     let version: Value = app
         .client
         .get(app.url("/version"))

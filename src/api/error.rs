@@ -11,6 +11,9 @@ use super::instances::InstanceBody;
 use crate::auth::AuthError;
 use crate::broker::BrokerError;
 
+/// Seconds a client is told to wait after a 503: long enough for a pool to reconnect.
+pub const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 2;
+
 /// Everything a request can fail with, mapped to a status and a JSON body.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -121,6 +124,9 @@ impl ResponseError for ApiError {
             }
             ApiError::TooManyRequests { retry_after, .. } => {
                 response.insert_header((header::RETRY_AFTER, retry_after.as_secs().max(1)));
+            }
+            ApiError::Unavailable(_) => {
+                response.insert_header((header::RETRY_AFTER, UNAVAILABLE_RETRY_AFTER_SECS));
             }
             _ => {}
         }

@@ -154,9 +154,11 @@ impl Broker {
     /// The database's clock, which stamps every row's `updated_at`.
     pub async fn db_now(&self) -> Result<DateTime<Utc>, BrokerError> {
         let mut conn = self.conn().await?;
-        Ok(diesel::select(diesel::dsl::now.into_sql::<diesel::sql_types::Timestamptz>())
-            .get_result::<DateTime<Utc>>(&mut conn)
-            .await?)
+        Ok(
+            diesel::select(diesel::dsl::now.into_sql::<diesel::sql_types::Timestamptz>())
+                .get_result::<DateTime<Utc>>(&mut conn)
+                .await?,
+        )
     }
 
     /// Brings one live instance in step with its machine as a listing of the cloud begun

@@ -55,11 +55,10 @@ impl BrokerError {
 
 impl From<diesel::result::Error> for BrokerError {
     fn from(err: diesel::result::Error) -> Self {
-        use diesel::result::{DatabaseErrorKind, Error};
         match err {
-            Error::NotFound => BrokerError::NotFound,
-            Error::DatabaseError(DatabaseErrorKind::ClosedConnection, _)
-            | Error::DatabaseError(DatabaseErrorKind::UnableToSendCommand, _) => {
+            diesel::result::Error::NotFound => BrokerError::NotFound,
+            other if crate::db::is_unavailable(&other) => {
+                tracing::warn!(error = %other, "database unavailable");
                 BrokerError::Unavailable
             }
             other => BrokerError::Internal(anyhow::Error::new(other).context("database query")),

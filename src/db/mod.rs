@@ -24,6 +24,38 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 /// Advisory lock key held while migrating, so two processes never migrate at once.
 const MIGRATION_LOCK_KEY: i64 = 0x636c_6f75_6462_7201;
 
+/// True when `err` says the database went away, not that the query was wrong: the
+/// connection closed or reset, the server shutting down (`terminating connection due to
+/// administrator command`, 57P01) or crashing, or a commit whose outcome was lost with it.
+/// Such a request may succeed when tried again, so callers answer 503, not 500.
+pub fn is_unavailable(err: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error};
+    match err {
+        Error::DatabaseError(
+            DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+            _,
+        ) => true,
+        // diesel-async keeps the SQLSTATE to itself; the server's words for class 57
+        // (operator intervention) and class 08 (connection exception) are stable.
+        Error::DatabaseError(_, info) => {
+            let message = info.message();
+            [
+                "terminating connection",
+                "the database system is",
+                "connection to server",
+                "server closed the connection",
+                "canceling statement due to conflict with recovery",
+            ]
+            .iter()
+            .any(|start| message.starts_with(start))
+        }
+        Error::RollbackErrorOnCommit { commit_error, .. } => is_unavailable(commit_error),
+        // A transaction whose connection broke leaves its manager in this state.
+        Error::BrokenTransactionManager => true,
+        _ => false,
+    }
+}
+
 /// Builds a connection pool of at most `size` connections; connects lazily.
 pub fn pool(database_url: &str, size: usize) -> anyhow::Result<Pool> {
     let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(database_url);

@@ -262,6 +262,12 @@ impl TestApp {
             .header("Authorization", format!("token {token}"))
     }
 
+    /// The status of an unauthenticated GET of `path`.
+    pub async fn anonymous_status(&self, path: &str) -> u16 {
+        let response = self.client.get(self.url(path)).send().await.unwrap();
+        response.status().as_u16()
+    }
+
     /// GET /instances/<id> with `token`: the status and the body.
     pub async fn instance(&self, token: &str, id: &str) -> (u16, serde_json::Value) {
         let response = self
