@@ -18,6 +18,9 @@ pub struct Config {
     pub pool_size: usize,
     /// How long a handler may run before the request fails with 503 (`CLOUDBRAIN_REQUEST_TIMEOUT`).
     pub request_timeout: Duration,
+    /// How long a request body may take to arrive before the request fails with 408
+    /// (`CLOUDBRAIN_BODY_TIMEOUT`).
+    pub body_timeout: Duration,
     /// How long SIGTERM waits for in-flight requests (`CLOUDBRAIN_SHUTDOWN_TIMEOUT`).
     pub shutdown_timeout: Duration,
     /// How long a verified token is trusted without scrypt (`CLOUDBRAIN_AUTH_CACHE_TTL`).
@@ -140,6 +143,7 @@ impl Config {
                 "CLOUDBRAIN_REQUEST_TIMEOUT",
                 Duration::from_secs(30),
             )?,
+            body_timeout: parse_seconds(&get, "CLOUDBRAIN_BODY_TIMEOUT", Duration::from_secs(10))?,
             shutdown_timeout: parse_seconds(
                 &get,
                 "CLOUDBRAIN_SHUTDOWN_TIMEOUT",

@@ -96,6 +96,7 @@ pub async fn http(
         broker: services.broker.clone(),
         verifier,
         request_timeout: services.config.request_timeout,
+        body_timeout: services.config.body_timeout,
         metrics: services.metrics.clone(),
     };
     let server = api::serve(listener, state, services.config.shutdown_timeout)?;

@@ -680,3 +680,169 @@ async fn default_empty_or_absent_instance_type_is_the_providers_default() {
         }
     }
 }
+
+/// A cursor as the server encodes one, for any instant: `<micros>.<uuid>`, base64url.
+fn forged_cursor(micros: i64) -> String {
+    use base64::Engine;
+    let raw = format!("{micros}.{}", uuid::Uuid::new_v4());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
+#[tokio::test]
+async fn hostile_input_gets_a_clean_4xx_never_a_500() {
+    let (_db, app, token) = setup().await;
+    app.create(&token, "ubuntu").await;
+    let year = 365 * 24 * 3600 * 1_000_000_i64;
+    let queries = [
+        ("?provider=%00".to_owned(), 422, "provider"),
+        ("?provider=fa%00ke".to_owned(), 422, "provider"),
+        ("?provider=%E2%80%AEekaf".to_owned(), 422, "provider"),
+        ("?state=%00".to_owned(), 422, "state"),
+        ("?limit=%00".to_owned(), 422, "limit"),
+        ("?cursor=%00".to_owned(), 422, "cursor"),
+        (
+            format!("?cursor={}", forged_cursor(-102_000 * year)),
+            422,
+            "cursor",
+        ),
+        (
+            format!("?cursor={}", forged_cursor(250_000 * year)),
+            422,
+            "cursor",
+        ),
+    ];
+    for (query, status, field) in queries {
+        let response = app
+            .get(&format!("/instances{query}"), &token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), status, "{query}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["field"], field, "{query}: {body}");
+    }
+
+    let bodies = [
+        (
+            r#"{"provider": "fake", "image": "ubu\u0000ntu"}"#,
+            422,
+            Some("image"),
+        ),
+        (
+            r#"{"provider": "fa\u0000ke", "image": "ubuntu"}"#,
+            422,
+            Some("provider"),
+        ),
+        (
+            r#"{"provider": "fake", "image": "ubuntu", "instance_type": "\u0000"}"#,
+            422,
+            Some("instance_type"),
+        ),
+        (
+            r#"{"provider": "fake", "image": "ubuntu\u202e"}"#,
+            422,
+            Some("image"),
+        ),
+        (
+            r#"{"provider": "fake", "image": "\u2066ubuntu"}"#,
+            422,
+            Some("image"),
+        ),
+        (
+            r#"{"provider": "fake", "image": "ubuntu", "image": "debian"}"#,
+            400,
+            None,
+        ),
+        (
+            r#"{"provider": "fake", "image": "ubuntu", "x": {"a": 1, "a": 2}}"#,
+            400,
+            None,
+        ),
+    ];
+    for (body, status, field) in bodies {
+        let response = app
+            .post("/instances", &token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), status, "{body}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["field"].as_str(), field, "{body}: {error}");
+    }
+
+    // Only JSON, or nothing said at all (Travis CI's worker says nothing).
+    let json_body = r#"{"provider": "fake", "image": "ubuntu"}"#;
+    for (content_type, status) in [
+        (Some("text/plain"), 415),
+        (Some("application/x-www-form-urlencoded"), 415),
+        (Some("multipart/form-data; boundary=x"), 415),
+        (Some("application/json; charset=utf-8"), 200),
+        (Some("application/merge-patch+json"), 200),
+        (None, 200),
+    ] {
+        let mut request = app.post("/instances", &token).body(json_body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), status, "{content_type:?}");
+        if status == 415 {
+            let error: Value = response.json().await.unwrap();
+            assert_eq!(error["code"], "unsupported_media_type");
+        }
+    }
+
+    // Two Authorization headers: which one counts would be a guess.
+    let response = app
+        .client
+        .get(app.url("/instances"))
+        .header("authorization", format!("token {token}"))
+        .header("authorization", "token 1-00000000000000000000000000000000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+
+    // 405 says what the route answers.
+    for (method, path, allow) in [
+        ("PUT", "/instances", "GET, POST"),
+        ("PATCH", "/instances/x", "GET, DELETE"),
+        ("POST", "/healthz", "GET"),
+    ] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let response = app
+            .client
+            .request(method.clone(), app.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 405, "{method} {path}");
+        assert_eq!(response.headers()["allow"], allow, "{method} {path}");
+    }
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_mid_upload_is_a_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_db, app, token) = setup().await;
+    let mut stream = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /instances HTTP/1.1\r\nHost: x\r\nAuthorization: token {token}\r\nContent-Length: 100\r\n\r\n{{\"provider\":"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the server waited on the stalled body for ever")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+}

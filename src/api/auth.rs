@@ -13,9 +13,15 @@ use super::AppState;
 use crate::auth::Caller;
 
 /// The token presented by a request: `Authorization: token <t>`, or HTTP Basic with user
-/// `token` and password `<t>` (what httpie sends from `~/.netrc`).
+/// `token` and password `<t>` (what httpie sends from `~/.netrc`). A request with more
+/// than one `Authorization` header presents none: which one counts would be a guess.
 pub fn presented_token(req: &HttpRequest) -> Option<String> {
-    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let mut values = req.headers().get_all(header::AUTHORIZATION);
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let value = value.to_str().ok()?;
     let (scheme, rest) = value.trim().split_once(' ')?;
     let rest = rest.trim();
     if scheme.eq_ignore_ascii_case("token") {

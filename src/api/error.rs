@@ -26,15 +26,21 @@ pub enum ApiError {
     /// No such resource, or none the caller may see (404).
     #[error("{0}")]
     NotFound(String),
-    /// The route exists but not with this method (405).
-    #[error("method not allowed")]
-    MethodNotAllowed,
+    /// The route exists but not with this method; the methods it has (405).
+    #[error("method not allowed; this route answers {0}")]
+    MethodNotAllowed(&'static str),
+    /// The body did not arrive in time (408).
+    #[error("the request body did not arrive within {0} s")]
+    RequestTimeout(u64),
     /// The instance is terminated; the body is the instance (410).
     #[error("instance is terminated")]
     Gone(Box<InstanceBody>),
     /// The body is over the limit (413).
     #[error("request body must be at most {0} bytes")]
     PayloadTooLarge(usize),
+    /// The body is not JSON by its Content-Type (415).
+    #[error("Content-Type must be application/json (or absent), not {0:?}")]
+    UnsupportedMediaType(String),
     /// The request breaks a rule; `field` names the culprit (422).
     #[error("{message}")]
     Unprocessable {
@@ -77,7 +83,9 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Unauthorized => "unauthorized",
             ApiError::NotFound(_) => "not_found",
-            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::RequestTimeout(_) => "request_timeout",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Gone(_) => "gone",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::Unprocessable { .. } => "validation_failed",
@@ -102,7 +110,9 @@ impl ResponseError for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Gone(_) => StatusCode::GONE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
@@ -127,6 +137,13 @@ impl ResponseError for ApiError {
             }
             ApiError::Unavailable(_) => {
                 response.insert_header((header::RETRY_AFTER, UNAVAILABLE_RETRY_AFTER_SECS));
+            }
+            ApiError::MethodNotAllowed(allow) => {
+                response.insert_header((header::ALLOW, *allow));
+            }
+            ApiError::RequestTimeout(_) => {
+                // The rest of a stalled body is not worth waiting for.
+                response.insert_header((header::CONNECTION, "close"));
             }
             _ => {}
         }

@@ -144,8 +144,32 @@ pub struct ListParams {
     pub cursor: Option<String>,
 }
 
-/// Reads the body, refusing more than [`MAX_BODY_BYTES`] before reading it all.
-async fn read_body(req: &HttpRequest, mut payload: web::Payload) -> Result<Vec<u8>, ApiError> {
+/// Refuses a body that says it is not JSON. No Content-Type at all is JSON: Travis CI's
+/// worker sends none.
+fn require_json(req: &HttpRequest) -> Result<(), ApiError> {
+    let Some(value) = req.headers().get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let text = value.to_str().unwrap_or_default();
+    let essence = text.split(';').next().unwrap_or_default().trim();
+    let essence = essence.to_ascii_lowercase();
+    if essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    {
+        return Ok(());
+    }
+    Err(ApiError::UnsupportedMediaType(
+        text.chars().take(100).collect(),
+    ))
+}
+
+/// Reads the body, refusing more than [`MAX_BODY_BYTES`] before reading it all, and a
+/// body that has not arrived within `timeout` (a stalled upload is the client's fault).
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    timeout: std::time::Duration,
+) -> Result<Vec<u8>, ApiError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -154,15 +178,85 @@ async fn read_body(req: &HttpRequest, mut payload: web::Payload) -> Result<Vec<u
     if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
         return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
     }
-    let mut body = Vec::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
-        if body.len() + chunk.len() > MAX_BODY_BYTES {
-            return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
+    let read = async {
+        let mut body = Vec::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk =
+                chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
+            if body.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
+        Ok(body)
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| ApiError::RequestTimeout(timeout.as_secs().max(1)))?
+}
+
+/// A JSON value read with duplicate object keys refused: `{"image": "a", "image": "b"}`
+/// is ambiguous, and readers disagree on which one wins.
+struct StrictJson(serde_json::Value);
+
+impl<'de> Deserialize<'de> for StrictJson {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StrictVisitor).map(StrictJson)
     }
-    Ok(body)
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(StrictJson(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(serde_json::Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate key {key:?}")));
+            }
+            let StrictJson(value) = map.next_value()?;
+            object.insert(key, value);
+        }
+        Ok(serde_json::Value::Object(object))
+    }
 }
 
 /// Reads a string field: absent and null are `None`, anything but a string is refused.
@@ -190,7 +284,7 @@ fn required_field(
 
 /// Reads a create request; unknown fields are ignored, as Cloud Brain did.
 fn parse_create(body: &[u8]) -> Result<CreateInstance, ApiError> {
-    let value: serde_json::Value = serde_json::from_slice(body)
+    let StrictJson(value) = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("request body is not valid JSON: {e}")))?;
     let serde_json::Value::Object(body) = value else {
         return Err(ApiError::BadRequest(
@@ -213,9 +307,11 @@ fn parse_create(body: &[u8]) -> Result<CreateInstance, ApiError> {
     responses(
         (status = 200, description = "Recorded; a create job is queued (200, not 201, as Cloud Brain answered and its clients expect)", body = InstanceBody,
          headers(("Location" = String, description = "/instances/<id>"))),
-        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 400, description = "Malformed JSON, or a key given twice", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
         (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 415, description = "A Content-Type other than JSON", body = ErrorBody),
         (status = 422, description = "A field breaks a rule, or the Idempotency-Key was used with another body", body = ErrorBody),
         (status = 429, description = "Too many failed attempts for this token", body = ErrorBody),
         (status = 503, description = "Database unavailable", body = ErrorBody),
@@ -234,7 +330,8 @@ pub async fn create_instance(
             ApiError::invalid("Idempotency-Key", "Idempotency-Key must be printable ASCII")
         })?),
     };
-    let body = read_body(&req, payload).await?;
+    require_json(&req)?;
+    let body = read_body(&req, payload, state.body_timeout).await?;
     let request = parse_create(&body)?;
     let created = state
         .broker

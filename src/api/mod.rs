@@ -31,6 +31,8 @@ pub struct AppState {
     pub verifier: Arc<TokenVerifier>,
     /// How long a handler may run.
     pub request_timeout: Duration,
+    /// How long a request body may take to arrive.
+    pub body_timeout: Duration,
     /// What this process has measured.
     pub metrics: Arc<crate::metrics::Metrics>,
 }
@@ -95,8 +97,11 @@ async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {
     Err(ApiError::NotFound("no such route".to_owned()))
 }
 
-async fn method_not_allowed() -> Result<actix_web::HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed)
+/// The answer to any other method on a route that answers `allow`.
+fn method_not_allowed(allow: &'static str) -> actix_web::Route {
+    web::to(
+        move || async move { Err::<actix_web::HttpResponse, _>(ApiError::MethodNotAllowed(allow)) },
+    )
 }
 
 /// The actix application: every route, the request-id and timeout middleware, JSON errors.
@@ -162,18 +167,18 @@ pub fn app(
             web::resource("/instances")
                 .route(web::post().to(instances::create_instance))
                 .route(web::get().to(instances::list_instances))
-                .default_service(web::to(method_not_allowed)),
+                .default_service(method_not_allowed("GET, POST")),
         )
         .service(
             web::resource("/instances/{id}")
                 .route(web::get().to(instances::get_instance))
                 .route(web::delete().to(instances::delete_instance))
-                .default_service(web::to(method_not_allowed)),
+                .default_service(method_not_allowed("GET, DELETE")),
         )
         .service(
             web::resource("/instances/{id}/events")
                 .route(web::get().to(instances::instance_events))
-                .default_service(web::to(method_not_allowed)),
+                .default_service(method_not_allowed("GET")),
         )
         .service(read_only("/providers", meta::list_providers))
         .service(read_only("/metrics", meta::metrics))
@@ -193,7 +198,7 @@ where
 {
     web::resource(path)
         .route(web::get().to(handler))
-        .default_service(web::to(method_not_allowed))
+        .default_service(method_not_allowed("GET"))
 }
 
 /// Serves the API on `listener` until SIGTERM/SIGINT, then drains in-flight requests for

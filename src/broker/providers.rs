@@ -44,7 +44,7 @@ pub async fn insert_provider(
 ) -> Result<ProviderSettings, InsertProviderError> {
     if name.trim().is_empty()
         || name.len() > super::validate::MAX_PROVIDER_LEN
-        || name.chars().any(char::is_control)
+        || name.chars().any(super::validate::is_forbidden_char)
     {
         return Err(cloudbrain_provider::ConfigError::new(
             "name",

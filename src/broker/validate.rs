@@ -27,6 +27,16 @@ const SSH_KEY_TYPES: &[&str] = &[
     "sk-ecdsa-sha2-nistp256@openssh.com",
 ];
 
+/// True for characters no stored text may hold: control characters (NUL among them,
+/// which Postgres cannot store), and the Unicode bidirectional embeddings, overrides and
+/// isolates (U+202A–U+202E, U+2066–U+2069), which make text read differently from what
+/// it is.
+pub fn is_forbidden_char(c: char) -> bool {
+    c.is_control()
+        || ('\u{202A}'..='\u{202E}').contains(&c)
+        || ('\u{2066}'..='\u{2069}').contains(&c)
+}
+
 /// A required text field: present, not blank, not too long, no control characters.
 pub fn required_text(field: &'static str, value: &str, max: usize) -> Result<(), BrokerError> {
     if value.trim().is_empty() {
@@ -41,10 +51,10 @@ pub fn required_text(field: &'static str, value: &str, max: usize) -> Result<(),
             format!("{field} must be at most {max} characters"),
         ));
     }
-    if value.chars().any(char::is_control) {
+    if value.chars().any(is_forbidden_char) {
         return Err(BrokerError::invalid(
             field,
-            format!("{field} must not contain control characters"),
+            format!("{field} must not contain control or bidirectional-override characters"),
         ));
     }
     Ok(())
@@ -82,7 +92,7 @@ pub fn ssh_public_key(value: &str) -> Result<(), BrokerError> {
         return Err(invalid("too long"));
     }
     let line = value.strip_suffix('\n').unwrap_or(value);
-    if line.chars().any(char::is_control) {
+    if line.chars().any(is_forbidden_char) {
         return Err(invalid("it has line breaks or control characters"));
     }
     let mut parts = line.trim().splitn(3, ' ');
@@ -143,6 +153,10 @@ mod tests {
         assert_eq!(err.to_string(), "image: image must not be empty");
         assert!(required_text("image", &"x".repeat(256), 255).is_err());
         assert!(required_text("image", "ubuntu\u{0}", 255).is_err());
+        for bidi in ['\u{202A}', '\u{202E}', '\u{2066}', '\u{2069}'] {
+            assert!(required_text("image", &format!("ubuntu{bidi}"), 255).is_err());
+        }
+        required_text("image", "ubuntu-24.04-ü", 255).unwrap();
         required_text("image", "ubuntu-24.04", 255).unwrap();
     }
 }

@@ -195,6 +195,7 @@ impl TestApp {
             broker: Broker::new(pool.clone(), key()),
             verifier: verifier.clone(),
             request_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(1),
             metrics: Default::default(),
         };
         let server = api::serve(listener, state, Duration::from_secs(5)).unwrap();
