@@ -25,12 +25,67 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// How long a verified token is trusted without scrypt (`CLOUDBRAIN_AUTH_CACHE_TTL`).
     pub auth_cache_ttl: Duration,
+    /// Proxies whose `X-Forwarded-For` names the client (`CLOUDBRAIN_TRUSTED_PROXIES`).
+    pub trusted_proxies: TrustedProxies,
+    /// Bounds on scrypt (`CLOUDBRAIN_SCRYPT_CONCURRENCY`, `CLOUDBRAIN_SCRYPT_WAIT`).
+    pub scrypt: crate::auth::verifier::ScryptLimits,
     /// Logs as JSON lines when `CLOUDBRAIN_LOG_FORMAT=json`.
     pub log_json: bool,
     /// Where a worker process serves `/metrics` (`CLOUDBRAIN_METRICS_ADDR`), if anywhere.
     pub metrics_addr: Option<SocketAddr>,
     /// How the workers run jobs and reconcile.
     pub workers: WorkerSettings,
+}
+
+/// Networks (`10.0.0.0/8`, `::1`, …) whose `X-Forwarded-For` header is believed: the
+/// client of a request is then the last address it lists that is not itself one of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<(std::net::IpAddr, u8)>);
+
+impl TrustedProxies {
+    /// Reads a comma-separated list of addresses and CIDR networks.
+    pub fn parse(list: &str) -> Result<Self, String> {
+        let mut networks = Vec::new();
+        for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (addr, bits) = match item.split_once('/') {
+                Some((addr, bits)) => (addr, Some(bits)),
+                None => (item, None),
+            };
+            let addr: std::net::IpAddr = addr
+                .parse()
+                .map_err(|_| format!("{item:?} is not an address or network"))?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            let bits = match bits {
+                None => max,
+                Some(bits) => bits
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|b| *b <= max)
+                    .ok_or_else(|| format!("{item:?} has a bad prefix length"))?,
+            };
+            networks.push((addr, bits));
+        }
+        Ok(Self(networks))
+    }
+
+    /// True when `ip` is in one of the networks.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        fn bits(ip: std::net::IpAddr) -> u128 {
+            match ip {
+                std::net::IpAddr::V4(v4) => u128::from(u32::from(v4)) << 96,
+                std::net::IpAddr::V6(v6) => u128::from(v6),
+            }
+        }
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        // Both families sit in the top bits, so a prefix masks the same way for each.
+        self.0.iter().any(|(net, len)| {
+            let mask = u128::MAX.checked_shl(128 - u32::from(*len)).unwrap_or(0);
+            net.is_ipv4() == ip.is_ipv4() && bits(*net) & mask == bits(ip) & mask
+        })
+    }
 }
 
 /// Settings of the create and refresh workers.
@@ -154,6 +209,26 @@ impl Config {
                 "CLOUDBRAIN_AUTH_CACHE_TTL",
                 Duration::from_secs(300),
             )?,
+            trusted_proxies: get("CLOUDBRAIN_TRUSTED_PROXIES")
+                .map(|list| {
+                    TrustedProxies::parse(&list).map_err(|message| ConfigError::Invalid {
+                        name: "CLOUDBRAIN_TRUSTED_PROXIES",
+                        message,
+                    })
+                })
+                .transpose()?
+                .unwrap_or_default(),
+            scrypt: {
+                let d = crate::auth::verifier::ScryptLimits::default();
+                crate::auth::verifier::ScryptLimits {
+                    concurrency: parse_number(
+                        &get,
+                        "CLOUDBRAIN_SCRYPT_CONCURRENCY",
+                        d.concurrency,
+                    )?,
+                    wait: parse_seconds(&get, "CLOUDBRAIN_SCRYPT_WAIT", d.wait)?,
+                }
+            },
             log_json: get("CLOUDBRAIN_LOG_FORMAT").is_some_and(|f| f.eq_ignore_ascii_case("json")),
             metrics_addr: get("CLOUDBRAIN_METRICS_ADDR")
                 .map(|a| parse_addr("CLOUDBRAIN_METRICS_ADDR", &a))
@@ -283,6 +358,28 @@ mod tests {
         );
         let both = config(&[db, ("PORT", "8080"), ("CLOUDBRAIN_ADDR", ":9000")]).unwrap();
         assert_eq!(both.addr.to_string(), "0.0.0.0:9000");
+    }
+
+    #[test]
+    fn trusted_proxies_match_addresses_and_networks() {
+        let trusted = TrustedProxies::parse("10.0.0.0/8, 192.168.1.7, ::1, fd00::/8").unwrap();
+        for yes in [
+            "10.1.2.3",
+            "192.168.1.7",
+            "::1",
+            "fd12::1",
+            "::ffff:10.9.9.9",
+        ] {
+            assert!(trusted.contains(yes.parse().unwrap()), "{yes}");
+        }
+        for no in ["11.0.0.1", "192.168.1.8", "::2", "fe80::1", "127.0.0.1"] {
+            assert!(!trusted.contains(no.parse().unwrap()), "{no}");
+        }
+        assert!(TrustedProxies::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
+        assert!(TrustedProxies::parse("10.0.0.0/33").is_err());
+        assert!(TrustedProxies::parse("proxy.internal").is_err());
     }
 
     #[test]

@@ -82,9 +82,10 @@ pub async fn http(
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let verifier = Arc::new(TokenVerifier::new(
+    let verifier = Arc::new(TokenVerifier::with_limits(
         services.pool.clone(),
         services.config.auth_cache_ttl,
+        services.config.scrypt,
     ));
     let listener_task = tokio::spawn(
         verifier
@@ -97,6 +98,7 @@ pub async fn http(
         verifier,
         request_timeout: services.config.request_timeout,
         body_timeout: services.config.body_timeout,
+        trusted_proxies: services.config.trusted_proxies.clone(),
         metrics: services.metrics.clone(),
     };
     let server = api::serve(listener, state, services.config.shutdown_timeout)?;

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use cloudbrain::auth::store::{revoke_token, Revoked};
+use cloudbrain::auth::verifier::ScryptLimits;
 use cloudbrain::auth::Scope;
+use cloudbrain::config::TrustedProxies;
 use common::{TestApp, TestDb};
 use diesel_async::RunQueryDsl;
 use serde_json::Value;
@@ -114,27 +116,36 @@ async fn scrypt_runs_once_per_token_and_never_for_unknown_ids() {
     );
 }
 
+/// A GET of /instances with `token`, as if from `address` behind a trusted proxy.
+async fn from(app: &TestApp, address: &str, token: &str) -> reqwest::Response {
+    app.get("/instances", token)
+        .header("x-forwarded-for", address)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The API behind a trusted proxy on loopback, so tests can speak from many addresses.
+async fn behind_proxy(db: &TestDb, scrypt: ScryptLimits) -> TestApp {
+    let trusted = TrustedProxies::parse("127.0.0.1, ::1").unwrap();
+    TestApp::spawn_with(&db.url, trusted, scrypt).await
+}
+
 #[tokio::test]
-async fn guessing_a_secret_is_throttled_without_scrypt() {
+async fn guessing_a_secret_is_throttled_without_scrypt_and_never_locks_out_the_holder() {
     let db = TestDb::new().await;
-    let app = TestApp::spawn(&db).await;
+    let app = behind_proxy(&db, ScryptLimits::default()).await;
     let token = app.token(Scope::Client).await;
     let id = token.split('-').next().unwrap();
+    let stranger = "203.0.113.9";
     for i in 0..10 {
         let guess = format!("{id}-{:032x}", i);
-        assert_eq!(
-            app.get("/instances", &guess).send().await.unwrap().status(),
-            401
-        );
+        assert_eq!(from(&app, stranger, &guess).await.status(), 401);
     }
     let runs = app.verifier.stats().scrypt_runs;
     assert_eq!(runs, 10);
     for i in 10..15 {
-        let response = app
-            .get("/instances", &format!("{id}-{:032x}", i))
-            .send()
-            .await
-            .unwrap();
+        let response = from(&app, stranger, &format!("{id}-{:032x}", i)).await;
         assert_eq!(response.status(), 429);
         let wait: u64 = response.headers()["retry-after"]
             .to_str()
@@ -152,12 +163,76 @@ async fn guessing_a_secret_is_throttled_without_scrypt() {
         runs,
         "throttled guesses ran scrypt"
     );
-    // Another token is unaffected.
-    let other = app.token(Scope::Client).await;
+    // The holder of token N, elsewhere, is not locked out by a stranger's guesses, in a
+    // process where N was never verified.
+    assert_eq!(from(&app, "198.51.100.7", &token).await.status(), 200);
+    // A client forging X-Forwarded-For through the proxy still lands on its own address.
+    let forged = format!("198.51.100.7, {stranger}");
     assert_eq!(
-        app.get("/instances", &other).send().await.unwrap().status(),
-        200
+        from(&app, &forged, &format!("{id}-{:032x}", 99))
+            .await
+            .status(),
+        429
     );
+}
+
+#[tokio::test]
+async fn concurrent_wrong_secrets_run_no_more_scrypt_than_the_throttle_allows() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    let token = app.token(Scope::Client).await;
+    let id = token.split('-').next().unwrap().to_owned();
+    let guesses = (0..48).map(|i| {
+        let request = app.get("/instances", &format!("{id}-{i:032x}"));
+        async move { request.send().await.unwrap().status().as_u16() }
+    });
+    let statuses = futures_util::future::join_all(guesses).await;
+    assert!(
+        statuses.iter().all(|s| [401, 429, 503].contains(s)),
+        "{statuses:?}"
+    );
+    let stats = app.verifier.stats();
+    assert!(
+        stats.scrypt_runs <= 10,
+        "48 concurrent guesses ran {} hashes",
+        stats.scrypt_runs
+    );
+    let cores = std::thread::available_parallelism().unwrap().get() as u64;
+    assert!(stats.scrypt_peak <= cores, "{stats:?}");
+}
+
+#[tokio::test]
+async fn scrypt_runs_at_most_k_at_once_and_the_rest_get_503_after_a_short_wait() {
+    let db = TestDb::new().await;
+    let limits = ScryptLimits {
+        concurrency: 1,
+        wait: Duration::from_millis(50),
+    };
+    let app = behind_proxy(&db, limits).await;
+    let token = app.token(Scope::Client).await;
+    let id = token.split('-').next().unwrap().to_owned();
+    // Twenty strangers at once, each with an attempt left: only the bound holds them.
+    let guesses = (0..20).map(|i| {
+        let request = app
+            .get("/instances", &format!("{id}-{i:032x}"))
+            .header("x-forwarded-for", format!("203.0.113.{i}"));
+        async move {
+            let response = request.send().await.unwrap();
+            let retry_after = response.headers().get("retry-after").is_some();
+            (response.status().as_u16(), retry_after)
+        }
+    });
+    let answers = futures_util::future::join_all(guesses).await;
+    let busy = answers.iter().filter(|(s, _)| *s == 503).count();
+    assert!(busy > 0, "{answers:?}");
+    assert!(answers
+        .iter()
+        .all(|(s, retry)| *s == 401 || (*s == 503 && *retry)));
+    let stats = app.verifier.stats();
+    assert_eq!(stats.scrypt_peak, 1, "{stats:?}");
+    assert_eq!(stats.scrypt_busy, busy as u64);
+    // A refused guess gave its attempt back: the stranger may try again later.
+    assert_eq!(from(&app, "203.0.113.0", &token).await.status(), 200);
 }
 
 #[tokio::test]

@@ -189,11 +189,14 @@ impl From<AuthError> for ApiError {
             AuthError::Rejected => ApiError::Unauthorized,
             AuthError::Throttled { retry_after } => ApiError::TooManyRequests {
                 message: format!(
-                    "too many failed attempts for this token; retry in {} s",
+                    "too many failed attempts from this address; retry in {} s",
                     retry_after.as_secs().max(1)
                 ),
                 retry_after,
             },
+            AuthError::Busy { .. } => ApiError::Unavailable(
+                "too many token verifications at once, try again shortly".to_owned(),
+            ),
             AuthError::Unavailable => {
                 ApiError::Unavailable("token store unavailable, try again shortly".to_owned())
             }

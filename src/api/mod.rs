@@ -33,6 +33,8 @@ pub struct AppState {
     pub request_timeout: Duration,
     /// How long a request body may take to arrive.
     pub body_timeout: Duration,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: crate::config::TrustedProxies,
     /// What this process has measured.
     pub metrics: Arc<crate::metrics::Metrics>,
 }

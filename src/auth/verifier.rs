@@ -3,7 +3,8 @@
 //! process within a second through LISTEN/NOTIFY.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,7 @@ use super::{Caller, Scope};
 use crate::db::listen::{listen_forever, Heard};
 use crate::db::Pool;
 
-/// Wrong secrets for one token id tolerated per [`FAILURE_WINDOW`] before it is throttled.
+/// Wrong secrets from one address tolerated per [`FAILURE_WINDOW`] before it is throttled.
 pub const MAX_FAILURES: u32 = 10;
 /// The window in which failures are counted.
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
@@ -32,10 +33,16 @@ pub enum AuthError {
     /// must not be able to tell these apart.
     #[error("invalid or missing token")]
     Rejected,
-    /// Too many wrong secrets for this id lately.
-    #[error("too many failed attempts for this token; retry in {retry_after:?}")]
+    /// Too many wrong secrets from this address lately.
+    #[error("too many failed attempts; retry in {retry_after:?}")]
     Throttled {
         /// How long until attempts are accepted again.
+        retry_after: Duration,
+    },
+    /// Every scrypt slot stayed busy for the whole wait: try again shortly.
+    #[error("too many token verifications at once")]
+    Busy {
+        /// How long to wait before trying again.
         retry_after: Duration,
     },
     /// The token store cannot be reached, so nothing can be decided.
@@ -52,6 +59,30 @@ pub struct AuthStats {
     pub cache_misses: u64,
     /// scrypt computations run.
     pub scrypt_runs: u64,
+    /// Most scrypt computations that ran at once.
+    pub scrypt_peak: u64,
+    /// Verifications refused because every scrypt slot stayed busy.
+    pub scrypt_busy: u64,
+}
+
+/// How much scrypt one process may run: each run holds 16 MiB and a core for tens of
+/// milliseconds, so an unbounded number is a lever for anyone who can send requests.
+#[derive(Debug, Clone, Copy)]
+pub struct ScryptLimits {
+    /// Most verifications at once (`CLOUDBRAIN_SCRYPT_CONCURRENCY`, default: the cores).
+    pub concurrency: usize,
+    /// How long a verification waits for a slot before the request gets 503
+    /// (`CLOUDBRAIN_SCRYPT_WAIT`, default 1 s).
+    pub wait: Duration,
+}
+
+impl Default for ScryptLimits {
+    fn default() -> Self {
+        Self {
+            concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            wait: Duration::from_secs(1),
+        }
+    }
 }
 
 struct Verified {
@@ -70,7 +101,8 @@ struct State {
     verified: HashMap<[u8; 32], Verified>,
     /// One lock per token being verified, so concurrent first requests run scrypt once.
     in_flight: HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>,
-    failures: HashMap<i32, Failures>,
+    /// Wrong secrets (and verifications under way) by the caller's address.
+    failures: HashMap<IpAddr, Failures>,
     touched: HashMap<i32, Instant>,
 }
 
@@ -87,11 +119,22 @@ pub struct TokenVerifier {
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
     scrypt_runs: AtomicU64,
+    scrypt_slots: tokio::sync::Semaphore,
+    scrypt_wait: Duration,
+    scrypt_now: AtomicUsize,
+    scrypt_peak: AtomicUsize,
+    scrypt_busy: AtomicU64,
 }
 
 impl TokenVerifier {
-    /// A verifier reading tokens through `pool`, trusting a verification for `ttl`.
+    /// A verifier reading tokens through `pool`, trusting a verification for `ttl`, with
+    /// the default scrypt limits.
     pub fn new(pool: Pool, ttl: Duration) -> Self {
+        Self::with_limits(pool, ttl, ScryptLimits::default())
+    }
+
+    /// A verifier that runs at most `limits.concurrency` scrypts at once.
+    pub fn with_limits(pool: Pool, ttl: Duration, limits: ScryptLimits) -> Self {
         Self {
             pool,
             ttl,
@@ -101,6 +144,11 @@ impl TokenVerifier {
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
             scrypt_runs: AtomicU64::new(0),
+            scrypt_slots: tokio::sync::Semaphore::new(limits.concurrency.max(1)),
+            scrypt_wait: limits.wait,
+            scrypt_now: AtomicUsize::new(0),
+            scrypt_peak: AtomicUsize::new(0),
+            scrypt_busy: AtomicU64::new(0),
         }
     }
 
@@ -110,6 +158,8 @@ impl TokenVerifier {
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
             cache_misses: self.cache_misses.load(Ordering::Relaxed),
             scrypt_runs: self.scrypt_runs.load(Ordering::Relaxed),
+            scrypt_peak: self.scrypt_peak.load(Ordering::Relaxed) as u64,
+            scrypt_busy: self.scrypt_busy.load(Ordering::Relaxed),
         }
     }
 
@@ -123,8 +173,13 @@ impl TokenVerifier {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Authenticates a token as presented by a client (`<id>-<32 hex>`).
-    pub async fn verify(&self, presented: &str) -> Result<Caller, AuthError> {
+    /// Authenticates a token as presented by a client (`<id>-<32 hex>`) from `address`.
+    ///
+    /// A wrong secret counts against the caller's address, not the token: a stranger
+    /// guessing at token N throttles only themselves, never N's holder. The attempt is
+    /// counted before scrypt runs, so concurrent guesses from one address get at most
+    /// [`MAX_FAILURES`] hashes, and at most [`ScryptLimits::concurrency`] hashes run at once.
+    pub async fn verify(&self, presented: &str, address: IpAddr) -> Result<Caller, AuthError> {
         let token: Token = presented.parse().map_err(|_| AuthError::Rejected)?;
         let key: [u8; 32] = Sha256::digest(token.to_string().as_bytes()).into();
 
@@ -137,7 +192,7 @@ impl TokenVerifier {
             self.forget_token(token.id);
             return Err(AuthError::Rejected);
         }
-        self.check_throttle(token.id)?;
+        self.check_throttle(address)?;
 
         let epoch = self.revocations.load(Ordering::Acquire);
         let row = {
@@ -153,60 +208,81 @@ impl TokenVerifier {
         };
 
         let slot = self.lock().in_flight.entry(key).or_default().clone();
-        let _turn = slot.lock().await;
-        if let Some(caller) = self.cached(&key) {
+        let turn = slot.lock().await;
+        let result = self
+            .verify_in_turn(&token, &row, address, &key, epoch)
+            .await;
+        drop(turn);
+        // On every path, so refused guesses leave nothing behind.
+        self.lock().in_flight.remove(&key);
+        let caller = result?;
+        self.touch(caller.token_id);
+        Ok(caller)
+    }
+
+    /// The part of [`TokenVerifier::verify`] that runs once per token at a time.
+    async fn verify_in_turn(
+        &self,
+        token: &Token,
+        row: &crate::db::models::AuthToken,
+        address: IpAddr,
+        key: &[u8; 32],
+        epoch: u64,
+    ) -> Result<Caller, AuthError> {
+        if let Some(caller) = self.cached(key) {
             // Verified by a concurrent request while this one waited its turn.
             self.cache_hits.fetch_add(1, Ordering::Relaxed);
-            self.touch(caller.token_id);
             return Ok(caller);
         }
-        self.check_throttle(token.id)?;
-        self.cache_misses.fetch_add(1, Ordering::Relaxed);
-        self.scrypt_runs.fetch_add(1, Ordering::Relaxed);
-        let secret = token.secret;
-        let salt = row.token_salt.clone();
-        let computed = tokio::task::spawn_blocking(move || hash_secret(&secret, &salt))
-            .await
-            .map_err(|_| AuthError::Unavailable)?;
-        let matches: bool = computed.ct_eq(row.token_hash.as_slice()).into();
-
-        let mut state = self.lock();
-        state.in_flight.remove(&key);
-        if !matches {
-            let now = Instant::now();
-            let failures = state.failures.entry(token.id).or_insert(Failures {
-                since: now,
-                count: 0,
-            });
-            if now.duration_since(failures.since) > FAILURE_WINDOW {
-                *failures = Failures {
-                    since: now,
-                    count: 0,
-                };
-            }
-            failures.count += 1;
-            if state.failures.len() > SWEEP_AT {
-                state
-                    .failures
-                    .retain(|_, f| now.duration_since(f.since) <= FAILURE_WINDOW);
-            }
+        self.reserve_attempt(address)?;
+        let matches = self.hash_matches(token, row).await;
+        if !matches.as_ref().is_ok_and(|m| !m) {
+            // Only a wrong secret keeps its attempt counted.
+            self.release_attempt(address);
+        }
+        if !matches? {
             return Err(AuthError::Rejected);
         }
         let caller = Caller {
             token_id: row.id,
             scope: Scope::from_db(&row.scope),
         };
+        let mut state = self.lock();
         if self.revocations.load(Ordering::Acquire) == epoch {
             let now = Instant::now();
             if state.verified.len() > SWEEP_AT {
                 let ttl = self.ttl;
                 state.verified.retain(|_, v| now.duration_since(v.at) < ttl);
             }
-            state.verified.insert(key, Verified { caller, at: now });
+            state.verified.insert(*key, Verified { caller, at: now });
         }
-        drop(state);
-        self.touch(caller.token_id);
         Ok(caller)
+    }
+
+    /// Runs scrypt in one of the bounded slots, waiting at most the configured time for one.
+    async fn hash_matches(
+        &self,
+        token: &Token,
+        row: &crate::db::models::AuthToken,
+    ) -> Result<bool, AuthError> {
+        let Ok(Ok(_permit)) =
+            tokio::time::timeout(self.scrypt_wait, self.scrypt_slots.acquire()).await
+        else {
+            self.scrypt_busy.fetch_add(1, Ordering::Relaxed);
+            return Err(AuthError::Busy {
+                retry_after: self.scrypt_wait.max(Duration::from_secs(1)),
+            });
+        };
+        self.cache_misses.fetch_add(1, Ordering::Relaxed);
+        self.scrypt_runs.fetch_add(1, Ordering::Relaxed);
+        let now = self.scrypt_now.fetch_add(1, Ordering::AcqRel) + 1;
+        self.scrypt_peak.fetch_max(now, Ordering::AcqRel);
+        let secret = token.secret;
+        let salt = row.token_salt.clone();
+        let computed = tokio::task::spawn_blocking(move || hash_secret(&secret, &salt)).await;
+        self.scrypt_now.fetch_sub(1, Ordering::AcqRel);
+        let computed = computed.map_err(|_| AuthError::Unavailable)?;
+        Ok(computed.ct_eq(row.token_hash.as_slice()).into())
     }
 
     fn cached(&self, key: &[u8; 32]) -> Option<Caller> {
@@ -218,15 +294,50 @@ impl TokenVerifier {
             .map(|v| v.caller)
     }
 
-    fn check_throttle(&self, id: i32) -> Result<(), AuthError> {
+    fn check_throttle(&self, address: IpAddr) -> Result<(), AuthError> {
         let state = self.lock();
-        match state.failures.get(&id) {
+        match state.failures.get(&address) {
             Some(f) if f.count >= MAX_FAILURES && f.since.elapsed() <= FAILURE_WINDOW => {
                 Err(AuthError::Throttled {
                     retry_after: FAILURE_WINDOW.saturating_sub(f.since.elapsed()),
                 })
             }
             _ => Ok(()),
+        }
+    }
+
+    /// Counts an attempt from `address` before its scrypt runs, refusing it once the
+    /// address is out of attempts; a verification that succeeds gives its attempt back.
+    fn reserve_attempt(&self, address: IpAddr) -> Result<(), AuthError> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        if state.failures.len() > SWEEP_AT {
+            state
+                .failures
+                .retain(|_, f| now.duration_since(f.since) <= FAILURE_WINDOW);
+        }
+        let failures = state.failures.entry(address).or_insert(Failures {
+            since: now,
+            count: 0,
+        });
+        if now.duration_since(failures.since) > FAILURE_WINDOW {
+            *failures = Failures {
+                since: now,
+                count: 0,
+            };
+        }
+        if failures.count >= MAX_FAILURES {
+            return Err(AuthError::Throttled {
+                retry_after: FAILURE_WINDOW.saturating_sub(now.duration_since(failures.since)),
+            });
+        }
+        failures.count += 1;
+        Ok(())
+    }
+
+    fn release_attempt(&self, address: IpAddr) {
+        if let Some(failures) = self.lock().failures.get_mut(&address) {
+            failures.count = failures.count.saturating_sub(1);
         }
     }
 

@@ -10,9 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cloudbrain::api::{self, AppState};
+use cloudbrain::auth::verifier::ScryptLimits;
 use cloudbrain::auth::{store, Scope, TokenVerifier};
 use cloudbrain::broker::providers::insert_provider;
 use cloudbrain::broker::Broker;
+use cloudbrain::config::TrustedProxies;
 use cloudbrain::crypto::SecretKey;
 use cloudbrain::db::{self, Pool};
 use cloudbrain::providers::ProviderKind;
@@ -186,8 +188,17 @@ impl TestApp {
 
     /// Serves the API against any database URL (also an unreachable one).
     pub async fn spawn_on(db_url: &str) -> Self {
+        Self::spawn_with(db_url, TrustedProxies::default(), ScryptLimits::default()).await
+    }
+
+    /// Serves the API believing `X-Forwarded-For` from `trusted`, within `scrypt`'s limits.
+    pub async fn spawn_with(db_url: &str, trusted: TrustedProxies, scrypt: ScryptLimits) -> Self {
         let pool = db::pool(db_url, 8).unwrap();
-        let verifier = Arc::new(TokenVerifier::new(pool.clone(), Duration::from_secs(300)));
+        let verifier = Arc::new(TokenVerifier::with_limits(
+            pool.clone(),
+            Duration::from_secs(300),
+            scrypt,
+        ));
         tokio::spawn(verifier.clone().listen_for_revocations(db_url.to_owned()));
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -196,6 +207,7 @@ impl TestApp {
             verifier: verifier.clone(),
             request_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(1),
+            trusted_proxies: trusted,
             metrics: Default::default(),
         };
         let server = api::serve(listener, state, Duration::from_secs(5)).unwrap();
