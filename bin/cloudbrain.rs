@@ -14,7 +14,7 @@ use cloudbrain::broker::providers::{insert_provider, list_providers};
 use cloudbrain::config::Config;
 use cloudbrain::providers::ProviderKind;
 use cloudbrain::{db, roles, telemetry};
-use diesel_async::{AsyncConnection, AsyncPgConnection};
+use diesel_async::AsyncPgConnection;
 
 #[derive(Parser)]
 #[command(name = "cloudbrain", version, about = "A multi-cloud instance broker")]
@@ -105,9 +105,16 @@ fn main() -> ExitCode {
 }
 
 async fn connect(config: &Config) -> anyhow::Result<AsyncPgConnection> {
-    AsyncPgConnection::establish(&config.database_url)
-        .await
-        .context("connecting to the database (DATABASE_URL)")
+    let mut conn = db::connect(&config.database_url).await?;
+    let pending = db::pending_migrations(&mut conn).await?;
+    if !pending.is_empty() {
+        bail!(
+            "the database at {} is not migrated ({} pending): run `cloudbrain migrate` first",
+            db::describe(&config.database_url),
+            pending.len()
+        );
+    }
+    Ok(conn)
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -207,6 +214,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
 
 /// Runs one role until SIGINT or SIGTERM.
 async fn run_role(config: Config, role: Role) -> anyhow::Result<()> {
+    db::require_migrated(&config.database_url).await?;
     let services = roles::Services::new(config)?;
     let (stop, shutdown) = roles::shutdown_channel();
     tokio::spawn(async move {

@@ -6,6 +6,25 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cloudbrain-target}"
 
 cb_log() { printf '%s\n' "$*" >&2; }
 
+# Installs Debian packages the machine lacks, saying so first, and never upgrades one that
+# is there: when installing would upgrade an installed package (a newer dependency, say),
+# it stops and says which, so the operator decides.
+cb_apt_install() {
+    if [ "$(id -u)" -ne 0 ]; then
+        cb_log "error: missing Debian packages $*: install them (as root: apt-get install $*)"
+        return 1
+    fi
+    cb_log "installing Debian's $* (missing on this machine)"
+    apt-get update -qq
+    local upgrades
+    upgrades=$(apt-get install -s --no-upgrade --no-install-recommends "$@" 2>/dev/null | awk '/^Inst [^ ]+ \[/ {print $2}' | tr '\n' ' ')
+    if [ -n "$upgrades" ]; then
+        cb_log "error: installing $* would upgrade installed packages: $upgrades; install $* yourself"
+        return 1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-upgrade --no-install-recommends "$@" >/dev/null
+}
+
 # Runs a command as the unprivileged user that owns the throwaway cluster.
 cb_as_pg_user() {
     if [ "$(id -u)" -eq 0 ]; then
@@ -25,12 +44,8 @@ cb_find_postgres() {
         local bin
         bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
         if [ -z "$bin" ]; then
-            cb_log "PostgreSQL server binaries not found; installing Debian's postgresql"
-            if [ "$(id -u)" -ne 0 ]; then
-                cb_log "error: run as root or install postgresql yourself (initdb, pg_ctl)"
-                return 1
-            fi
-            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+            cb_log "PostgreSQL server binaries (initdb, pg_ctl) not found"
+            cb_apt_install postgresql || return 1
             bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
         fi
         export PATH="$bin:$PATH"
@@ -80,10 +95,16 @@ cb_ensure_diesel_cli() {
         export PATH="$HOME/.cargo/bin:$PATH"
     fi
     if ! command -v diesel >/dev/null 2>&1; then
-        cb_log "installing diesel_cli (postgres only)"
-        if ! ldconfig -p 2>/dev/null | grep -q 'libpq\.so '; then
-            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libpq-dev >/dev/null
+        # diesel_cli links libpq: its development files must be there (the package, or a
+        # libpq.so from elsewhere).
+        if ! dpkg-query -W -f='${Status}' libpq-dev 2>/dev/null | grep -q 'ok installed' \
+            && ! ldconfig -p 2>/dev/null | grep -q 'libpq\.so[[:space:]]'; then
+            # Pinned to the installed libpq5, so the client library is never upgraded.
+            local libpq
+            libpq=$(dpkg-query -W -f='${Version}' libpq5 2>/dev/null || true)
+            cb_apt_install "libpq-dev${libpq:+=$libpq}"
         fi
+        cb_log "installing diesel_cli (postgres only) with cargo into ~/.cargo/bin (a few minutes)"
         cargo install --locked diesel_cli --version '^2.3' --no-default-features --features postgres
         export PATH="$HOME/.cargo/bin:$PATH"
     fi

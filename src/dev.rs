@@ -167,6 +167,17 @@ impl Drop for ThrowawayPostgres {
     }
 }
 
+/// How to run httpie, so the request printed for pasting works as pasted: the project's
+/// `.venv/bin/http` (where `script/server` installs it) by its full path, since a shell
+/// pasting the line has no `.venv` on its PATH; else `http`.
+fn httpie_command() -> String {
+    std::env::current_dir()
+        .map(|dir| dir.join(".venv/bin/http"))
+        .ok()
+        .filter(|venv| venv.is_file())
+        .map_or_else(|| "http".to_owned(), |venv| venv.display().to_string())
+}
+
 /// Runs `cloudbrain dev` until Ctrl-C or SIGTERM.
 pub async fn run() -> anyhow::Result<()> {
     let given_url = std::env::var("DATABASE_URL")
@@ -238,7 +249,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     println!("token:    {token}");
     println!("database: {}", config.database_url);
     println!();
-    println!("try:      http POST {url}/instances \"Authorization: token {token}\" provider=fake image=ubuntu");
+    let httpie = httpie_command();
+    println!("try:      {httpie} --ignore-stdin POST {url}/instances \"Authorization: token {token}\" provider=fake image=ubuntu");
+    println!("or:       curl -s -H \"Authorization: token {token}\" -H \"Content-Type: application/json\" -d '{{\"provider\":\"fake\",\"image\":\"ubuntu\"}}' {url}/instances");
     println!("or put `machine {host} login token password {token}` in ~/.netrc and run");
     println!("          CLOUDBRAIN_URL={url} script/cloud-brain post instances provider=fake image=ubuntu");
     println!();

@@ -181,20 +181,43 @@ impl Metrics {
             );
         }
         if let Some(auth) = auth {
-            out.push_str("# HELP cloudbrain_auth_cache_hits_total Requests authenticated from the verified-token cache.\n# TYPE cloudbrain_auth_cache_hits_total counter\n");
-            let _ = writeln!(out, "cloudbrain_auth_cache_hits_total {}", auth.cache_hits);
-            out.push_str("# HELP cloudbrain_auth_cache_misses_total Requests that needed the token store.\n# TYPE cloudbrain_auth_cache_misses_total counter\n");
-            let _ = writeln!(
-                out,
-                "cloudbrain_auth_cache_misses_total {}",
-                auth.cache_misses
-            );
-            out.push_str("# HELP cloudbrain_auth_scrypt_runs_total scrypt verifications run.\n# TYPE cloudbrain_auth_scrypt_runs_total counter\n");
-            let _ = writeln!(
-                out,
-                "cloudbrain_auth_scrypt_runs_total {}",
-                auth.scrypt_runs
-            );
+            for (name, kind, help, value) in [
+                (
+                    "cloudbrain_auth_cache_hits_total",
+                    "counter",
+                    "Requests authenticated from the verified-token cache.",
+                    auth.cache_hits,
+                ),
+                (
+                    "cloudbrain_auth_cache_misses_total",
+                    "counter",
+                    "Requests that needed the token store.",
+                    auth.cache_misses,
+                ),
+                (
+                    "cloudbrain_auth_scrypt_runs_total",
+                    "counter",
+                    "scrypt verifications run.",
+                    auth.scrypt_runs,
+                ),
+                (
+                    "cloudbrain_auth_scrypt_peak",
+                    "gauge",
+                    "Most scrypt verifications that ran at once.",
+                    auth.scrypt_peak,
+                ),
+                (
+                    "cloudbrain_auth_scrypt_busy_total",
+                    "counter",
+                    "Verifications refused with 503 because every scrypt slot stayed busy.",
+                    auth.scrypt_busy,
+                ),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+                );
+            }
         }
         out
     }

@@ -1,5 +1,6 @@
 //! Logging: `tracing` to stderr, filtered by `RUST_LOG` (default `info`), as JSON lines when
-//! `CLOUDBRAIN_LOG_FORMAT=json`.
+//! `CLOUDBRAIN_LOG_FORMAT=json`. Colours only when stderr is a terminal, so files and log
+//! collectors get plain text.
 
 use tracing_subscriber::EnvFilter;
 
@@ -8,7 +9,8 @@ pub fn init(json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = if json {
         builder
             .json()

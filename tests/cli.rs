@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{count, TestDb, KEY_HEX};
+use common::{count, TempDir, TestDb, KEY_HEX};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cloudbrain");
 
@@ -64,7 +64,7 @@ async fn tokens_are_made_listed_and_revoked_from_the_command_line() {
     let (id, secret) = token.split_once('-').unwrap();
 
     // Cloud Brain's binary names work through links.
-    let dir = tempdir();
+    let dir = TempDir::new("cloudbrain-cli");
     let link = dir.join("cloudbrain-create-token");
     std::os::unix::fs::symlink(BIN, &link).unwrap();
     let linked = stdout(&run(&link, &db, None, &["operators", "--scope", "admin"]));
@@ -120,7 +120,7 @@ async fn tokens_are_made_listed_and_revoked_from_the_command_line() {
 #[tokio::test]
 async fn providers_are_registered_sealed_and_refused_with_reasons() {
     let db = TestDb::new().await;
-    let dir = tempdir();
+    let dir = TempDir::new("cloudbrain-cli");
     let config = dir.join("fake.json");
     std::fs::write(
         &config,
@@ -245,15 +245,7 @@ async fn providers_are_registered_sealed_and_refused_with_reasons() {
 
 #[tokio::test]
 async fn migrate_is_safe_to_run_concurrently_and_again() {
-    let db = TestDb::new().await;
-    // The test database comes migrated; start over from an empty one.
-    let mut conn = db.conn().await;
-    diesel_async::SimpleAsyncConnection::batch_execute(
-        &mut conn,
-        "DROP SCHEMA public CASCADE; CREATE SCHEMA public;",
-    )
-    .await
-    .unwrap();
+    let db = unmigrated_db().await;
     let children: Vec<_> = (0..3)
         .map(|_| {
             Command::new(BIN)
@@ -278,6 +270,7 @@ async fn migrate_is_safe_to_run_concurrently_and_again() {
         stdout(&cloudbrain(&db, &["migrate"])),
         "database is up to date\n"
     );
+    let mut conn = db.conn().await;
     assert_eq!(
         count(&mut conn, "SELECT count(*) AS n FROM instances").await,
         0
@@ -307,9 +300,71 @@ async fn schema_rs_is_what_diesel_print_schema_prints() {
     );
 }
 
-fn tempdir() -> std::path::PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("cloudbrain-cli-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+#[tokio::test]
+async fn an_unmigrated_database_says_run_migrate_and_an_unreachable_one_says_where() {
+    let db = unmigrated_db().await;
+    for args in [
+        &["create-token", "x"][..],
+        &["list-tokens"],
+        &["http"],
+        &["create-worker"],
+        &["refresh-worker"],
+    ] {
+        let output = cloudbrain(&db, args);
+        assert!(!output.status.success(), "{args:?} ran unmigrated");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("run `cloudbrain migrate`"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("does not exist"), "{args:?}: {stderr}");
+    }
+    // A server started before the migration is not ready, and says why.
+    let app = common::TestApp::spawn(&db).await;
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert!(
+        body["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("cloudbrain migrate"),
+        "{body}"
+    );
+    stdout(&cloudbrain(&db, &["migrate"]));
+    assert_eq!(app.anonymous_status("/readyz").await, 200);
+
+    // Nothing listens on this port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let output = Command::new(BIN)
+        .arg("list-tokens")
+        .env_clear()
+        .env(
+            "DATABASE_URL",
+            format!("postgres://cb:hunter2@127.0.0.1:{port}/cb"),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains(&format!("127.0.0.1:{port}/cb")), "{stderr}");
+    assert!(stderr.to_lowercase().contains("refused"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+/// A test database with nothing in it: the template comes migrated, so start over.
+async fn unmigrated_db() -> TestDb {
+    let db = TestDb::new().await;
+    let mut conn = db.conn().await;
+    diesel_async::SimpleAsyncConnection::batch_execute(
+        &mut conn,
+        "DROP SCHEMA public CASCADE; CREATE SCHEMA public;",
+    )
+    .await
+    .unwrap();
+    db
 }

@@ -2,18 +2,25 @@
 //! database, driven with the real httpie through `script/cloud-brain` and a real ~/.netrc.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::TempDir;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use serde_json::Value;
+
+mod common;
 
 struct Dev {
     child: Child,
     url: String,
     token: String,
     database: String,
+    /// The httpie request it prints to paste.
+    try_httpie: String,
+    /// The curl request it prints to paste.
+    try_curl: String,
 }
 
 impl Drop for Dev {
@@ -36,6 +43,7 @@ fn start_dev() -> Dev {
         .port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_cloudbrain"))
         .arg("dev")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env_remove("DATABASE_URL")
         .env_remove("CLOUDBRAIN_DATABASE_ENCRYPTION_KEY")
         .env("CLOUDBRAIN_ADDR", format!("127.0.0.1:{port}"))
@@ -46,7 +54,8 @@ fn start_dev() -> Dev {
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let (mut url, mut token, mut database) = (None, None, None);
-    while database.is_none() {
+    let (mut try_httpie, mut try_curl) = (None, None);
+    while try_curl.is_none() {
         let line = lines
             .next()
             .expect("cloudbrain dev ended before printing its database")
@@ -55,6 +64,8 @@ fn start_dev() -> Dev {
         url = url.or(field("url:"));
         token = token.or(field("token:"));
         database = database.or(field("database:"));
+        try_httpie = try_httpie.or(field("try:"));
+        try_curl = try_curl.or(field("or:"));
     }
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
@@ -63,6 +74,8 @@ fn start_dev() -> Dev {
         url: url.unwrap(),
         token: token.unwrap(),
         database: database.unwrap(),
+        try_httpie: try_httpie.unwrap(),
+        try_curl: try_curl.unwrap(),
     }
 }
 
@@ -86,10 +99,9 @@ fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
-fn home_with_netrc(token: Option<&str>) -> PathBuf {
-    let home =
-        std::env::temp_dir().join(format!("cloudbrain-home-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&home).unwrap();
+fn home_with_netrc(token: Option<&str>) -> TempDir {
+    let dir = TempDir::new("cloudbrain-home");
+    let home = dir.path();
     if let Some(token) = token {
         let netrc = home.join(".netrc");
         std::fs::write(
@@ -103,16 +115,17 @@ fn home_with_netrc(token: Option<&str>) -> PathBuf {
             .status()
             .unwrap();
     }
-    home
+    dir
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dev_and_the_httpie_helper_take_an_instance_from_request_to_terminated() {
     let mut dev = start_dev();
-    let home = home_with_netrc(Some(&dev.token));
+    let home_dir = home_with_netrc(Some(&dev.token));
+    let home = home_dir.path();
 
     let (output, created) = cloud_brain(
-        &home,
+        home,
         &dev.url,
         &["post", "instances", "provider=fake", "image=ubuntu-24.04"],
     );
@@ -126,22 +139,22 @@ async fn dev_and_the_httpie_helper_take_an_instance_from_request_to_terminated()
     let path = format!("instances/{id}");
 
     wait_for("running", Duration::from_secs(30), || {
-        cloud_brain(&home, &dev.url, &["get", &path]).1["state"] == "running"
+        cloud_brain(home, &dev.url, &["get", &path]).1["state"] == "running"
     });
-    let (_, running) = cloud_brain(&home, &dev.url, &["get", &path]);
+    let (_, running) = cloud_brain(home, &dev.url, &["get", &path]);
     assert!(
         running["ip_address"].is_string() && running["upstream_id"].is_string(),
         "{running}"
     );
 
-    let (output, deleting) = cloud_brain(&home, &dev.url, &["delete", &path]);
+    let (output, deleting) = cloud_brain(home, &dev.url, &["delete", &path]);
     assert!(output.status.success());
     assert!(
         ["terminating", "terminated"].contains(&deleting["state"].as_str().unwrap()),
         "{deleting}"
     );
     wait_for("terminated", Duration::from_secs(30), || {
-        let (output, body) = cloud_brain(&home, &dev.url, &["get", &path]);
+        let (output, body) = cloud_brain(home, &dev.url, &["get", &path]);
         // httpie's --check-status exits 4 on the 410 that a terminated instance answers.
         output.status.code() == Some(4) && body["state"] == "terminated"
     });
@@ -159,9 +172,25 @@ async fn dev_and_the_httpie_helper_take_an_instance_from_request_to_terminated()
     assert_eq!(machines.n, 0, "the fake cloud still holds a machine");
     drop(conn);
 
+    // The requests it prints work as pasted into a shell that has only the system's PATH.
+    for line in [&dev.try_httpie, &dev.try_curl] {
+        let output = Command::new("bash")
+            .arg("-c")
+            .arg(line)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("HOME", home)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{line}: {output:?}");
+        let body: Value = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|_| panic!("{line}: {}", String::from_utf8_lossy(&output.stdout)));
+        assert_eq!(body["state"], "creating", "{line}: {body}");
+    }
+
     // Without a .netrc entry the helper says what to do, and sends nothing.
     let bare = home_with_netrc(None);
-    let (output, _) = cloud_brain(&bare, &dev.url, &["get", "instances"]);
+    let (output, _) = cloud_brain(bare.path(), &dev.url, &["get", "instances"]);
     assert_eq!(output.status.code(), Some(2));
     let message = String::from_utf8_lossy(&output.stderr);
     assert!(

@@ -19,12 +19,16 @@ fn free_port() -> u16 {
 }
 
 fn start_http(db: &TestDb, port: u16) -> Child {
+    start_http_logging(db, port, "json")
+}
+
+fn start_http_logging(db: &TestDb, port: u16, format: &str) -> Child {
     let child = Command::new(env!("CARGO_BIN_EXE_cloudbrain"))
         .arg("http")
         .env("DATABASE_URL", &db.url)
         .env("CLOUDBRAIN_ADDR", format!("127.0.0.1:{port}"))
         .env("CLOUDBRAIN_DATABASE_ENCRYPTION_KEY", KEY_HEX)
-        .env("CLOUDBRAIN_LOG_FORMAT", "json")
+        .env("CLOUDBRAIN_LOG_FORMAT", format)
         .env("CLOUDBRAIN_SHUTDOWN_TIMEOUT", "10")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -55,6 +59,21 @@ fn sigterm(child: &Child) {
     assert!(status.success());
 }
 
+/// Stops the process with SIGTERM, checks it exited cleanly, and returns its log.
+fn stop_and_read_logs(child: &mut Child) -> String {
+    sigterm(child);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let mut logs = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    logs
+}
+
 #[tokio::test]
 async fn logs_carry_the_request_id_and_never_the_token() {
     let db = TestDb::new().await;
@@ -70,16 +89,7 @@ async fn logs_carry_the_request_id_and_never_the_token() {
     assert!(response
         .to_ascii_lowercase()
         .contains("x-request-id: trace-me-42"));
-    sigterm(&child);
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{status:?}");
-    let mut logs = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .unwrap();
+    let logs = stop_and_read_logs(&mut child);
     let secret = token.split_once('-').unwrap().1;
     assert!(!logs.contains(secret), "the token's secret was logged");
     let tagged: Vec<serde_json::Value> = logs
@@ -94,6 +104,24 @@ async fn logs_carry_the_request_id_and_never_the_token() {
         "no log line names the request id:\n{logs}"
     );
     assert!(tagged.iter().any(|l| l["status"] == 200), "{tagged:?}");
+}
+
+#[tokio::test]
+async fn text_logs_to_a_pipe_carry_no_terminal_colours() {
+    let db = TestDb::new().await;
+    let port = free_port();
+    let mut child = start_http_logging(&db, port, "text");
+    let response = raw_request(
+        port,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let logs = stop_and_read_logs(&mut child);
+    assert!(logs.contains("request finished"), "{logs}");
+    assert!(
+        !logs.contains('\u{1b}'),
+        "ANSI escapes in a log file: {logs:?}"
+    );
 }
 
 #[tokio::test]

@@ -175,6 +175,7 @@ impl From<BrokerError> for ApiError {
             BrokerError::Unavailable => {
                 ApiError::Unavailable("database unavailable, try again shortly".to_owned())
             }
+            BrokerError::NotMigrated(_) => ApiError::Unavailable(err.to_string()),
             BrokerError::Internal(error) => {
                 tracing::error!(error = format!("{error:#}"), "internal error");
                 ApiError::Internal

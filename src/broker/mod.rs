@@ -38,6 +38,9 @@ pub enum BrokerError {
     /// The database cannot be reached.
     #[error("database unavailable")]
     Unavailable,
+    /// The database lacks migrations this binary needs.
+    #[error("the database is not migrated ({0} migration(s) pending): run `cloudbrain migrate`")]
+    NotMigrated(usize),
     /// Anything unexpected; logged once where it is turned into a response.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -91,11 +94,14 @@ impl Broker {
         })
     }
 
-    /// Checks that the database answers.
+    /// Checks that the database answers and has every migration this binary knows;
+    /// the error says what is wrong.
     pub async fn ping(&self) -> Result<(), BrokerError> {
-        use diesel_async::RunQueryDsl;
         let mut conn = self.conn().await?;
-        diesel::sql_query("SELECT 1").execute(&mut conn).await?;
+        let pending = crate::db::pending_migrations(&mut conn).await?;
+        if !pending.is_empty() {
+            return Err(BrokerError::NotMigrated(pending.len()));
+        }
         Ok(())
     }
 }

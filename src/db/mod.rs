@@ -6,6 +6,7 @@ pub mod schema;
 
 use anyhow::Context;
 use diesel::sql_types::BigInt;
+use diesel::QueryResult;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_async::pooled_connection::deadpool;
 use diesel_async::pooled_connection::AsyncDieselConnectionManager;
@@ -56,6 +57,92 @@ pub fn is_unavailable(err: &diesel::result::Error) -> bool {
     }
 }
 
+/// Where `url` points, for messages: `host:port/database`, never the user or password.
+pub fn describe(url: &str) -> String {
+    let Some((_, rest)) = url.split_once("://") else {
+        return "the database DATABASE_URL names".to_owned();
+    };
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let (host, database) = rest.split_once('/').unwrap_or((rest, ""));
+    let host = if host.is_empty() { "localhost" } else { host };
+    let host = if host.contains(':') && !host.ends_with(']') {
+        host.to_owned()
+    } else {
+        format!("{host}:5432")
+    };
+    format!("{host}/{database}")
+}
+
+/// Opens one connection, naming where and why when it cannot.
+pub async fn connect(url: &str) -> anyhow::Result<AsyncPgConnection> {
+    match AsyncPgConnection::establish(url).await {
+        Ok(conn) => Ok(conn),
+        Err(error) => {
+            let place = describe(url);
+            // The driver's error says only "error connecting to server"; the socket says why.
+            let host = place.split('/').next().unwrap_or_default().to_owned();
+            let why = match tokio::time::timeout(
+                std::time::Duration::from_secs(3),
+                tokio::net::TcpStream::connect(&host),
+            )
+            .await
+            {
+                Ok(Err(io)) => io.to_string(),
+                Err(_) => "no answer within 3 s".to_owned(),
+                Ok(Ok(_)) => error.to_string(),
+            };
+            anyhow::bail!("cannot reach the database at {place} (DATABASE_URL): {why}")
+        }
+    }
+}
+
+/// The versions of the migrations built into this binary that the database lacks.
+pub async fn pending_migrations(conn: &mut AsyncPgConnection) -> QueryResult<Vec<String>> {
+    use diesel::migration::MigrationSource;
+    #[derive(diesel::QueryableByName)]
+    struct Applied {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        version: String,
+    }
+    let tracked: Vec<Applied> = diesel::sql_query("SELECT version FROM __diesel_schema_migrations")
+        .load(conn)
+        .await
+        .or_else(|err| match err {
+            // No table yet: nothing was ever applied.
+            diesel::result::Error::DatabaseError(_, ref info)
+                if info.message().contains("__diesel_schema_migrations") =>
+            {
+                Ok(Vec::new())
+            }
+            other => Err(other),
+        })?;
+    let embedded: Vec<Box<dyn diesel::migration::Migration<diesel::pg::Pg>>> =
+        MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS).map_err(|e| {
+            diesel::result::Error::QueryBuilderError(format!("reading migrations: {e}").into())
+        })?;
+    Ok(embedded
+        .iter()
+        .map(|m| m.name().version().to_string())
+        .filter(|v| !tracked.iter().any(|t| &t.version == v))
+        .collect())
+}
+
+/// Fails, saying what to run, when the database at `url` lacks migrations this binary has.
+pub async fn require_migrated(url: &str) -> anyhow::Result<()> {
+    let mut conn = connect(url).await?;
+    let pending = pending_migrations(&mut conn).await?;
+    if !pending.is_empty() {
+        anyhow::bail!(
+            "the database at {} is not migrated ({} migration(s) pending: {}): run `cloudbrain migrate`",
+            describe(url),
+            pending.len(),
+            pending.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Builds a connection pool of at most `size` connections; connects lazily.
 pub fn pool(database_url: &str, size: usize) -> anyhow::Result<Pool> {
     let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(database_url);
@@ -70,9 +157,7 @@ pub fn pool(database_url: &str, size: usize) -> anyhow::Result<Pool> {
 
 /// Applies every pending migration under an advisory lock and returns the versions applied.
 pub async fn run_migrations(database_url: &str) -> anyhow::Result<Vec<String>> {
-    let mut conn = AsyncPgConnection::establish(database_url)
-        .await
-        .context("connecting to the database")?;
+    let mut conn = connect(database_url).await?;
     diesel::sql_query("SELECT pg_advisory_lock($1)")
         .bind::<BigInt, _>(MIGRATION_LOCK_KEY)
         .execute(&mut conn)
@@ -95,4 +180,20 @@ pub async fn run_migrations(database_url: &str) -> anyhow::Result<Vec<String>> {
         .await
         .context("releasing the migration lock")?;
     applied
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+
+    #[test]
+    fn descriptions_name_host_port_and_database_never_the_password() {
+        assert_eq!(
+            describe("postgres://cb:s3cret@db.internal:6432/cloudbrain?sslmode=require"),
+            "db.internal:6432/cloudbrain"
+        );
+        assert_eq!(describe("postgres://db.internal/cb"), "db.internal:5432/cb");
+        assert_eq!(describe("postgresql://u@[::1]:5433/x"), "[::1]:5433/x");
+        assert!(!describe("host=x password=y").contains('y'));
+    }
 }

@@ -21,6 +21,32 @@ use cloudbrain::providers::ProviderKind;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use sha2::{Digest, Sha256};
 
+/// A directory of the test's own under the system's temp directory, removed with
+/// everything in it (a `.netrc` with a token, say) when the test ends, pass or fail.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    pub fn join(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The encryption key every test uses.
 pub const KEY_HEX: &str = "8f2b6c1d4e5a69780a1b2c3d4e5f60718293a4b5c6d7e8f90112233445566778";
 
