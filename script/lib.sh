@@ -144,3 +144,40 @@ cb_ensure_gce_references() {
         .venv/bin/pip install --quiet --disable-pip-version-check apache-libcloud google-api-python-client
     fi
 }
+
+# schemathesis (from PyPI, into .venv), the schema-driven API fuzzer.
+cb_ensure_schemathesis() {
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    if [ ! -x .venv/bin/st ]; then
+        cb_log "installing schemathesis into .venv"
+        .venv/bin/pip install --quiet --disable-pip-version-check schemathesis
+    fi
+}
+
+# Fuzzes the API from its own /openapi.json for about a minute: `cloudbrain dev` (built
+# binary $1) on a throwaway cluster of its own, its token, every check schemathesis has
+# but the ones schemathesis.toml explains. Fails on any finding.
+cb_run_schemathesis() {
+    local bin=$1 port out pid token status=0
+    port=$(cb_free_port)
+    out=$(mktemp)
+    env -u DATABASE_URL CLOUDBRAIN_ADDR="127.0.0.1:$port" RUST_LOG=warn "$bin" dev >"$out" &
+    pid=$!
+    for _ in $(seq 300); do
+        token=$(sed -n 's/^token: *//p' "$out")
+        [ -n "$token" ] && curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    if [ -z "$token" ]; then
+        cb_log "cloudbrain dev did not start for schemathesis"
+        kill -TERM "$pid" 2>/dev/null || true
+        rm -f "$out"
+        return 1
+    fi
+    .venv/bin/st run "http://127.0.0.1:$port/openapi.json" -H "Authorization: token $token" \
+        --max-time 60 --request-timeout 20 || status=$?
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    rm -f "$out"
+    return "$status"
+}

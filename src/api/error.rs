@@ -41,6 +41,14 @@ pub enum ApiError {
     /// The body is not JSON by its Content-Type (415).
     #[error("Content-Type must be application/json (or absent), not {0:?}")]
     UnsupportedMediaType(String),
+    /// The request conflicts with an earlier one; `field` names what they share (409).
+    #[error("{message}")]
+    Conflict {
+        /// What the two requests share.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
     /// The request breaks a rule; `field` names the culprit (422).
     #[error("{message}")]
     Unprocessable {
@@ -88,6 +96,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Gone(_) => "gone",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::Conflict { .. } => "conflict",
             ApiError::Unprocessable { .. } => "validation_failed",
             ApiError::TooManyRequests { .. } => "too_many_requests",
             ApiError::Unavailable(_) => "unavailable",
@@ -115,6 +124,7 @@ impl ResponseError for ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Gone(_) => StatusCode::GONE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -149,6 +159,7 @@ impl ResponseError for ApiError {
         }
         let field = match self {
             ApiError::Unprocessable { field, .. } => *field,
+            ApiError::Conflict { field, .. } => Some(*field),
             _ => None,
         };
         response.json(ErrorBody {
@@ -166,8 +177,8 @@ impl From<BrokerError> for ApiError {
                 field: Some(field),
                 message,
             },
-            BrokerError::IdempotencyConflict => ApiError::Unprocessable {
-                field: Some("Idempotency-Key"),
+            BrokerError::IdempotencyConflict => ApiError::Conflict {
+                field: "Idempotency-Key",
                 message: err.to_string(),
             },
             BrokerError::NotFound => ApiError::NotFound("instance not found".to_owned()),

@@ -312,7 +312,8 @@ fn parse_create(body: &[u8]) -> Result<CreateInstance, ApiError> {
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),
         (status = 413, description = "Body over 64 KiB", body = ErrorBody),
         (status = 415, description = "A Content-Type other than JSON", body = ErrorBody),
-        (status = 422, description = "A field breaks a rule, or the Idempotency-Key was used with another body", body = ErrorBody),
+        (status = 409, description = "The Idempotency-Key was used with another body", body = ErrorBody),
+        (status = 422, description = "A field breaks a rule", body = ErrorBody),
         (status = 429, description = "Too many failed attempts for this token", body = ErrorBody),
         (status = 503, description = "Database unavailable", body = ErrorBody),
     ),
@@ -410,9 +411,13 @@ pub async fn list_instances(
     let limit = query
         .limit
         .map(|l| {
-            l.trim().parse::<i64>().map_err(|_| {
-                ApiError::invalid("limit", "limit must be a whole number from 1 to 1000")
-            })
+            l.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| l.parse::<i64>().ok())
+                .flatten()
+                .ok_or_else(|| {
+                    ApiError::invalid("limit", "limit must be a whole number from 1 to 1000")
+                })
         })
         .transpose()?;
     let page = state

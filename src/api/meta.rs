@@ -2,7 +2,6 @@
 
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
-use utoipa::OpenApi;
 
 use super::error::{ApiError, ErrorBody};
 use super::AppState;
@@ -71,10 +70,14 @@ pub async fn list_providers(
     Ok(HttpResponse::Ok().json(ProviderList { providers }))
 }
 
-/// This API's OpenAPI 3.1 document.
-#[utoipa::path(get, path = "/openapi.json", tag = "service", responses((status = 200, description = "OpenAPI 3.1 document")))]
-pub async fn openapi() -> HttpResponse {
-    HttpResponse::Ok().json(super::ApiDoc::openapi())
+/// This API's OpenAPI 3.1 document, naming the registered providers and their types.
+#[utoipa::path(get, path = "/openapi.json", tag = "service", responses(
+    (status = 200, description = "OpenAPI 3.1 document"),
+    (status = 503, description = "Database unreachable", body = ErrorBody),
+))]
+pub async fn openapi(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let offered = state.broker.offered_instance_types().await?;
+    Ok(HttpResponse::Ok().json(super::openapi::document(&offered)?))
 }
 
 async fn render(

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod error;
 pub mod instances;
 pub mod meta;
+pub mod openapi;
 
 use std::net::TcpListener;
 use std::sync::Arc;

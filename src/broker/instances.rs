@@ -1,6 +1,5 @@
 //! Instances: ask for one, read one, list them, give one back, read its timeline.
 
-use base64::Engine;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
@@ -120,7 +119,7 @@ impl Broker {
                     format!("provider {:?} does not exist", request.provider),
                 )
             })?;
-        let instance_type = match request.instance_type.as_deref().map(str::trim) {
+        let instance_type = match request.instance_type.as_deref() {
             None | Some("") | Some(DEFAULT_TYPE_ALIAS) => offered.default_instance_type.clone(),
             Some(named) => {
                 validate::required_text("instance_type", named, validate::MAX_INSTANCE_TYPE_LEN)?;
@@ -331,27 +330,35 @@ fn parse_id(id: &str) -> Result<Uuid, BrokerError> {
     Uuid::parse_str(id).map_err(|_| BrokerError::NotFound)
 }
 
+/// The pattern of a cursor: the last instance's creation time in microseconds since 1970
+/// (at most 17 digits: before the year 5138, inside every range Postgres and chrono
+/// hold) and its id. Clients pass it back as they got it.
+pub const CURSOR_PATTERN: &str =
+    "^(0|[1-9][0-9]{0,16})\\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$";
+
 fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {
-    let raw = format!("{}.{}", at.timestamp_micros(), id);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    format!("{}.{}", at.timestamp_micros().max(0), id.hyphenated())
 }
 
 fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid), BrokerError> {
     let invalid = || BrokerError::invalid("cursor", "cursor is not one this server handed out");
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(cursor)
-        .map_err(|_| invalid())?;
-    let raw = String::from_utf8(raw).map_err(|_| invalid())?;
-    let (micros, id) = raw.split_once('.').ok_or_else(invalid)?;
+    let (micros, id) = cursor.split_once('.').ok_or_else(invalid)?;
+    let well_formed = !micros.is_empty()
+        && micros.len() <= 17
+        && micros.bytes().all(|b| b.is_ascii_digit())
+        && (micros == "0" || !micros.starts_with('0'));
+    if !well_formed {
+        return Err(invalid());
+    }
     let at = micros
         .parse::<i64>()
         .ok()
         .and_then(DateTime::from_timestamp_micros)
-        // Every instance was made in years Postgres and clients handle alike; a forged
-        // cursor outside them would fail in the database instead.
-        .filter(|at| (1..=9999).contains(&chrono::Datelike::year(at)))
         .ok_or_else(invalid)?;
-    let id = Uuid::parse_str(id).map_err(|_| invalid())?;
+    let id = Uuid::parse_str(id)
+        .ok()
+        .filter(|parsed| parsed.hyphenated().to_string() == id)
+        .ok_or_else(invalid)?;
     Ok((at, id))
 }
 
@@ -363,18 +370,27 @@ mod tests {
     fn cursors_round_trip_and_junk_is_refused() {
         let at = DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap();
         let id = Uuid::new_v4();
-        assert_eq!(decode_cursor(&encode_cursor(at, id)).unwrap(), (at, id));
-        let far_future = DateTime::from_timestamp_micros(i64::MAX / 2).unwrap();
-        let far_past = DateTime::from_timestamp_micros(-300_000_000_000_000_000).unwrap();
+        let cursor = encode_cursor(at, id);
+        assert_eq!(decode_cursor(&cursor).unwrap(), (at, id));
+        let pattern = regex::Regex::new(CURSOR_PATTERN).unwrap();
+        assert!(pattern.is_match(&cursor));
+        let upper = cursor.to_uppercase();
+        let far = format!("99999999999999999999.{id}");
+        let past = format!("-62135596800000001.{id}");
+        let padded = format!("0{cursor}");
         for junk in [
             "",
             "!!",
             "bm9wZQ",
-            &encode_cursor(at, id)[3..],
-            &encode_cursor(far_future, id),
-            &encode_cursor(far_past, id),
+            &cursor[3..],
+            &upper,
+            &far,
+            &past,
+            &padded,
+            &format!("{}.{}", 5, id.simple()),
         ] {
             assert!(decode_cursor(junk).is_err(), "{junk:?}");
+            assert!(!pattern.is_match(junk), "{junk:?}");
         }
     }
 }

@@ -146,6 +146,18 @@ impl Broker {
         load_stored(&mut conn, &self.key).await
     }
 
+    /// Every usable provider config's name and the instance type names it offers.
+    pub async fn offered_instance_types(&self) -> Result<Vec<(String, Vec<String>)>, BrokerError> {
+        let stored = self.stored_providers().await?;
+        Ok(stored
+            .into_iter()
+            .filter_map(|p| {
+                let offered = settings(p.kind, &p.config).ok()?;
+                Some((p.name, offered.instance_types))
+            })
+            .collect())
+    }
+
     /// Every registered provider's name and type.
     pub async fn list_providers(&self) -> Result<Vec<ProviderSummary>, BrokerError> {
         let mut conn = self.conn().await?;

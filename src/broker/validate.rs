@@ -37,6 +37,112 @@ pub fn is_forbidden_char(c: char) -> bool {
         || ('\u{2066}'..='\u{2069}').contains(&c)
 }
 
+/// The characters [`is_forbidden_char`] refuses, as a regular expression class body (the
+/// ECMA-262 dialect of JSON Schema, which Python and Rust's regex read alike).
+const FORBIDDEN_CLASS: &str = r"\u0000-\u001F\u007F-\u009F\u202A-\u202E\u2066-\u2069";
+
+/// Whitespace `str::trim` removes that is not a control character.
+const SPACE_CLASS: &str = r" \u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000";
+
+/// A string `str::trim` leaves empty: what an optional field may hold to say "none".
+pub const BLANK_PATTERN: &str =
+    r"^[\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*$";
+
+/// What [`required_text`] accepts, as a pattern: some non-blank character, none forbidden.
+pub fn required_text_pattern() -> String {
+    format!("^[^{FORBIDDEN_CLASS}]*[^{FORBIDDEN_CLASS}{SPACE_CLASS}][^{FORBIDDEN_CLASS}]*$")
+}
+
+/// The base64 alphabet, one character.
+const B64: &str = "[A-Za-z0-9+/]";
+
+/// The characters whose 6 bits start with `high` (the top `bits` of them) and end freely.
+fn b64_class(high: u8, bits: u32) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let chars: String = ALPHABET
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| (*i as u8) >> (6 - bits) == high)
+        .map(|(_, c)| *c as char)
+        .collect();
+    format!("[{chars}]")
+}
+
+/// Canonical base64 (padded, no stray bits) of `min` or more arbitrary bytes.
+fn b64_bytes(at_least_one: bool) -> String {
+    // A last group of one byte leaves 4 zero bits, of two bytes 2 zero bits.
+    let one = format!("{B64}{}==", b64_zero_low(4));
+    let two = format!("{B64}{B64}{}=", b64_zero_low(2));
+    let tail = format!("(?:{B64}{{4}}|{two}|{one})");
+    if at_least_one {
+        format!("(?:{B64}{{4}})*{tail}")
+    } else {
+        format!("(?:{B64}{{4}})*(?:{two}|{one})?")
+    }
+}
+
+/// The characters whose low `bits` bits are zero.
+fn b64_zero_low(bits: u32) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let chars: String = ALPHABET
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % (1 << bits) == 0)
+        .map(|(_, c)| *c as char)
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    format!("[{chars}]")
+}
+
+/// Canonical base64 of the bytes `prefix` followed by one or more arbitrary bytes.
+fn b64_with_prefix(prefix: &[u8]) -> String {
+    use base64::Engine;
+    let whole = prefix.len() / 3 * 3;
+    let fixed = base64::engine::general_purpose::STANDARD.encode(&prefix[..whole]);
+    let rest = &prefix[whole..];
+    let free = |chars: usize| format!("{B64}{{{chars}}}");
+    match *rest {
+        [] => format!("{fixed}{}", b64_bytes(true)),
+        [a] => {
+            // a + d1 (+ d2): the first character is a's top 6 bits, the second starts
+            // with a's low 2 bits.
+            let c1 = base64::engine::general_purpose::STANDARD.encode([a, 0, 0]);
+            let c1 = &c1[..1];
+            let c2 = b64_class(a & 0b11, 2);
+            format!(
+                "{fixed}{c1}{c2}(?:{}=|{}{})",
+                b64_zero_low(2),
+                free(2),
+                b64_bytes(false)
+            )
+        }
+        [a, b, ..] => {
+            let c12 = base64::engine::general_purpose::STANDARD.encode([a, b, 0]);
+            let c12 = &c12[..2];
+            let c3 = b64_class(b & 0b1111, 4);
+            format!("{fixed}{c12}{c3}{B64}{}", b64_bytes(false))
+        }
+    }
+}
+
+/// What [`ssh_public_key`] accepts, as a pattern: one known key type, a blob that is
+/// canonical base64 of an SSH string naming that type followed by key data, an optional
+/// comment, spaces around it, and one optional trailing newline.
+pub fn ssh_public_key_pattern() -> String {
+    let keys: Vec<String> = SSH_KEY_TYPES
+        .iter()
+        .map(|kind| {
+            let mut prefix = (kind.len() as u32).to_be_bytes().to_vec();
+            prefix.extend_from_slice(kind.as_bytes());
+            format!("{} {}", kind.replace('.', "\\."), b64_with_prefix(&prefix))
+        })
+        .collect();
+    format!(
+        "^[{SPACE_CLASS}]*(?:{})(?: [^{FORBIDDEN_CLASS}]*)?[{SPACE_CLASS}]*\n?$",
+        keys.join("|")
+    )
+}
+
 /// A required text field: present, not blank, not too long, no control characters.
 pub fn required_text(field: &'static str, value: &str, max: usize) -> Result<(), BrokerError> {
     if value.trim().is_empty() {
@@ -88,7 +194,7 @@ pub fn ssh_public_key(value: &str) -> Result<(), BrokerError> {
             format!("public_ssh_key must be one OpenSSH public key line ({why})"),
         )
     };
-    if value.len() > MAX_SSH_KEY_LEN {
+    if value.chars().count() > MAX_SSH_KEY_LEN {
         return Err(invalid("too long"));
     }
     let line = value.strip_suffix('\n').unwrap_or(value);
@@ -120,6 +226,85 @@ pub fn ssh_public_key(value: &str) -> Result<(), BrokerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The patterns the OpenAPI document states say yes and no exactly where the checks do.
+    #[test]
+    fn the_documented_patterns_agree_with_the_checks() {
+        use base64::Engine;
+        let key_pattern = regex::Regex::new(&ssh_public_key_pattern()).unwrap();
+        let text_pattern = regex::Regex::new(&required_text_pattern()).unwrap();
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        let mut candidates: Vec<String> = vec![
+            ED25519.to_owned(),
+            format!("{ED25519}\n"),
+            format!("  {ED25519}  "),
+            format!("\u{a0}{ED25519}\u{3000}"),
+            format!("\t{ED25519}"),
+            format!("{ED25519}\n\n"),
+            format!("{ED25519} two words\u{202e}"),
+            ED25519.replace(' ', "  "),
+            String::new(),
+            " ".to_owned(),
+        ];
+        // Every key type, with blobs of every length and padding, right and wrong.
+        for kind in SSH_KEY_TYPES {
+            for other in ["ssh-ed25519", "ssh-rsa", kind] {
+                let mut blob = (other.len() as u32).to_be_bytes().to_vec();
+                blob.extend_from_slice(other.as_bytes());
+                for extra in 0..5u8 {
+                    let mut full = blob.clone();
+                    full.extend((0..extra).map(|i| i.wrapping_mul(97).wrapping_add(13)));
+                    let encoded = b64(&full);
+                    candidates.push(format!("{kind} {encoded}"));
+                    candidates.push(format!("{kind} {encoded} user@host"));
+                    candidates.push(format!("{kind} {}", encoded.trim_end_matches('=')));
+                    // A stray bit in the last character: not canonical base64.
+                    if let Some(last) = encoded.trim_end_matches('=').chars().last() {
+                        if encoded.ends_with('=') && last != 'z' {
+                            let bumped = ((last as u8) + 1) as char;
+                            let stray = format!(
+                                "{}{bumped}{}",
+                                &encoded[..encoded.trim_end_matches('=').len() - 1],
+                                &encoded[encoded.trim_end_matches('=').len()..]
+                            );
+                            candidates.push(format!("{kind} {stray}"));
+                        }
+                    }
+                }
+            }
+        }
+        for candidate in &candidates {
+            let line = candidate.as_str();
+            assert_eq!(
+                key_pattern.is_match(line),
+                ssh_public_key(line).is_ok(),
+                "{line:?}"
+            );
+        }
+        let blank = regex::Regex::new(BLANK_PATTERN).unwrap();
+        for text in ["", " \t\n", "\u{85}\u{3000}", "\u{1c}", "a", " a "] {
+            assert_eq!(blank.is_match(text), text.trim().is_empty(), "{text:?}");
+        }
+        for text in [
+            "ubuntu",
+            " ubuntu ",
+            "",
+            " ",
+            "\u{a0}",
+            "ü",
+            "a\u{0}",
+            "a\u{202a}",
+            "a\u{85}",
+            "a\tb",
+            "\u{2028}x",
+        ] {
+            assert_eq!(
+                text_pattern.is_match(text),
+                required_text("f", text, 1000).is_ok(),
+                "{text:?}"
+            );
+        }
+    }
 
     const ED25519: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl user@host";
 

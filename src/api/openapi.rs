@@ -1,0 +1,117 @@
+//! The OpenAPI document as served: utoipa's from the handlers' annotations, with what the
+//! server enforces that types alone cannot say (patterns, lengths, ranges, the registered
+//! providers and the instance types each offers), so a client or a schema-driven fuzzer
+//! built from it is never refused a request the document allows, nor served one it
+//! forbids.
+
+use serde_json::{json, Value};
+use utoipa::OpenApi;
+
+use super::error::ApiError;
+use super::ApiDoc;
+use crate::broker::instances::{CURSOR_PATTERN, MAX_PAGE_SIZE};
+use crate::broker::validate::{
+    required_text_pattern, ssh_public_key_pattern, BLANK_PATTERN, MAX_IMAGE_LEN, MAX_PROVIDER_LEN,
+    MAX_SSH_KEY_LEN,
+};
+use crate::broker::State;
+use cloudbrain_provider::DEFAULT_TYPE_ALIAS;
+
+/// An `Idempotency-Key`: printable ASCII, inner spaces only (HTTP strips outer ones).
+const IDEMPOTENCY_KEY_PATTERN: &str = r"^[\x21-\x7E](?:[\x20-\x7E]{0,253}[\x21-\x7E])?$";
+
+/// The document for a server whose providers offer `offered` (name, instance types).
+pub fn document(offered: &[(String, Vec<String>)]) -> Result<Value, ApiError> {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).map_err(|error| {
+        tracing::error!(%error, "the OpenAPI document does not serialise");
+        ApiError::Internal
+    })?;
+    let text = required_text_pattern();
+    let instance_type = |types: Vec<&str>| {
+        let mut names: Vec<&str> = types;
+        names.extend([DEFAULT_TYPE_ALIAS, ""]);
+        names.sort_unstable();
+        names.dedup();
+        json!({"anyOf": [{"type": "null"}, {"type": "string", "enum": names}]})
+    };
+    let every_type: Vec<&str> = offered
+        .iter()
+        .flat_map(|(_, types)| types.iter().map(String::as_str))
+        .collect();
+    let per_provider: Vec<Value> = offered
+        .iter()
+        .map(|(name, types)| {
+            json!({"properties": {
+                "provider": {"const": name},
+                "instance_type": instance_type(types.iter().map(String::as_str).collect()),
+            }})
+        })
+        .collect();
+    let names: Vec<&str> = offered.iter().map(|(name, _)| name.as_str()).collect();
+    let body = &mut doc["components"]["schemas"]["CreateInstanceBody"];
+    body["properties"]["provider"] = json!({
+        "type": "string", "enum": names, "maxLength": MAX_PROVIDER_LEN,
+        "description": "A registered provider config's name (see `GET /providers`)."
+    });
+    body["properties"]["image"] = json!({
+        "type": "string", "maxLength": MAX_IMAGE_LEN, "pattern": text,
+        "description": "The image to boot; `default` is the provider config's image."
+    });
+    body["properties"]["instance_type"] = instance_type(every_type);
+    body["properties"]["public_ssh_key"] = json!({"anyOf": [
+        {"type": "null"},
+        {"type": "string", "pattern": BLANK_PATTERN, "description": "No key."},
+        {"type": "string", "maxLength": MAX_SSH_KEY_LEN, "pattern": ssh_public_key_pattern(),
+         "description": "One OpenSSH public key line."},
+    ]});
+    if !per_provider.is_empty() {
+        body["anyOf"] = Value::Array(per_provider);
+    }
+
+    let states: Vec<&str> = State::ALL.iter().map(|s| s.as_str()).collect();
+    set_parameter(
+        &mut doc,
+        "/instances",
+        "get",
+        "state",
+        json!({"type": "string", "enum": states}),
+    );
+    set_parameter(
+        &mut doc,
+        "/instances",
+        "get",
+        "provider",
+        json!({"type": "string", "maxLength": MAX_PROVIDER_LEN, "pattern": text}),
+    );
+    set_parameter(
+        &mut doc,
+        "/instances",
+        "get",
+        "limit",
+        json!({"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE}),
+    );
+    set_parameter(
+        &mut doc,
+        "/instances",
+        "get",
+        "cursor",
+        json!({"type": "string", "pattern": CURSOR_PATTERN}),
+    );
+    set_parameter(
+        &mut doc,
+        "/instances",
+        "post",
+        "Idempotency-Key",
+        json!({"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN}),
+    );
+    Ok(doc)
+}
+
+/// Replaces the schema of parameter `name` of `method path`.
+fn set_parameter(doc: &mut Value, path: &str, method: &str, name: &str, schema: Value) {
+    if let Some(parameters) = doc["paths"][path][method]["parameters"].as_array_mut() {
+        for parameter in parameters.iter_mut().filter(|p| p["name"] == name) {
+            parameter["schema"] = schema.clone();
+        }
+    }
+}
