@@ -188,6 +188,36 @@ async fn dev_and_the_httpie_helper_take_an_instance_from_request_to_terminated()
         assert_eq!(body["state"], "creating", "{line}: {body}");
     }
 
+    // The README's API example runs as written, with its TOKEN, against this server.
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let example = readme
+        .split("```sh\n")
+        .skip(1)
+        .map(|block| block.split("```").next().unwrap())
+        .find(|block| block.contains("Idempotency-Key: build-8812"))
+        .expect("the README's API example");
+    let work = TempDir::new("cloudbrain-readme");
+    let output = Command::new("bash")
+        .arg("-euo")
+        .arg("pipefail")
+        .arg("-c")
+        .arg(example.replace("http://127.0.0.1:42191", &dev.url))
+        .current_dir(work.path())
+        .env("TOKEN", &dev.token)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    for expected in [
+        r#""state":"creating""#,
+        r#""instances":["#,
+        r#""to_state":"creating""#,
+        r#""state":"terminating""#,
+    ] {
+        assert!(printed.contains(expected), "{expected} not in {printed}");
+    }
+
     // Without a .netrc entry the helper says what to do, and sends nothing.
     let bare = home_with_netrc(None);
     let (output, _) = cloud_brain(bare.path(), &dev.url, &["get", "instances"]);
