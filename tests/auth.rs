@@ -202,6 +202,29 @@ async fn concurrent_wrong_secrets_run_no_more_scrypt_than_the_throttle_allows() 
 }
 
 #[tokio::test]
+async fn many_right_tokens_verified_at_once_from_one_address_are_never_throttled() {
+    let db = TestDb::new().await;
+    let limits = ScryptLimits {
+        concurrency: 2,
+        wait: Duration::from_secs(30),
+    };
+    let app = TestApp::spawn_with(&db.url, TrustedProxies::default(), limits).await;
+    let mut tokens = Vec::new();
+    for _ in 0..16 {
+        tokens.push(app.token(Scope::Client).await);
+    }
+    // A fleet behind one address starts at once: more first verifications than the
+    // throttle allows failures, none of them wrong.
+    let first = tokens.iter().map(|token| {
+        let request = app.get("/instances", token);
+        async move { request.send().await.unwrap().status().as_u16() }
+    });
+    let statuses = futures_util::future::join_all(first).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(app.verifier.stats().scrypt_runs, 16);
+}
+
+#[tokio::test]
 async fn scrypt_runs_at_most_k_at_once_and_the_rest_get_503_after_a_short_wait() {
     let db = TestDb::new().await;
     let limits = ScryptLimits {

@@ -10,3 +10,12 @@ request = function()
   return wrk.format("GET", os.getenv("BENCH_PATH") or "/instances?limit=10",
     { ["Authorization"] = "token " .. token })
 end
+
+-- The first answer that is not a 200, so a failed run says what went wrong.
+local told = false
+response = function(status, headers, body)
+  if status ~= 200 and not told then
+    told = true
+    io.stderr:write("first non-200 answer: " .. status .. " " .. body .. "\n")
+  end
+end

@@ -90,9 +90,12 @@ struct Verified {
     at: Instant,
 }
 
+/// What one address has done lately: wrong secrets in the current window, and
+/// verifications under way whose outcome is not known yet.
 struct Failures {
     since: Instant,
     count: u32,
+    in_flight: u32,
 }
 
 #[derive(Default)]
@@ -124,6 +127,8 @@ pub struct TokenVerifier {
     scrypt_now: AtomicUsize,
     scrypt_peak: AtomicUsize,
     scrypt_busy: AtomicU64,
+    /// Signalled whenever a counted attempt ends.
+    attempt_ended: tokio::sync::Notify,
 }
 
 impl TokenVerifier {
@@ -149,6 +154,7 @@ impl TokenVerifier {
             scrypt_now: AtomicUsize::new(0),
             scrypt_peak: AtomicUsize::new(0),
             scrypt_busy: AtomicU64::new(0),
+            attempt_ended: tokio::sync::Notify::new(),
         }
     }
 
@@ -234,12 +240,10 @@ impl TokenVerifier {
             self.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(caller);
         }
-        self.reserve_attempt(address)?;
+        self.reserve_attempt(address).await?;
         let matches = self.hash_matches(token, row).await;
-        if !matches.as_ref().is_ok_and(|m| !m) {
-            // Only a wrong secret keeps its attempt counted.
-            self.release_attempt(address);
-        }
+        // Only a wrong secret counts as a failure.
+        self.end_attempt(address, matches.as_ref().is_ok_and(|m| !m));
         if !matches? {
             return Err(AuthError::Rejected);
         }
@@ -306,39 +310,70 @@ impl TokenVerifier {
         }
     }
 
-    /// Counts an attempt from `address` before its scrypt runs, refusing it once the
-    /// address is out of attempts; a verification that succeeds gives its attempt back.
-    fn reserve_attempt(&self, address: IpAddr) -> Result<(), AuthError> {
+    /// Counts an attempt from `address` before its scrypt runs. Attempts under way count
+    /// as possible failures: while they and the failures already seen reach the limit, a
+    /// new attempt waits (within the scrypt wait) for one to end, so concurrent wrong
+    /// secrets run no more hashes than the throttle allows and concurrent right ones are
+    /// only delayed. Out of attempts is 429.
+    async fn reserve_attempt(&self, address: IpAddr) -> Result<(), AuthError> {
+        let deadline = tokio::time::Instant::now() + self.scrypt_wait;
+        loop {
+            let ended = self.attempt_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.try_reserve(address)? {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                self.scrypt_busy.fetch_add(1, Ordering::Relaxed);
+                return Err(AuthError::Busy {
+                    retry_after: self.scrypt_wait.max(Duration::from_secs(1)),
+                });
+            }
+        }
+    }
+
+    /// Reserves an attempt if the address has one to spare: `Ok(false)` when attempts under
+    /// way might still use up what is left.
+    fn try_reserve(&self, address: IpAddr) -> Result<bool, AuthError> {
         let mut state = self.lock();
         let now = Instant::now();
         if state.failures.len() > SWEEP_AT {
             state
                 .failures
-                .retain(|_, f| now.duration_since(f.since) <= FAILURE_WINDOW);
+                .retain(|_, f| f.in_flight > 0 || now.duration_since(f.since) <= FAILURE_WINDOW);
         }
         let failures = state.failures.entry(address).or_insert(Failures {
             since: now,
             count: 0,
+            in_flight: 0,
         });
         if now.duration_since(failures.since) > FAILURE_WINDOW {
-            *failures = Failures {
-                since: now,
-                count: 0,
-            };
+            failures.since = now;
+            failures.count = 0;
         }
         if failures.count >= MAX_FAILURES {
             return Err(AuthError::Throttled {
                 retry_after: FAILURE_WINDOW.saturating_sub(now.duration_since(failures.since)),
             });
         }
-        failures.count += 1;
-        Ok(())
+        if failures.count + failures.in_flight >= MAX_FAILURES {
+            return Ok(false);
+        }
+        failures.in_flight += 1;
+        Ok(true)
     }
 
-    fn release_attempt(&self, address: IpAddr) {
+    /// Ends an attempt [`TokenVerifier::reserve_attempt`] counted, as a failure or not,
+    /// and wakes attempts waiting for it.
+    fn end_attempt(&self, address: IpAddr, failed: bool) {
         if let Some(failures) = self.lock().failures.get_mut(&address) {
-            failures.count = failures.count.saturating_sub(1);
+            failures.in_flight = failures.in_flight.saturating_sub(1);
+            if failed {
+                failures.count += 1;
+            }
         }
+        self.attempt_ended.notify_waiters();
     }
 
     async fn revoked_in_store(&self, id: i32) -> Result<bool, AuthError> {
