@@ -109,6 +109,20 @@ struct State {
     touched: HashMap<i32, Instant>,
 }
 
+/// An attempt counted against an address while it runs; it ends when dropped, on every
+/// path, as a failure only when a wrong secret was found.
+struct Attempt<'a> {
+    verifier: &'a TokenVerifier,
+    address: IpAddr,
+    failed: bool,
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        self.verifier.end_attempt(self.address, self.failed);
+    }
+}
+
 /// Authenticates tokens for one process; share it behind an `Arc`.
 pub struct TokenVerifier {
     pool: Pool,
@@ -199,6 +213,14 @@ impl TokenVerifier {
             return Err(AuthError::Rejected);
         }
         self.check_throttle(address)?;
+        // Counted from here on, before the token store is asked, so a storm of guesses
+        // from one address waits here rather than queueing for database connections.
+        self.reserve_attempt(address).await?;
+        let mut attempt = Attempt {
+            verifier: self,
+            address,
+            failed: false,
+        };
 
         let epoch = self.revocations.load(Ordering::Acquire);
         let row = {
@@ -215,10 +237,12 @@ impl TokenVerifier {
 
         let slot = self.lock().in_flight.entry(key).or_default().clone();
         let turn = slot.lock().await;
-        let result = self
-            .verify_in_turn(&token, &row, address, &key, epoch)
-            .await;
+        let result = self.verify_in_turn(&token, &row, &key, epoch).await;
         drop(turn);
+        attempt.failed = result
+            .as_ref()
+            .is_err_and(|e| matches!(e, AuthError::Rejected));
+        drop(attempt);
         // On every path, so refused guesses leave nothing behind.
         self.lock().in_flight.remove(&key);
         let caller = result?;
@@ -231,7 +255,6 @@ impl TokenVerifier {
         &self,
         token: &Token,
         row: &crate::db::models::AuthToken,
-        address: IpAddr,
         key: &[u8; 32],
         epoch: u64,
     ) -> Result<Caller, AuthError> {
@@ -240,11 +263,7 @@ impl TokenVerifier {
             self.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(caller);
         }
-        self.reserve_attempt(address).await?;
-        let matches = self.hash_matches(token, row).await;
-        // Only a wrong secret counts as a failure.
-        self.end_attempt(address, matches.as_ref().is_ok_and(|m| !m));
-        if !matches? {
+        if !self.hash_matches(token, row).await? {
             return Err(AuthError::Rejected);
         }
         let caller = Caller {
