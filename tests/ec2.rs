@@ -180,7 +180,7 @@ async fn an_ec2_instance_goes_from_request_to_running_to_terminated() {
     let created: Value = b
         .app
         .post("/instances", &b.token)
-        .json(&json!({"provider": "ec2", "image": "ami-12c6146b", "public_ssh_key": ED25519}))
+        .json(&json!({"provider": "ec2", "image": "ami-12c6146b", "instance_type": "default", "public_ssh_key": ED25519}))
         .send()
         .await
         .unwrap()

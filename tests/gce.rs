@@ -70,7 +70,7 @@ async fn a_gce_vm_goes_from_request_to_running_to_terminated() {
     let response = b
         .app
         .post("/instances", &b.token)
-        .json(&json!({"provider": "gce", "image": "default", "public_ssh_key": ED25519}))
+        .json(&json!({"provider": "gce", "image": "default", "instance_type": "default", "public_ssh_key": ED25519}))
         .send()
         .await
         .unwrap();
