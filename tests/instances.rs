@@ -868,3 +868,31 @@ async fn a_body_that_stalls_mid_upload_is_a_408() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("request_timeout"), "{answer}");
 }
+
+#[tokio::test]
+async fn a_stored_state_or_scope_nobody_knows_is_a_load_error_not_a_guess() {
+    use cloudbrain::auth::Scope;
+    use cloudbrain::broker::State;
+    use diesel_async::RunQueryDsl;
+    #[derive(diesel::QueryableByName, Debug)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        state: State,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        scope: Scope,
+    }
+    let db = TestDb::new().await;
+    let mut conn = db.conn().await;
+    let known: Row = diesel::sql_query("SELECT 'running' AS state, 'admin' AS scope")
+        .get_result(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!((known.state, known.scope), (State::Running, Scope::Admin));
+    for sql in [
+        "SELECT 'stopped' AS state, 'admin' AS scope",
+        "SELECT 'running' AS state, 'root' AS scope",
+    ] {
+        let read = diesel::sql_query(sql).get_result::<Row>(&mut conn).await;
+        assert!(read.is_err(), "{sql}: {read:?}");
+    }
+}

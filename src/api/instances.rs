@@ -62,7 +62,7 @@ impl From<Instance> for InstanceBody {
         Self {
             id: i.id,
             // A row's state is checked by the database; `errored` is the honest fallback.
-            state: State::parse(&i.state).unwrap_or(State::Errored),
+            state: i.state,
             provider: i.provider_name,
             image: i.image,
             instance_type: i.instance_type,
@@ -122,8 +122,8 @@ pub struct EventList {
 impl From<InstanceEvent> for EventBody {
     fn from(e: InstanceEvent) -> Self {
         Self {
-            from_state: e.from_state.as_deref().and_then(State::parse),
-            to_state: State::parse(&e.to_state).unwrap_or(State::Errored),
+            from_state: e.from_state,
+            to_state: e.to_state,
             reason: e.reason,
             at: e.at,
         }

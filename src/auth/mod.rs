@@ -11,7 +11,19 @@ pub use verifier::{AuthError, TokenVerifier};
 use serde::Serialize;
 
 /// What a token may do: a client sees its own instances, an admin sees every instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+/// Stored by name in `auth_tokens.scope`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    clap::ValueEnum,
+    diesel::expression::AsExpression,
+    diesel::deserialize::FromSqlRow,
+)]
+#[diesel(sql_type = diesel::sql_types::Text)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
     /// Sees and manages only the instances it asked for.
@@ -29,15 +41,15 @@ impl Scope {
         }
     }
 
-    /// Reads a stored scope; anything unknown is the lesser `client`.
-    pub fn from_db(value: &str) -> Self {
-        if value == "admin" {
-            Scope::Admin
-        } else {
-            Scope::Client
-        }
+    /// Reads a scope's name; `None` for anything else.
+    pub fn parse(value: &str) -> Option<Self> {
+        [Scope::Client, Scope::Admin]
+            .into_iter()
+            .find(|s| s.as_str() == value)
     }
 }
+
+crate::text_column!(Scope);
 
 /// The authenticated caller of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -28,7 +28,7 @@ pub async fn create_token(
             description,
             token_salt: &new.salt,
             token_hash: &new.hash,
-            scope: scope.as_str(),
+            scope,
         })
         .returning(auth_tokens::id)
         .get_result(conn)

@@ -13,7 +13,7 @@ use subtle::ConstantTimeEq;
 
 use super::store::{self, REVOKED_CHANNEL};
 use super::token::{hash_secret, Token};
-use super::{Caller, Scope};
+use super::Caller;
 use crate::db::listen::{listen_forever, Heard};
 use crate::db::Pool;
 
@@ -268,7 +268,7 @@ impl TokenVerifier {
         }
         let caller = Caller {
             token_id: row.id,
-            scope: Scope::from_db(&row.scope),
+            scope: row.scope,
         };
         let mut state = self.lock();
         if self.revocations.load(Ordering::Acquire) == epoch {

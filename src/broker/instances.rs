@@ -146,7 +146,7 @@ impl Broker {
             image: &request.image,
             instance_type: &instance_type,
             public_ssh_key,
-            state: State::Creating.as_str(),
+            state: State::Creating,
             idempotency_key,
         };
         let created = conn
@@ -185,7 +185,7 @@ impl Broker {
     pub async fn get_instance(&self, caller: Caller, id: &str) -> Result<Instance, BrokerError> {
         let mut conn = self.conn().await?;
         let instance = find_visible(&mut conn, caller, id, false).await?;
-        if instance.state == State::Terminated.as_str() {
+        if instance.state == State::Terminated {
             return Err(BrokerError::Gone(Box::new(instance)));
         }
         Ok(instance)
@@ -198,9 +198,9 @@ impl Broker {
         conn.transaction::<_, BrokerError, _>(async |conn| {
             let instance = find_visible(conn, caller, id, true).await?;
             let id = instance.id;
-            match State::parse(&instance.state) {
-                Some(State::Terminated) => return Err(BrokerError::Gone(Box::new(instance))),
-                Some(State::Terminating) => return Ok(instance),
+            match instance.state {
+                State::Terminated => return Err(BrokerError::Gone(Box::new(instance))),
+                State::Terminating => return Ok(instance),
                 _ => {}
             }
             let reason = format!("deleted by token {}", caller.token_id);
@@ -212,7 +212,7 @@ impl Broker {
                 InstanceChange::default(),
             )
             .await?
-            .ok_or_else(|| anyhow::anyhow!("instance {id} in state {} cannot terminate", instance.state))?;
+            .ok_or_else(|| anyhow::anyhow!("instance {id} in state {} cannot terminate", instance.state.as_str()))?;
             // A machine nobody started making needs no making; the remove job still runs,
             // because an earlier attempt may have made one.
             jobs::drop_unclaimed(conn, JobKind::CreateInstance, id).await?;
@@ -248,7 +248,7 @@ impl Broker {
                     format!("state must be one of {}", names.join(", ")),
                 )
             })?;
-            query = query.filter(instances::state.eq(state.as_str()));
+            query = query.filter(instances::state.eq(state));
         }
         if let Some(provider) = &filter.provider {
             validate::required_text("provider", provider, validate::MAX_PROVIDER_LEN)?;

@@ -145,7 +145,7 @@ impl Broker {
         let mut conn = self.conn().await?;
         Ok(instances::table
             .filter(instances::provider_name.eq(provider))
-            .filter(instances::state.ne(State::Terminated.as_str()))
+            .filter(instances::state.ne(State::Terminated))
             .select(Instance::as_select())
             .load(&mut conn)
             .await?)
@@ -178,7 +178,7 @@ impl Broker {
         if machine.is_none() && instance.updated_at >= listed_at {
             return Ok(Verdict::Keep);
         }
-        let state = State::parse(&instance.state).unwrap_or(State::Errored);
+        let state = instance.state;
         let launching = matches!(state, State::Creating | State::Starting);
         let mut conn = self.conn().await?;
         let fail = async |conn: &mut diesel_async::AsyncPgConnection, reason: &str| {
@@ -255,11 +255,9 @@ async fn finish_held(
 /// True when the machine says something the row does not yet.
 fn needs_update(instance: &Instance, machine: &CloudInstance) -> bool {
     let state_ahead = matches!(
-        (State::parse(&instance.state), &machine.state),
-        (
-            Some(State::Creating),
-            CloudState::Starting | CloudState::Running
-        ) | (Some(State::Starting), CloudState::Running)
+        (instance.state, &machine.state),
+        (State::Creating, CloudState::Starting | CloudState::Running)
+            | (State::Starting, CloudState::Running)
     );
     state_ahead
         || instance.upstream_id.as_deref() != Some(machine.upstream_id.as_str())
@@ -315,7 +313,7 @@ async fn apply_cloud_state(
     let updated = diesel::update(
         instances::table
             .filter(instances::id.eq(id))
-            .filter(instances::state.eq_any([State::Starting.as_str(), State::Running.as_str()])),
+            .filter(instances::state.eq_any([State::Starting, State::Running])),
     )
     .set((instances::updated_at.eq(diesel::dsl::now), change()))
     .returning(Instance::as_returning())

@@ -10,8 +10,21 @@ use uuid::Uuid;
 use crate::db::models::{Instance, InstanceChange, NewInstanceEvent};
 use crate::db::schema::{instance_events, instances};
 
-/// Where an instance is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+/// Where an instance is in its life; stored by name in `instances.state`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+    diesel::expression::AsExpression,
+    diesel::deserialize::FromSqlRow,
+)]
+#[diesel(sql_type = diesel::sql_types::Text)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     /// Recorded; its create job has not made the machine yet.
@@ -71,6 +84,8 @@ impl State {
     }
 }
 
+crate::text_column!(State);
+
 /// Moves instance `id` to `to` if its current state allows it, applying `change` and
 /// writing an `instance_events` row, on the caller's connection (inside its transaction).
 ///
@@ -83,13 +98,13 @@ pub async fn transition(
     reason: Option<&str>,
     change: InstanceChange<'_>,
 ) -> QueryResult<Option<Instance>> {
-    let allowed: Vec<&str> = to.predecessors().iter().map(|s| s.as_str()).collect();
+    let allowed = to.predecessors();
     // Lock the row first so the event records the state actually left.
     let Some(from) = instances::table
         .find(id)
         .select(instances::state)
         .for_update()
-        .first::<String>(conn)
+        .first::<State>(conn)
         .await
         .optional()?
     else {
@@ -99,10 +114,10 @@ pub async fn transition(
     let updated = diesel::update(
         instances::table
             .filter(instances::id.eq(id))
-            .filter(instances::state.eq_any(&allowed)),
+            .filter(instances::state.eq_any(allowed)),
     )
     .set((
-        instances::state.eq(to.as_str()),
+        instances::state.eq(to),
         instances::updated_at.eq(diesel::dsl::now),
         instances::terminated_at.eq(terminated_at),
         change,
@@ -112,7 +127,7 @@ pub async fn transition(
     .await
     .optional()?;
     if updated.is_some() {
-        record_event(conn, id, Some(&from), to, reason).await?;
+        record_event(conn, id, Some(from), to, reason).await?;
     }
     Ok(updated)
 }
@@ -121,7 +136,7 @@ pub async fn transition(
 pub async fn record_event(
     conn: &mut AsyncPgConnection,
     instance_id: Uuid,
-    from: Option<&str>,
+    from: Option<State>,
     to: State,
     reason: Option<&str>,
 ) -> QueryResult<()> {
@@ -129,7 +144,7 @@ pub async fn record_event(
         .values(NewInstanceEvent {
             instance_id,
             from_state: from,
-            to_state: to.as_str(),
+            to_state: to,
             reason,
         })
         .execute(conn)

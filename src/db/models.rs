@@ -18,8 +18,8 @@ pub struct AuthToken {
     pub token_salt: Vec<u8>,
     /// scrypt of the 16 secret bytes.
     pub token_hash: Vec<u8>,
-    /// `client` or `admin`.
-    pub scope: String,
+    /// What the token may do.
+    pub scope: crate::auth::Scope,
     /// When the token was made.
     pub created_at: DateTime<Utc>,
     /// When the token last authenticated a request (to the minute).
@@ -38,8 +38,8 @@ pub struct NewAuthToken<'a> {
     pub token_salt: &'a [u8],
     /// scrypt of the 16 secret bytes.
     pub token_hash: &'a [u8],
-    /// `client` or `admin`.
-    pub scope: &'a str,
+    /// What the token may do.
+    pub scope: crate::auth::Scope,
 }
 
 /// A row of `providers`.
@@ -88,8 +88,8 @@ pub struct Instance {
     pub instance_type: String,
     /// The OpenSSH public key to authorise on it.
     pub public_ssh_key: Option<String>,
-    /// Where it is in its life (see `broker::State`).
-    pub state: String,
+    /// Where it is in its life.
+    pub state: crate::broker::State,
     /// Its address, once the cloud gives one.
     pub ip_address: Option<String>,
     /// The cloud's id of the machine.
@@ -125,7 +125,7 @@ pub struct NewInstance<'a> {
     /// The OpenSSH public key to authorise on it.
     pub public_ssh_key: Option<&'a str>,
     /// Its first state.
-    pub state: &'a str,
+    pub state: crate::broker::State,
     /// The client's `Idempotency-Key`, if it sent one.
     pub idempotency_key: Option<&'a str>,
 }
@@ -153,9 +153,9 @@ pub struct InstanceEvent {
     /// The instance that changed.
     pub instance_id: Uuid,
     /// The state it left (none for its first state).
-    pub from_state: Option<String>,
+    pub from_state: Option<crate::broker::State>,
     /// The state it entered.
-    pub to_state: String,
+    pub to_state: crate::broker::State,
     /// Why, when there is more to say than the states.
     pub reason: Option<String>,
     /// When.
@@ -169,9 +169,9 @@ pub struct NewInstanceEvent<'a> {
     /// The instance that changed.
     pub instance_id: Uuid,
     /// The state it left.
-    pub from_state: Option<&'a str>,
+    pub from_state: Option<crate::broker::State>,
     /// The state it entered.
-    pub to_state: &'a str,
+    pub to_state: crate::broker::State,
     /// Why.
     pub reason: Option<&'a str>,
 }

@@ -257,7 +257,7 @@ impl JobWorker {
         else {
             return self.finish(job).await;
         };
-        let state = State::parse(&instance.state);
+        let state = Some(instance.state);
         let Some(provider) = provider(&self.broker, &self.registry, &instance.provider_name).await
         else {
             let reason = format!("provider {} is not registered", instance.provider_name);
