@@ -10,65 +10,27 @@ use uuid::Uuid;
 use crate::db::models::{Instance, InstanceChange, NewInstanceEvent};
 use crate::db::schema::{instance_events, instances};
 
-/// Where an instance is in its life; stored by name in `instances.state`.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    Serialize,
-    Deserialize,
-    utoipa::ToSchema,
-    diesel::expression::AsExpression,
-    diesel::deserialize::FromSqlRow,
-)]
-#[diesel(sql_type = diesel::sql_types::Text)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    /// Recorded; its create job has not made the machine yet.
-    Creating,
-    /// The cloud accepted the machine; it is booting.
-    Starting,
-    /// The machine is up.
-    Running,
-    /// Asked to go away; its remove job is destroying the machine.
-    Terminating,
-    /// The machine is gone. Final.
-    Terminated,
-    /// Something went wrong that waiting will not fix; `error_reason` says what.
-    Errored,
+crate::text_enum! {
+    /// Where an instance is in its life; stored by name in `instances.state`.
+    #[derive(Hash, Serialize, Deserialize, utoipa::ToSchema)]
+    #[serde(rename_all = "lowercase")]
+    pub enum State {
+        /// Recorded; its create job has not made the machine yet.
+        Creating => "creating",
+        /// The cloud accepted the machine; it is booting.
+        Starting => "starting",
+        /// The machine is up.
+        Running => "running",
+        /// Asked to go away; its remove job is destroying the machine.
+        Terminating => "terminating",
+        /// The machine is gone. Final.
+        Terminated => "terminated",
+        /// Something went wrong that waiting will not fix; `error_reason` says what.
+        Errored => "errored",
+    }
 }
 
 impl State {
-    /// Every state, in the order of an instance's life.
-    pub const ALL: [State; 6] = [
-        State::Creating,
-        State::Starting,
-        State::Running,
-        State::Terminating,
-        State::Terminated,
-        State::Errored,
-    ];
-
-    /// The value stored in `instances.state`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Creating => "creating",
-            State::Starting => "starting",
-            State::Running => "running",
-            State::Terminating => "terminating",
-            State::Terminated => "terminated",
-            State::Errored => "errored",
-        }
-    }
-
-    /// Reads a state name; `None` for anything else.
-    pub fn parse(value: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|s| s.as_str() == value)
-    }
-
     /// The states this one may be entered from. Nothing re-enters an earlier state, and
     /// nothing leaves `terminated`.
     pub fn predecessors(self) -> &'static [State] {
@@ -83,8 +45,6 @@ impl State {
         }
     }
 }
-
-crate::text_column!(State);
 
 /// Moves instance `id` to `to` if its current state allows it, applying `change` and
 /// writing an `instance_events` row, on the caller's connection (inside its transaction).
@@ -163,7 +123,7 @@ mod tests {
 
     #[test]
     fn no_state_can_be_entered_from_a_later_one() {
-        for to in State::ALL {
+        for &to in State::ALL {
             for from in to.predecessors() {
                 assert_ne!(*from, State::Terminated, "{to:?} leaves terminated");
                 if let (Some(f), Some(t)) = (rank(*from), rank(to)) {
@@ -175,7 +135,7 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for state in State::ALL {
+        for &state in State::ALL {
             assert_eq!(State::parse(state.as_str()), Some(state));
         }
         assert_eq!(State::parse("stopped"), None);

@@ -13,14 +13,62 @@ use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-/// Maps an enum with `as_str` and `parse` to a `TEXT` column: written by name, and read
-/// back only when the name is one of its values. An unknown value is an error when the
-/// row is loaded, never a guess. The enum derives `AsExpression` and `FromSqlRow` with
-/// `#[diesel(sql_type = diesel::sql_types::Text)]`.
+/// Declares an enum whose values are stored by name in a `TEXT` column: the enum, `ALL`,
+/// `as_str`, `parse`, and its diesel mapping. An unknown stored value is an error when
+/// the row is loaded, never a guess.
+///
+/// ```ignore
+/// text_enum! {
+///     /// Where a job is.
+///     pub enum JobStatus {
+///         /// Waiting to run.
+///         Queued => "queued",
+///         /// Never to run again.
+///         Dead => "dead",
+///     }
+/// }
+/// ```
 #[macro_export]
-macro_rules! text_column {
-    ($type:ty) => {
-        impl diesel::serialize::ToSql<diesel::sql_types::Text, diesel::pg::Pg> for $type {
+macro_rules! text_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $( $(#[$variant_meta:meta])* $variant:ident => $text:literal ),+ $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(
+            Debug,
+            Clone,
+            Copy,
+            PartialEq,
+            Eq,
+            diesel::expression::AsExpression,
+            diesel::deserialize::FromSqlRow,
+        )]
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        pub enum $name {
+            $( $(#[$variant_meta])* $variant ),+
+        }
+
+        impl $name {
+            /// Every value, in the order declared.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The name it is stored and shown under.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+
+            /// Reads a name; `None` for anything else.
+            pub fn parse(value: &str) -> Option<Self> {
+                Self::ALL.iter().copied().find(|v| v.as_str() == value)
+            }
+        }
+
+        impl diesel::serialize::ToSql<diesel::sql_types::Text, diesel::pg::Pg> for $name {
             fn to_sql<'b>(
                 &'b self,
                 out: &mut diesel::serialize::Output<'b, '_, diesel::pg::Pg>,
@@ -32,14 +80,14 @@ macro_rules! text_column {
             }
         }
 
-        impl diesel::deserialize::FromSql<diesel::sql_types::Text, diesel::pg::Pg> for $type {
+        impl diesel::deserialize::FromSql<diesel::sql_types::Text, diesel::pg::Pg> for $name {
             fn from_sql(value: diesel::pg::PgValue<'_>) -> diesel::deserialize::Result<Self> {
                 let text = <String as diesel::deserialize::FromSql<
                     diesel::sql_types::Text,
                     diesel::pg::Pg,
                 >>::from_sql(value)?;
-                <$type>::parse(&text)
-                    .ok_or_else(|| format!("{text:?} is not a {}", stringify!($type)).into())
+                $name::parse(&text)
+                    .ok_or_else(|| format!("{text:?} is not a {}", stringify!($name)).into())
             }
         }
     };

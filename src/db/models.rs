@@ -182,12 +182,12 @@ pub struct NewInstanceEvent<'a> {
 pub struct Job {
     /// Row id.
     pub id: i64,
-    /// `create` or `remove`.
-    pub kind: String,
+    /// What it does.
+    pub kind: crate::jobs::JobKind,
     /// The instance the job works on.
     pub instance_id: Uuid,
-    /// `queued` or `dead`.
-    pub status: String,
+    /// Where it is.
+    pub status: crate::jobs::JobStatus,
     /// How many times a worker has tried it.
     pub attempts: i32,
     /// Not before this time.
@@ -205,9 +205,9 @@ pub struct Job {
 /// A new row of `jobs`.
 #[derive(Debug, Insertable)]
 #[diesel(table_name = jobs)]
-pub struct NewJob<'a> {
-    /// `create` or `remove`.
-    pub kind: &'a str,
+pub struct NewJob {
+    /// What it does.
+    pub kind: crate::jobs::JobKind,
     /// The instance the job works on.
     pub instance_id: Uuid,
 }

@@ -12,22 +12,23 @@ use crate::db::schema::jobs;
 /// The channel workers LISTEN on; Postgres delivers the NOTIFY only if the enqueue commits.
 pub const JOBS_CHANNEL: &str = "cloudbrain_jobs";
 
-/// What a job does. The strings are stored in the database: never rename one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobKind {
-    /// Make the machine for an instance.
-    CreateInstance,
-    /// Destroy the machine of an instance.
-    RemoveInstance,
+crate::text_enum! {
+    /// What a job does, stored by name in `jobs.kind`: never rename one.
+    pub enum JobKind {
+        /// Make the machine for an instance.
+        CreateInstance => "create",
+        /// Destroy the machine of an instance.
+        RemoveInstance => "remove",
+    }
 }
 
-impl JobKind {
-    /// The value stored in `jobs.kind`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobKind::CreateInstance => "create",
-            JobKind::RemoveInstance => "remove",
-        }
+crate::text_enum! {
+    /// Where a job is, stored by name in `jobs.status`.
+    pub enum JobStatus {
+        /// Waiting to run, running under a lease, or waiting to run again.
+        Queued => "queued",
+        /// Out of attempts or refused for good; kept for inspection, never run again.
+        Dead => "dead",
     }
 }
 
@@ -38,10 +39,7 @@ pub async fn enqueue(
     instance_id: Uuid,
 ) -> QueryResult<()> {
     diesel::insert_into(jobs::table)
-        .values(NewJob {
-            kind: kind.as_str(),
-            instance_id,
-        })
+        .values(NewJob { kind, instance_id })
         .execute(conn)
         .await?;
     diesel::sql_query("SELECT pg_notify($1, $2)")
@@ -62,8 +60,8 @@ pub async fn drop_unclaimed(
     diesel::delete(
         jobs::table
             .filter(jobs::instance_id.eq(instance_id))
-            .filter(jobs::kind.eq(kind.as_str()))
-            .filter(jobs::status.eq("queued"))
+            .filter(jobs::kind.eq(kind))
+            .filter(jobs::status.eq(JobStatus::Queued))
             .filter(
                 jobs::locked_until
                     .is_null()
@@ -126,9 +124,9 @@ impl diesel::QueryableByName<diesel::pg::Pg> for ClaimedJobRow {
         use diesel::sql_types::{BigInt, Integer, Nullable, Timestamptz};
         Ok(Self(ClaimedJob {
             id: NamedRow::get::<BigInt, _>(row, "id")?,
-            kind: NamedRow::get::<Text, _>(row, "kind")?,
+            kind: NamedRow::get::<Text, JobKind>(row, "kind")?,
             instance_id: NamedRow::get::<diesel::sql_types::Uuid, _>(row, "instance_id")?,
-            status: NamedRow::get::<Text, _>(row, "status")?,
+            status: NamedRow::get::<Text, JobStatus>(row, "status")?,
             attempts: NamedRow::get::<Integer, _>(row, "attempts")?,
             run_at: NamedRow::get::<Timestamptz, _>(row, "run_at")?,
             locked_by: NamedRow::get::<Nullable<Text>, _>(row, "locked_by")?,
@@ -242,7 +240,7 @@ pub async fn bury(
 ) -> QueryResult<bool> {
     let updated = diesel::update(held_by(id, worker))
         .set((
-            jobs::status.eq("dead"),
+            jobs::status.eq(JobStatus::Dead),
             unlocked(),
             jobs::last_error.eq(error),
         ))
@@ -259,19 +257,10 @@ pub async fn create_in_flight(
     diesel::select(diesel::dsl::exists(
         jobs::table
             .filter(jobs::instance_id.eq(instance_id))
-            .filter(jobs::kind.eq(JobKind::CreateInstance.as_str()))
-            .filter(jobs::status.eq("queued"))
+            .filter(jobs::kind.eq(JobKind::CreateInstance))
+            .filter(jobs::status.eq(JobStatus::Queued))
             .filter(jobs::locked_until.gt(diesel::dsl::now)),
     ))
     .get_result(conn)
     .await
-}
-
-impl JobKind {
-    /// Reads a stored kind.
-    pub fn parse(value: &str) -> Option<Self> {
-        [JobKind::CreateInstance, JobKind::RemoveInstance]
-            .into_iter()
-            .find(|k| k.as_str() == value)
-    }
 }

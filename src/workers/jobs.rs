@@ -189,7 +189,7 @@ impl JobWorker {
         let span = tracing::info_span!(
             "job",
             job.id = job.id,
-            job.kind = %job.kind,
+            job.kind = job.kind.as_str(),
             instance.id = %job.instance_id,
             attempt = job.attempts
         );
@@ -197,7 +197,7 @@ impl JobWorker {
     }
 
     async fn run_job_in_span(&self, job: Job) -> Outcome {
-        let kind = JobKind::parse(&job.kind);
+        let kind = job.kind;
         let work = AssertUnwindSafe(self.work(&job, kind)).catch_unwind();
         let result = tokio::select! {
             result = work => result,
@@ -215,8 +215,7 @@ impl JobWorker {
                 self.fail(&job, &format!("job panicked: {message}")).await
             }
         };
-        self.metrics
-            .count_job(kind.map_or("unknown", |k| k.as_str()), outcome.as_str());
+        self.metrics.count_job(kind.as_str(), outcome.as_str());
         tracing::info!(
             outcome = outcome.as_str(),
             "job {} {}",
@@ -248,7 +247,7 @@ impl JobWorker {
         }
     }
 
-    async fn work(&self, job: &Job, kind: Option<JobKind>) -> Result<Outcome, String> {
+    async fn work(&self, job: &Job, kind: JobKind) -> Result<Outcome, String> {
         let Some(instance) = self
             .broker
             .job_instance(job.instance_id)
@@ -264,7 +263,7 @@ impl JobWorker {
             return Ok(self.bury(job, &reason).await);
         };
         match kind {
-            Some(JobKind::CreateInstance) => {
+            JobKind::CreateInstance => {
                 if state != Some(State::Creating) {
                     // Deleted or errored before its machine was made: nothing left to do.
                     return self.finish(job).await;
@@ -290,7 +289,7 @@ impl JobWorker {
                     Err(error) => Ok(self.provider_failed(job, error).await),
                 }
             }
-            Some(JobKind::RemoveInstance) => {
+            JobKind::RemoveInstance => {
                 if state != Some(State::Terminating) {
                     return self.finish(job).await;
                 }
@@ -326,9 +325,6 @@ impl JobWorker {
                     Err(error) => Ok(self.provider_failed(job, error).await),
                 }
             }
-            None => Ok(self
-                .bury(job, &format!("unknown job kind {:?}", job.kind))
-                .await),
         }
     }
 
