@@ -105,16 +105,7 @@ fn main() -> ExitCode {
 }
 
 async fn connect(config: &Config) -> anyhow::Result<AsyncPgConnection> {
-    let mut conn = db::connect(&config.database_url).await?;
-    let pending = db::pending_migrations(&mut conn).await?;
-    if !pending.is_empty() {
-        bail!(
-            "the database at {} is not migrated ({} pending): run `cloudbrain migrate` first",
-            db::describe(&config.database_url),
-            pending.len()
-        );
-    }
-    Ok(conn)
+    db::connect_migrated(&config.database_url).await
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {

@@ -575,11 +575,14 @@ async fn service_routes_unknown_routes_and_wrong_methods_answer_json() {
     let response = app.get("/nowhere", &token).send().await.unwrap();
     assert_eq!(response.status(), 404);
     assert!(response.json::<Value>().await.unwrap()["errors"].is_array());
-    for (method, path) in [
-        (reqwest::Method::PUT, "/instances"),
-        (reqwest::Method::POST, "/instances/x"),
-        (reqwest::Method::DELETE, "/healthz"),
-        (reqwest::Method::PATCH, "/providers"),
+    // 405 says what the route answers.
+    for (method, path, allow) in [
+        (reqwest::Method::PUT, "/instances", "GET, POST"),
+        (reqwest::Method::POST, "/instances/x", "GET, DELETE"),
+        (reqwest::Method::PATCH, "/instances/x", "GET, DELETE"),
+        (reqwest::Method::DELETE, "/healthz", "GET"),
+        (reqwest::Method::POST, "/healthz", "GET"),
+        (reqwest::Method::PATCH, "/providers", "GET"),
     ] {
         let response = app
             .client
@@ -588,6 +591,7 @@ async fn service_routes_unknown_routes_and_wrong_methods_answer_json() {
             .await
             .unwrap();
         assert_eq!(response.status(), 405, "{method} {path}");
+        assert_eq!(response.headers()["allow"], allow, "{method} {path}");
         assert!(response.json::<Value>().await.unwrap()["errors"].is_array());
     }
 
@@ -826,23 +830,6 @@ async fn hostile_input_gets_a_clean_4xx_never_a_500() {
         .await
         .unwrap();
     assert_eq!(response.status(), 401);
-
-    // 405 says what the route answers.
-    for (method, path, allow) in [
-        ("PUT", "/instances", "GET, POST"),
-        ("PATCH", "/instances/x", "GET, DELETE"),
-        ("POST", "/healthz", "GET"),
-    ] {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let response = app
-            .client
-            .request(method.clone(), app.url(path))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 405, "{method} {path}");
-        assert_eq!(response.headers()["allow"], allow, "{method} {path}");
-    }
 }
 
 #[tokio::test]

@@ -212,7 +212,6 @@ impl TokenVerifier {
             self.forget_token(token.id);
             return Err(AuthError::Rejected);
         }
-        self.check_throttle(address)?;
         // Counted from here on, before the token store is asked, so a storm of guesses
         // from one address waits here rather than queueing for database connections.
         self.reserve_attempt(address).await?;
@@ -315,18 +314,6 @@ impl TokenVerifier {
             .get(key)
             .filter(|v| v.at.elapsed() < self.ttl)
             .map(|v| v.caller)
-    }
-
-    fn check_throttle(&self, address: IpAddr) -> Result<(), AuthError> {
-        let state = self.lock();
-        match state.failures.get(&address) {
-            Some(f) if f.count >= MAX_FAILURES && f.since.elapsed() <= FAILURE_WINDOW => {
-                Err(AuthError::Throttled {
-                    retry_after: FAILURE_WINDOW.saturating_sub(f.since.elapsed()),
-                })
-            }
-            _ => Ok(()),
-        }
     }
 
     /// Counts an attempt from `address` before its scrypt runs. Attempts under way count

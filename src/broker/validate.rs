@@ -56,9 +56,11 @@ pub fn required_text_pattern() -> String {
 /// The base64 alphabet, one character.
 const B64: &str = "[A-Za-z0-9+/]";
 
+/// The base64 alphabet, in the order of the 6-bit values it stands for.
+const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
 /// The characters whose 6 bits start with `high` (the top `bits` of them) and end freely.
 fn b64_class(high: u8, bits: u32) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let chars: String = ALPHABET
         .iter()
         .enumerate()
@@ -83,7 +85,6 @@ fn b64_bytes(at_least_one: bool) -> String {
 
 /// The characters whose low `bits` bits are zero.
 fn b64_zero_low(bits: u32) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let chars: String = ALPHABET
         .iter()
         .enumerate()

@@ -210,6 +210,12 @@ pub async fn pending_migrations(conn: &mut AsyncPgConnection) -> QueryResult<Vec
 
 /// Fails, saying what to run, when the database at `url` lacks migrations this binary has.
 pub async fn require_migrated(url: &str) -> anyhow::Result<()> {
+    connect_migrated(url).await.map(drop)
+}
+
+/// Opens one connection to a database that has every migration this binary has; fails,
+/// saying what to run, when it lacks some.
+pub async fn connect_migrated(url: &str) -> anyhow::Result<AsyncPgConnection> {
     let mut conn = connect(url).await?;
     let pending = pending_migrations(&mut conn).await?;
     if !pending.is_empty() {
@@ -220,7 +226,7 @@ pub async fn require_migrated(url: &str) -> anyhow::Result<()> {
             pending.join(", ")
         );
     }
-    Ok(())
+    Ok(conn)
 }
 
 /// Builds a connection pool of at most `size` connections; connects lazily.
