@@ -207,7 +207,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
 async fn run_role(config: Config, role: Role) -> anyhow::Result<()> {
     db::require_migrated(&config.database_url).await?;
     let services = roles::Services::new(config)?;
-    let (stop, shutdown) = roles::shutdown_channel();
+    let (stop, shutdown) = cloudbrain::shutdown::channel();
     tokio::spawn(async move {
         roles::termination_signal().await;
         tracing::info!("stopping");

@@ -267,7 +267,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = std::io::stdout().flush();
 
     let services = Services::new(config)?;
-    let (stop, shutdown) = roles::shutdown_channel();
+    let (stop, shutdown) = crate::shutdown::channel();
     let http = roles::http(&services, listener, shutdown.clone());
     let jobs = roles::job_worker(&services, shutdown.clone(), false);
     let refresh = roles::refresh_worker(&services, shutdown, false);

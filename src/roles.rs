@@ -5,18 +5,18 @@ use std::net::TcpListener;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use crate::api;
 use crate::auth::TokenVerifier;
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::db::listen::{listen_forever, Heard};
 use crate::db::{self, Pool};
-use crate::jobs::JOBS_CHANNEL;
 use crate::metrics::Metrics;
 use crate::providers::{ProviderContext, Registry};
-use crate::workers::{self, JobWorker, RefreshWorker};
+use crate::queue::Queue;
+use crate::shutdown::stopped;
+use crate::workers::{self, JobContext, RefreshWorker};
 
 /// What every role of one process shares.
 #[derive(Clone)]
@@ -53,11 +53,6 @@ impl Services {
             registry,
         })
     }
-}
-
-/// A stop signal every role watches: true means stop.
-pub fn shutdown_channel() -> (watch::Sender<bool>, watch::Receiver<bool>) {
-    watch::channel(false)
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -105,7 +100,7 @@ pub async fn http(
     let handle = server.handle();
     tracing::info!(%addr, "cloudbrain http listening on http://{addr}");
     let stopper = tokio::spawn(async move {
-        workers::stopped(&mut shutdown).await;
+        stopped(&mut shutdown).await;
         handle.stop(true).await;
     });
     let result = server.await;
@@ -152,28 +147,19 @@ pub async fn job_worker(
     shutdown: watch::Receiver<bool>,
     serve_metrics: bool,
 ) -> anyhow::Result<()> {
-    let wake = Arc::new(Notify::new());
-    let waker = wake.clone();
-    let listener = tokio::spawn(listen_forever(
-        services.config.database_url.clone(),
-        JOBS_CHANNEL,
-        move |heard| {
-            // Connected: jobs may have been enqueued unheard; look now.
-            if matches!(heard, Heard::Payload(_) | Heard::Connected) {
-                waker.notify_one();
-            }
-        },
-    ));
-    let worker = Arc::new(JobWorker::new(
+    let context = JobContext {
+        broker: services.broker.clone(),
+        queue: Queue::new(services.pool.clone()),
+        providers: services.registry.clone(),
+        metrics: services.metrics.clone(),
+    };
+    let worker = Arc::new(workers::job_worker(
         workers::worker_id("create-worker"),
-        services.broker.clone(),
-        services.registry.clone(),
-        services.metrics.clone(),
+        context,
         services.config.workers.clone(),
     ));
-    let result = with_metrics(services, serve_metrics, worker.run(wake, shutdown)).await;
-    listener.abort();
-    result
+    let database_url = services.config.database_url.clone();
+    with_metrics(services, serve_metrics, worker.run(database_url, shutdown)).await
 }
 
 /// Reconciles every provider config on an interval until `shutdown`.

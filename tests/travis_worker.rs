@@ -265,8 +265,7 @@ async fn broker(provider: &str, config: Value) -> Broker {
     let token = app.token(Scope::Client).await;
     let workers = Workers::new(&db.url, fast_settings());
     let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
-    tokio::spawn(workers.jobs.clone().run(wake, shutdown.clone()));
+    tokio::spawn(workers.jobs.clone().run(db.url.clone(), shutdown.clone()));
     tokio::spawn(workers.refresh.clone().run(shutdown));
     let endpoint = format!(
         "http://token:{token}@{}/",

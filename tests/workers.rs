@@ -478,16 +478,17 @@ async fn a_burst_of_requests_never_becomes_a_burst_against_the_cloud() {
 async fn a_refresh_skips_a_provider_another_refresh_worker_holds() {
     let s = setup(json!(null), fast_settings()).await;
     let mut holder = s.db.conn().await;
+    let refresh_lock = cloudbrain::db::locks::REFRESH;
     exec(
         &mut holder,
-        "SELECT pg_advisory_lock(1919, hashtext('fake'))",
+        &format!("SELECT pg_advisory_lock({refresh_lock}, hashtext('fake'))"),
     )
     .await;
     let reports = s.workers.refresh.refresh_all().await;
     assert!(reports[0].1.skipped, "{reports:?}");
     exec(
         &mut holder,
-        "SELECT pg_advisory_unlock(1919, hashtext('fake'))",
+        &format!("SELECT pg_advisory_unlock({refresh_lock}, hashtext('fake'))"),
     )
     .await;
     let reports = s.workers.refresh.refresh_all().await;
@@ -575,37 +576,35 @@ async fn metrics_report_instances_jobs_provider_calls_and_auth() {
 
 #[tokio::test]
 async fn a_worker_that_lost_its_lease_cannot_finish_requeue_or_bury_the_job() {
-    use cloudbrain::jobs::{self, JobKind};
+    use cloudbrain::queue::{JobKind, Queue};
     let s = setup(json!(null), fast_settings()).await;
     let id = s.create("ubuntu").await;
     let mut conn = s.db.conn().await;
+    let queue = Queue::new(cloudbrain::db::pool(&s.db.url, 2).unwrap());
     let kinds = [JobKind::CreateInstance];
-    let stale = jobs::claim(&mut conn, "worker-a", &kinds, 1, Duration::from_millis(1))
+    let stale = queue
+        .claim("worker-a", &kinds, 1, Duration::from_millis(1))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let held = jobs::claim(&mut conn, "worker-b", &kinds, 1, Duration::from_secs(60))
+    let held = queue
+        .claim("worker-b", &kinds, 1, Duration::from_secs(60))
         .await
         .unwrap();
-    assert_eq!(held[0].id, stale[0].id, "the lapsed lease is claimed again");
+    assert_eq!(
+        held[0].job_id, stale[0].job_id,
+        "the lapsed lease is claimed again"
+    );
     let stale = &stale[0];
 
-    assert!(!s.workers.broker.finish_job(stale).await.unwrap());
-    assert!(!s
-        .workers
-        .broker
-        .retry_job(stale, Duration::ZERO, "late retry")
+    assert!(!queue.finish(stale).await.unwrap());
+    assert!(!queue
+        .retry_later(stale, Duration::ZERO, "late retry")
         .await
         .unwrap());
-    assert!(!s
-        .workers
-        .broker
-        .bury_job(stale, "late give-up")
-        .await
-        .unwrap());
-    jobs::release(&mut conn, stale.id, "worker-a", Duration::ZERO)
-        .await
-        .unwrap();
+    assert!(!s.workers.broker.bury(stale, "late give-up").await.unwrap());
+    assert!(!queue.release(stale, Duration::ZERO).await.unwrap());
+    assert!(!queue.renew(stale, Duration::from_secs(60)).await.unwrap());
 
     // The job is still worker B's, untouched, and its instance was not errored.
     let row =
@@ -625,7 +624,7 @@ async fn a_worker_that_lost_its_lease_cannot_finish_requeue_or_bury_the_job() {
     );
     assert_eq!(s.instance(&id).await["state"], "creating");
     // Worker B, which holds it, can.
-    assert!(s.workers.broker.finish_job(&held[0]).await.unwrap());
+    assert!(queue.finish(&held[0]).await.unwrap());
     let left = format!("SELECT count(*) AS n FROM jobs WHERE instance_id = '{id}'");
     assert_eq!(count(&mut conn, &left).await, 0);
 }

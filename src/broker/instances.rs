@@ -5,13 +5,14 @@ use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use super::lifecycle::{self, Decision};
 use super::providers::find_settings;
-use super::state::{record_event, transition, State};
+use super::state::{apply, record_event, State};
 use super::{validate, Broker, BrokerError};
 use crate::auth::{Caller, Scope};
-use crate::db::models::{Instance, InstanceChange, InstanceEvent, NewInstance};
+use crate::db::models::{Instance, InstanceEvent, NewInstance};
 use crate::db::schema::{instance_events, instances};
-use crate::jobs::{self, JobKind};
+use crate::queue::{self, JobKind};
 use cloudbrain_provider::DEFAULT_TYPE_ALIAS;
 
 /// Instances per page when the client does not say.
@@ -163,7 +164,7 @@ impl Broker {
                     return replay(conn, caller, &new).await;
                 };
                 record_event(conn, id, None, State::Creating, None).await?;
-                jobs::enqueue(conn, JobKind::CreateInstance, id).await?;
+                queue::enqueue(conn, JobKind::CreateInstance, id).await?;
                 Ok(Created {
                     instance,
                     replayed: false,
@@ -198,26 +199,18 @@ impl Broker {
         conn.transaction::<_, BrokerError, _>(async |conn| {
             let instance = find_visible(conn, caller, id, true).await?;
             let id = instance.id;
-            match instance.state {
-                State::Terminated => return Err(BrokerError::Gone(Box::new(instance))),
-                State::Terminating => return Ok(instance),
+            let decision = lifecycle::delete(instance.state, caller.token_id);
+            match decision {
+                Decision::Gone => return Err(BrokerError::Gone(Box::new(instance))),
+                Decision::Keep => return Ok(instance),
                 _ => {}
             }
-            let reason = format!("deleted by token {}", caller.token_id);
-            let updated = transition(
-                conn,
-                id,
-                State::Terminating,
-                Some(&reason),
-                InstanceChange::default(),
-            )
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("instance {id} in state {} cannot terminate", instance.state.as_str()))?;
-            // A machine nobody started making needs no making; the remove job still runs,
-            // because an earlier attempt may have made one.
-            jobs::drop_unclaimed(conn, JobKind::CreateInstance, id).await?;
-            jobs::enqueue(conn, JobKind::RemoveInstance, id).await?;
-            tracing::info!(instance.id = %id, token.id = caller.token_id, "instance {id} terminating");
+            let updated = apply(conn, id, &decision).await?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "instance {id} in state {} cannot terminate",
+                    instance.state.as_str()
+                )
+            })?;
             Ok(updated)
         })
         .await

@@ -1,363 +1,475 @@
-//! The rules the workers follow: what a job's result does to its instance, and how the
-//! refresh moves rows in step with what the cloud says. Every change of state goes through
-//! the guarded [`transition`], so nothing here can move an instance backwards.
+//! The instance lifecycle as pure rules: given a row, what the cloud says and the time,
+//! each function returns a [`Decision`]; nothing here reads or writes the database.
+//! [`super::state::apply`] writes a decision through the guarded transition.
+//!
+//! The shape is kube-rs's `reconcile → Action`: the decision is a value, so every
+//! (state, cloud state) pair is covered by a table test with no database and no sleeps.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use cloudbrain_provider::{CloudInstance, CloudState};
-use diesel::prelude::*;
-use diesel_async::{AsyncConnection, RunQueryDsl};
-use uuid::Uuid;
 
-use super::state::{transition, State};
-use super::{Broker, BrokerError};
-use crate::db::models::{Instance, InstanceChange, Job};
-use crate::db::schema::instances;
-use crate::jobs;
+use super::state::State;
+use crate::db::models::Instance;
 
-/// What the refresh should do to a machine after reconciling its row.
+/// What the cloud says of one machine, as it is written to its instance row.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Nothing.
-    Keep,
-    /// Destroy the machine: its instance errored, or it belongs to no live instance.
-    Destroy,
+pub struct Seen {
+    /// The cloud's id of the machine.
+    pub upstream_id: String,
+    /// Its address, once it has one.
+    pub ip_address: Option<String>,
+    /// What the provider says beyond the state (an ECS membership, say), as JSON.
+    pub ecs: Option<serde_json::Value>,
 }
 
-impl Broker {
-    /// Reads the instance a job works on.
-    pub async fn job_instance(&self, id: Uuid) -> Result<Option<Instance>, BrokerError> {
-        let mut conn = self.conn().await?;
-        Ok(instances::table
-            .find(id)
-            .select(Instance::as_select())
-            .first(&mut conn)
-            .await
-            .optional()?)
-    }
-
-    /// Finishes a job that has nothing (more) to do; false if its worker lost the lease.
-    pub async fn finish_job(&self, job: &Job) -> Result<bool, BrokerError> {
-        let mut conn = self.conn().await?;
-        Ok(jobs::finish(&mut conn, job.id, owner(job)).await?)
-    }
-
-    /// Records the machine a create job made and finishes the job, in one transaction.
-    ///
-    /// If the instance moved on meanwhile (deleted, timed out) the row stays as it is; the
-    /// machine is then the remove job's or the refresh's to destroy. What the cloud said is
-    /// recorded even when the worker lost its lease: the guarded transition makes it safe,
-    /// and the job stays with the worker that holds it now.
-    pub async fn record_launched(
-        &self,
-        job: &Job,
-        machine: &CloudInstance,
-    ) -> Result<Option<Instance>, BrokerError> {
-        let mut conn = self.conn().await?;
-        conn.transaction::<_, BrokerError, _>(async |conn| {
-            let updated = apply_cloud_state(conn, job.instance_id, machine).await?;
-            finish_held(conn, job).await?;
-            Ok(updated)
-        })
-        .await
-    }
-
-    /// Records that an instance's machine is gone and finishes its remove job.
-    pub async fn record_terminated(&self, job: &Job) -> Result<(), BrokerError> {
-        let id = job.instance_id;
-        let mut conn = self.conn().await?;
-        conn.transaction::<_, BrokerError, _>(async |conn| {
-            transition(conn, id, State::Terminated, None, InstanceChange::default()).await?;
-            finish_held(conn, job).await
-        })
-        .await?;
-        tracing::info!(instance.id = %id, "instance {id} terminated");
-        Ok(())
-    }
-
-    /// Gives up on a job: its instance is `errored` with `reason`, and the job stays `dead`.
-    /// False, and nothing changed, if its worker lost the lease: the worker holding the job
-    /// now decides.
-    pub async fn bury_job(&self, job: &Job, reason: &str) -> Result<bool, BrokerError> {
-        let mut conn = self.conn().await?;
-        let buried = conn
-            .transaction::<_, BrokerError, _>(async |conn| {
-                if !jobs::bury(conn, job.id, owner(job), reason).await? {
-                    return Ok(false);
-                }
-                let change = InstanceChange {
-                    error_reason: Some(reason),
-                    ..InstanceChange::default()
-                };
-                transition(conn, job.instance_id, State::Errored, Some(reason), change).await?;
-                Ok(true)
-            })
-            .await?;
-        if buried {
-            tracing::warn!(instance.id = %job.instance_id, job.id = job.id, reason, "instance {} errored", job.instance_id);
+impl Seen {
+    /// What `machine` says.
+    pub fn of(machine: &CloudInstance) -> Self {
+        Self {
+            upstream_id: machine.upstream_id.clone(),
+            ip_address: machine.ip_address.clone(),
+            ecs: machine
+                .ecs
+                .as_ref()
+                .and_then(|m| serde_json::to_value(m).ok()),
         }
-        Ok(buried)
     }
 
-    /// Schedules a failed job to run again after `delay`; false if its worker lost the lease.
-    pub async fn retry_job(
-        &self,
-        job: &Job,
-        delay: Duration,
-        error: &str,
-    ) -> Result<bool, BrokerError> {
-        let mut conn = self.conn().await?;
-        Ok(jobs::retry_later(&mut conn, job.id, owner(job), delay, error).await?)
+    /// True when this says something `row` does not yet.
+    fn news_for(&self, row: &Instance) -> bool {
+        row.upstream_id.as_deref() != Some(self.upstream_id.as_str())
+            || (self.ip_address.is_some() && row.ip_address != self.ip_address)
+            || (self.ecs.is_some() && row.ecs != self.ecs)
+    }
+}
+
+/// What to do with one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Write nothing.
+    Keep,
+    /// Write what the cloud says: `to` (the row's state or a later one) and the details.
+    Record {
+        /// The state the machine is in.
+        to: State,
+        /// Its id, address and details.
+        seen: Seen,
+    },
+    /// The instance errored for `reason`; its machine, if any, is to be destroyed.
+    Fail {
+        /// Why, in words for the client.
+        reason: String,
+        /// What the cloud said of the machine, when it said anything.
+        seen: Option<Seen>,
+    },
+    /// Leave the row; destroy the machine (it belongs to an errored instance).
+    Destroy,
+    /// The machine is gone: the instance is terminated.
+    Terminate,
+    /// Begin destroying the machine: `terminating`, and a remove job.
+    BeginTermination {
+        /// Who asked.
+        reason: String,
+    },
+    /// The instance is terminated already: the request is for something gone.
+    Gone,
+    /// Nothing to write yet; look again later, for the reason given.
+    NotYet(String),
+}
+
+impl Decision {
+    /// True when the machine behind the row should be destroyed.
+    pub fn destroys_machine(&self) -> bool {
+        matches!(self, Decision::Fail { .. } | Decision::Destroy)
     }
 
-    /// Hands a job back without counting the attempt.
-    pub async fn release_job(
-        &self,
-        job: &Job,
-        worker: &str,
-        delay: Duration,
-    ) -> Result<(), BrokerError> {
-        let mut conn = self.conn().await?;
-        jobs::release(&mut conn, job.id, worker, delay).await?;
-        Ok(())
-    }
-
-    /// True while a create job for the instance is being worked on.
-    pub async fn create_in_flight(&self, id: Uuid) -> Result<bool, BrokerError> {
-        let mut conn = self.conn().await?;
-        Ok(jobs::create_in_flight(&mut conn, id).await?)
-    }
-
-    /// Extends a job's lease; false if the worker lost it.
-    pub async fn renew_lease(
-        &self,
-        job_id: i64,
-        worker: &str,
-        lease: Duration,
-    ) -> Result<bool, BrokerError> {
-        let mut conn = self.conn().await?;
-        Ok(jobs::renew(&mut conn, job_id, worker, lease).await?)
-    }
-
-    /// Instances on `provider` that are not terminated.
-    pub async fn live_instances(&self, provider: &str) -> Result<Vec<Instance>, BrokerError> {
-        let mut conn = self.conn().await?;
-        Ok(instances::table
-            .filter(instances::provider_name.eq(provider))
-            .filter(instances::state.ne(State::Terminated))
-            .select(Instance::as_select())
-            .load(&mut conn)
-            .await?)
-    }
-
-    /// The database's clock, which stamps every row's `updated_at`.
-    pub async fn db_now(&self) -> Result<DateTime<Utc>, BrokerError> {
-        let mut conn = self.conn().await?;
-        Ok(
-            diesel::select(diesel::dsl::now.into_sql::<diesel::sql_types::Timestamptz>())
-                .get_result::<DateTime<Utc>>(&mut conn)
-                .await?,
+    /// True when writing the decision changes a row.
+    pub fn writes(&self) -> bool {
+        !matches!(
+            self,
+            Decision::Keep | Decision::Destroy | Decision::Gone | Decision::NotYet(_)
         )
     }
 
-    /// Brings one live instance in step with its machine as a listing of the cloud begun
-    /// at `listed_at` (database clock) shows it (`None`: the listing had none), and says
-    /// whether the machine should be destroyed. Writes nothing when nothing changed.
-    ///
-    /// A row that changed after the listing began is newer than the listing: a machine
-    /// recorded meanwhile may be missing from it, so its absence proves nothing, and the
-    /// row waits for the next refresh.
-    pub async fn reconcile(
-        &self,
-        instance: &Instance,
-        machine: Option<&CloudInstance>,
-        listed_at: DateTime<Utc>,
-        launch_timeout: Duration,
-    ) -> Result<Verdict, BrokerError> {
-        if machine.is_none() && instance.updated_at >= listed_at {
-            return Ok(Verdict::Keep);
+    fn fail(reason: impl Into<String>, seen: Option<Seen>) -> Self {
+        Decision::Fail {
+            reason: reason.into(),
+            seen,
         }
-        let state = instance.state;
-        let launching = matches!(state, State::Creating | State::Starting);
-        let mut conn = self.conn().await?;
-        let fail = async |conn: &mut diesel_async::AsyncPgConnection, reason: &str| {
-            conn.transaction::<_, BrokerError, _>(async |conn| {
-                let change = InstanceChange {
-                    error_reason: Some(reason),
-                    ..InstanceChange::default()
-                };
-                transition(conn, instance.id, State::Errored, Some(reason), change).await?;
-                // Its create job, if nobody holds it, has nothing left to do.
-                jobs::drop_unclaimed(conn, jobs::JobKind::CreateInstance, instance.id).await?;
-                Ok(())
-            })
-            .await?;
-            tracing::warn!(instance.id = %instance.id, reason, "instance {} errored", instance.id);
-            Ok::<_, BrokerError>(Verdict::Destroy)
-        };
-
-        match (state, machine.map(|m| &m.state)) {
-            (State::Terminating | State::Terminated, _) => return Ok(Verdict::Keep),
-            (State::Errored, Some(_)) => return Ok(Verdict::Destroy),
-            (State::Errored, None) => return Ok(Verdict::Keep),
-            (_, Some(CloudState::Failed(reason))) => return fail(&mut conn, reason).await,
-            (_, Some(CloudState::Terminating | CloudState::Terminated)) => {
-                return fail(&mut conn, "the machine was stopped outside cloudbrain").await;
-            }
-            (State::Starting | State::Running, None) => {
-                return fail(&mut conn, "the machine vanished from the cloud").await;
-            }
-            (_, Some(CloudState::Starting | CloudState::Running)) => {
-                if let Some(machine) = machine {
-                    if needs_update(instance, machine) {
-                        apply_cloud_state(&mut conn, instance.id, machine).await?;
-                    }
-                    if matches!(machine.state, CloudState::Running) {
-                        return Ok(Verdict::Keep);
-                    }
-                }
-            }
-            (State::Creating, None) => {}
-        }
-        let age = Utc::now().signed_duration_since(instance.created_at);
-        if launching && age.to_std().is_ok_and(|age| age > launch_timeout) {
-            let reason = format!(
-                "the machine was not running {} s after it was asked for",
-                launch_timeout.as_secs()
-            );
-            return fail(&mut conn, &reason).await;
-        }
-        Ok(Verdict::Keep)
     }
 }
 
-/// The worker that claimed `job`; an unclaimed job has none, and matches no worker.
-fn owner(job: &Job) -> &str {
-    job.locked_by.as_deref().unwrap_or_default()
+/// The clock of one refresh: when its listing of the cloud began (database clock), now,
+/// and how long a launch may take.
+#[derive(Debug, Clone, Copy)]
+pub struct RefreshClock {
+    /// When the listing began; a row written after it is newer than the listing.
+    pub listed_at: DateTime<Utc>,
+    /// Now.
+    pub now: DateTime<Utc>,
+    /// How long an instance may take to reach `running`.
+    pub launch_timeout: Duration,
 }
 
-/// Deletes a job its worker finished, unless the worker lost the lease meanwhile.
-async fn finish_held(
-    conn: &mut diesel_async::AsyncPgConnection,
-    job: &Job,
-) -> Result<(), BrokerError> {
-    if !jobs::finish(conn, job.id, owner(job)).await? {
-        tracing::warn!(
-            job.id = job.id,
-            "job {} was claimed by another worker; leaving it to that one",
-            job.id
+/// What a refresh does with a live row and its machine as the listing showed it (`None`:
+/// the listing had none).
+///
+/// A row that changed after the listing began is newer than the listing: a machine
+/// recorded meanwhile may be missing from it, so its absence proves nothing, and the row
+/// waits for the next refresh.
+pub fn refresh(row: &Instance, machine: Option<&CloudInstance>, clock: &RefreshClock) -> Decision {
+    if machine.is_none() && row.updated_at >= clock.listed_at {
+        return Decision::Keep;
+    }
+    let recorded = match (row.state, machine) {
+        (State::Terminating | State::Terminated, _) => return Decision::Keep,
+        (State::Errored, Some(_)) => return Decision::Destroy,
+        (State::Errored, None) => return Decision::Keep,
+        (State::Starting | State::Running, None) => {
+            return Decision::fail("the machine vanished from the cloud", None)
+        }
+        (State::Creating, None) => None,
+        (_, Some(machine)) => match &machine.state {
+            CloudState::Failed(reason) => return Decision::fail(reason.as_str(), None),
+            CloudState::Terminating | CloudState::Terminated => {
+                return Decision::fail("the machine was stopped outside cloudbrain", None)
+            }
+            CloudState::Starting | CloudState::Running => Some(Seen::of(machine)),
+        },
+    };
+    let cloud_state = machine.map(|m| &m.state);
+    if !matches!(cloud_state, Some(CloudState::Running)) && launch_timed_out(row, clock) {
+        let reason = format!(
+            "the machine was not running {} s after it was asked for",
+            clock.launch_timeout.as_secs()
+        );
+        return Decision::fail(reason, recorded);
+    }
+    match (recorded, cloud_state) {
+        (Some(seen), Some(state)) => {
+            let to = match (row.state, state) {
+                (State::Creating, CloudState::Starting) => State::Starting,
+                (State::Creating | State::Starting, CloudState::Running) => State::Running,
+                (current, _) => current,
+            };
+            if to != row.state || seen.news_for(row) {
+                Decision::Record { to, seen }
+            } else {
+                Decision::Keep
+            }
+        }
+        _ => Decision::Keep,
+    }
+}
+
+fn launch_timed_out(row: &Instance, clock: &RefreshClock) -> bool {
+    let launching = matches!(row.state, State::Creating | State::Starting);
+    let age = clock.now.signed_duration_since(row.created_at);
+    launching && age.to_std().is_ok_and(|age| age > clock.launch_timeout)
+}
+
+/// What the machine a create call returned does to its instance.
+pub fn launched(machine: &CloudInstance) -> Decision {
+    let seen = Seen::of(machine);
+    match &machine.state {
+        CloudState::Starting => Decision::Record {
+            to: State::Starting,
+            seen,
+        },
+        CloudState::Running => Decision::Record {
+            to: State::Running,
+            seen,
+        },
+        CloudState::Failed(reason) => Decision::fail(reason.as_str(), Some(seen)),
+        CloudState::Terminating | CloudState::Terminated => {
+            Decision::fail("the machine stopped as soon as it was made", Some(seen))
+        }
+    }
+}
+
+/// What a look at the machine after destroying it (`None`: the cloud has none) does to
+/// its instance.
+pub fn removed(machine: Option<&CloudState>) -> Decision {
+    match machine {
+        None | Some(CloudState::Terminated) => Decision::Terminate,
+        Some(_) => Decision::NotYet("the machine is still shutting down".to_owned()),
+    }
+}
+
+/// What `DELETE /instances/<id>` by token `token_id` does to an instance in `state`.
+pub fn delete(state: State, token_id: i32) -> Decision {
+    match state {
+        State::Terminated => Decision::Gone,
+        State::Terminating => Decision::Keep,
+        _ => Decision::BeginTermination {
+            reason: format!("deleted by token {token_id}"),
+        },
+    }
+}
+
+/// True when a create job still has a machine to make for an instance in `state`: one
+/// deleted or errored before its machine was made has nothing left to do.
+pub fn create_wanted(state: State) -> bool {
+    state == State::Creating
+}
+
+/// True when a remove job has a machine to destroy for an instance in `state`.
+pub fn remove_wanted(state: State) -> bool {
+    state == State::Terminating
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    fn at(minutes: i64) -> DateTime<Utc> {
+        DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::minutes(minutes)
+    }
+
+    /// A row in `state`, asked for at minute 0 and last written at minute 1.
+    fn row(state: State) -> Instance {
+        Instance {
+            id: Uuid::nil(),
+            owner_token_id: 1,
+            provider_name: "fake".into(),
+            image: "ubuntu".into(),
+            instance_type: "standard".into(),
+            public_ssh_key: None,
+            state,
+            ip_address: None,
+            upstream_id: None,
+            error_reason: None,
+            idempotency_key: None,
+            created_at: at(0),
+            updated_at: at(1),
+            terminated_at: None,
+            ecs: None,
+        }
+    }
+
+    fn machine(state: CloudState) -> CloudInstance {
+        CloudInstance {
+            id: Uuid::nil(),
+            upstream_id: "i-1".into(),
+            state,
+            ip_address: Some("10.0.0.1".into()),
+            launched_at: None,
+            ecs: None,
+        }
+    }
+
+    /// Listed at minute 2, now minute 3; launches may take `timeout` minutes.
+    fn clock(timeout: u64) -> RefreshClock {
+        RefreshClock {
+            listed_at: at(2),
+            now: at(3),
+            launch_timeout: MINUTE * timeout as u32,
+        }
+    }
+
+    fn record(to: State) -> Decision {
+        Decision::Record {
+            to,
+            seen: Seen::of(&machine(CloudState::Running)),
+        }
+    }
+
+    fn fail(reason: &str, seen: bool) -> Decision {
+        Decision::fail(
+            reason,
+            seen.then(|| Seen::of(&machine(CloudState::Running))),
+        )
+    }
+
+    const STOPPED: &str = "the machine was stopped outside cloudbrain";
+    const VANISHED: &str = "the machine vanished from the cloud";
+
+    #[test]
+    fn refresh_decides_every_state_and_cloud_state() {
+        use CloudState as C;
+        use Decision::{Destroy, Keep};
+        use State as S;
+        let failed = || C::Failed("disk full".into());
+        // (row state, what the listing showed, the decision), launches well within time.
+        let table: Vec<(S, Option<C>, Decision)> = vec![
+            (S::Creating, None, Keep),
+            (S::Creating, Some(C::Starting), record(S::Starting)),
+            (S::Creating, Some(C::Running), record(S::Running)),
+            (S::Creating, Some(C::Terminating), fail(STOPPED, false)),
+            (S::Creating, Some(C::Terminated), fail(STOPPED, false)),
+            (S::Creating, Some(failed()), fail("disk full", false)),
+            (S::Starting, None, fail(VANISHED, false)),
+            (S::Starting, Some(C::Starting), record(S::Starting)),
+            (S::Starting, Some(C::Running), record(S::Running)),
+            (S::Starting, Some(C::Terminating), fail(STOPPED, false)),
+            (S::Starting, Some(C::Terminated), fail(STOPPED, false)),
+            (S::Starting, Some(failed()), fail("disk full", false)),
+            (S::Running, None, fail(VANISHED, false)),
+            (S::Running, Some(C::Starting), record(S::Running)),
+            (S::Running, Some(C::Running), record(S::Running)),
+            (S::Running, Some(C::Terminating), fail(STOPPED, false)),
+            (S::Running, Some(C::Terminated), fail(STOPPED, false)),
+            (S::Running, Some(failed()), fail("disk full", false)),
+            (S::Errored, None, Keep),
+            (S::Errored, Some(C::Running), Destroy),
+            (S::Errored, Some(C::Terminated), Destroy),
+            (S::Terminating, None, Keep),
+            (S::Terminating, Some(C::Running), Keep),
+            (S::Terminating, Some(failed()), Keep),
+            (S::Terminated, None, Keep),
+            (S::Terminated, Some(C::Running), Keep),
+        ];
+        for (state, cloud, expected) in table {
+            let machine = cloud.clone().map(machine);
+            let decision = refresh(&row(state), machine.as_ref(), &clock(60));
+            assert_eq!(decision, expected, "{state:?} with {cloud:?}");
+        }
+    }
+
+    #[test]
+    fn a_refresh_writes_nothing_when_the_row_already_says_it_all() {
+        let mut running = row(State::Running);
+        running.upstream_id = Some("i-1".into());
+        running.ip_address = Some("10.0.0.1".into());
+        let up = machine(CloudState::Running);
+        assert_eq!(refresh(&running, Some(&up), &clock(60)), Decision::Keep);
+        // A new address is news.
+        running.ip_address = Some("10.0.0.2".into());
+        assert_eq!(
+            refresh(&running, Some(&up), &clock(60)),
+            record(State::Running)
+        );
+        // A machine that has no address yet does not erase the row's.
+        let mut quiet = up.clone();
+        quiet.ip_address = None;
+        running.ip_address = Some("10.0.0.1".into());
+        assert_eq!(refresh(&running, Some(&quiet), &clock(60)), Decision::Keep);
+    }
+
+    #[test]
+    fn a_row_written_after_the_listing_began_is_not_judged_by_its_absence() {
+        let mut fresh = row(State::Running);
+        fresh.updated_at = clock(60).listed_at;
+        assert_eq!(refresh(&fresh, None, &clock(60)), Decision::Keep);
+        // Seen in the listing, it is judged as usual.
+        let gone = machine(CloudState::Terminated);
+        assert_eq!(
+            refresh(&fresh, Some(&gone), &clock(60)),
+            fail(STOPPED, false)
         );
     }
-    Ok(())
-}
 
-/// True when the machine says something the row does not yet.
-fn needs_update(instance: &Instance, machine: &CloudInstance) -> bool {
-    let state_ahead = matches!(
-        (instance.state, &machine.state),
-        (State::Creating, CloudState::Starting | CloudState::Running)
-            | (State::Starting, CloudState::Running)
-    );
-    state_ahead
-        || instance.upstream_id.as_deref() != Some(machine.upstream_id.as_str())
-        || (machine.ip_address.is_some() && instance.ip_address != machine.ip_address)
-        || (machine.ecs.is_some() && instance.ecs != ecs_json(machine))
-}
-
-fn ecs_json(machine: &CloudInstance) -> Option<serde_json::Value> {
-    machine
-        .ecs
-        .as_ref()
-        .and_then(|m| serde_json::to_value(m).ok())
-}
-
-/// Moves an instance forward to what its machine says, with its id and address.
-async fn apply_cloud_state(
-    conn: &mut diesel_async::AsyncPgConnection,
-    id: Uuid,
-    machine: &CloudInstance,
-) -> Result<Option<Instance>, BrokerError> {
-    let ecs = ecs_json(machine);
-    let change = || InstanceChange {
-        upstream_id: Some(&machine.upstream_id),
-        ip_address: machine.ip_address.as_deref(),
-        error_reason: None,
-        ecs: ecs.as_ref(),
-    };
-    let to = match &machine.state {
-        CloudState::Starting => State::Starting,
-        CloudState::Running => State::Running,
-        CloudState::Failed(reason) => {
-            let change = InstanceChange {
-                error_reason: Some(reason),
-                ..change()
-            };
-            return Ok(transition(conn, id, State::Errored, Some(reason), change).await?);
-        }
-        CloudState::Terminating | CloudState::Terminated => {
-            let reason = "the machine stopped as soon as it was made";
-            let change = InstanceChange {
-                error_reason: Some(reason),
-                ..change()
-            };
-            return Ok(transition(conn, id, State::Errored, Some(reason), change).await?);
-        }
-    };
-    if let Some(updated) = transition(conn, id, to, None, change()).await? {
-        tracing::info!(instance.id = %id, state = to.as_str(), "instance {id} {}", to.as_str());
-        return Ok(Some(updated));
-    }
-    // Same state (or the row moved on): only fill in what the cloud newly says, and only on
-    // a row still launching or running.
-    let updated = diesel::update(
-        instances::table
-            .filter(instances::id.eq(id))
-            .filter(instances::state.eq_any([State::Starting, State::Running])),
-    )
-    .set((instances::updated_at.eq(diesel::dsl::now), change()))
-    .returning(Instance::as_returning())
-    .get_result(conn)
-    .await
-    .optional()?;
-    Ok(updated)
-}
-
-#[derive(diesel::QueryableByName)]
-struct GaugeRow {
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    a: String,
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    b: String,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    n: i64,
-}
-
-impl Broker {
-    /// Counts for `/metrics`: instances by provider and state, jobs queued and dead by kind.
-    pub async fn gauges(&self) -> Result<crate::metrics::Gauges, BrokerError> {
-        let mut conn = self.conn().await?;
-        let instances: Vec<GaugeRow> = diesel::sql_query(
-            "SELECT provider_name AS a, state AS b, count(*) AS n FROM instances \
-             GROUP BY provider_name, state ORDER BY 1, 2",
-        )
-        .load(&mut conn)
-        .await?;
-        let jobs: Vec<GaugeRow> = diesel::sql_query(
-            "SELECT kind AS a, status AS b, count(*) AS n FROM jobs GROUP BY kind, status ORDER BY 1, 2",
-        )
-        .load(&mut conn)
-        .await?;
-        let by_status = |status: &str| {
-            jobs.iter()
-                .filter(|r| r.b == status)
-                .map(|r| (r.a.clone(), r.n))
-                .collect()
+    #[test]
+    fn launches_that_outlive_the_timeout_fail_and_running_ones_never_do() {
+        let timeout = "the machine was not running 60 s after it was asked for";
+        // Asked for at minute 0, now minute 3: a one-minute timeout has passed.
+        let late = clock(1);
+        assert_eq!(
+            refresh(&row(State::Creating), None, &late),
+            fail(timeout, false)
+        );
+        let booting = machine(CloudState::Starting);
+        assert_eq!(
+            refresh(&row(State::Starting), Some(&booting), &late),
+            fail(timeout, true),
+            "what the cloud said is kept on the errored row"
+        );
+        let up = machine(CloudState::Running);
+        assert_eq!(
+            refresh(&row(State::Starting), Some(&up), &late),
+            record(State::Running)
+        );
+        assert_eq!(
+            refresh(&row(State::Running), Some(&up), &late),
+            record(State::Running)
+        );
+        // Exactly at the timeout is not past it.
+        let edge = RefreshClock {
+            launch_timeout: MINUTE * 3,
+            ..late
         };
-        Ok(crate::metrics::Gauges {
-            queued_jobs: by_status("queued"),
-            dead_jobs: by_status("dead"),
-            instances: instances.into_iter().map(|r| (r.a, r.b, r.n)).collect(),
-        })
+        assert_eq!(refresh(&row(State::Creating), None, &edge), Decision::Keep);
+    }
+
+    #[test]
+    fn only_failures_and_errored_rows_destroy_machines() {
+        assert!(fail("x", false).destroys_machine());
+        assert!(Decision::Destroy.destroys_machine());
+        for keep in [Decision::Keep, record(State::Running), Decision::Terminate] {
+            assert!(!keep.destroys_machine(), "{keep:?}");
+        }
+    }
+
+    #[test]
+    fn a_create_result_records_the_machine_or_fails_the_instance() {
+        assert_eq!(
+            launched(&machine(CloudState::Starting)),
+            Decision::Record {
+                to: State::Starting,
+                seen: Seen::of(&machine(CloudState::Running)),
+            }
+        );
+        assert_eq!(
+            launched(&machine(CloudState::Running)),
+            record(State::Running)
+        );
+        assert_eq!(
+            launched(&machine(CloudState::Failed("no such image".into()))),
+            fail("no such image", true)
+        );
+        for stopped in [CloudState::Terminating, CloudState::Terminated] {
+            assert_eq!(
+                launched(&machine(stopped)),
+                fail("the machine stopped as soon as it was made", true)
+            );
+        }
+    }
+
+    #[test]
+    fn a_remove_ends_when_the_cloud_has_no_machine_or_a_terminated_one() {
+        assert_eq!(removed(None), Decision::Terminate);
+        assert_eq!(removed(Some(&CloudState::Terminated)), Decision::Terminate);
+        for still in [
+            CloudState::Running,
+            CloudState::Starting,
+            CloudState::Terminating,
+        ] {
+            assert!(
+                matches!(removed(Some(&still)), Decision::NotYet(_)),
+                "{still:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn delete_begins_termination_once_and_refuses_terminated_instances() {
+        for state in [
+            State::Creating,
+            State::Starting,
+            State::Running,
+            State::Errored,
+        ] {
+            assert_eq!(
+                delete(state, 7),
+                Decision::BeginTermination {
+                    reason: "deleted by token 7".into()
+                }
+            );
+        }
+        assert_eq!(delete(State::Terminating, 7), Decision::Keep);
+        assert_eq!(delete(State::Terminated, 7), Decision::Gone);
+    }
+
+    #[test]
+    fn jobs_run_only_for_the_state_they_serve() {
+        for &state in State::ALL {
+            assert_eq!(create_wanted(state), state == State::Creating);
+            assert_eq!(remove_wanted(state), state == State::Terminating);
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! transition is allowed and what gets enqueued with it. The HTTP API and the workers are
 //! two front ends of this module.
 
+mod for_workers;
 pub mod instances;
 pub mod lifecycle;
 pub mod providers;
@@ -80,11 +81,6 @@ impl Broker {
     /// A broker over `pool`, opening provider configs with `key`.
     pub fn new(pool: Pool, key: SecretKey) -> Self {
         Self { pool, key }
-    }
-
-    /// The connection pool.
-    pub fn pool(&self) -> &Pool {
-        &self.pool
     }
 
     async fn conn(&self) -> Result<PooledConnection, BrokerError> {

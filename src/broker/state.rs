@@ -1,5 +1,6 @@
-//! The instance state machine: which state may follow which, and the one guarded update
-//! through which every change of state goes.
+//! The instance state machine: which state may follow which, the one guarded update
+//! through which every change of state goes, and [`apply`], which writes a
+//! [`Decision`] of [`super::lifecycle`] through it.
 
 use chrono::Utc;
 use diesel::prelude::*;
@@ -7,8 +8,10 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::lifecycle::{Decision, Seen};
 use crate::db::models::{Instance, InstanceChange, NewInstanceEvent};
 use crate::db::schema::{instance_events, instances};
+use crate::queue::{self, JobKind};
 
 crate::text_enum! {
     /// Where an instance is in its life; stored by name in `instances.state`.
@@ -90,6 +93,84 @@ pub async fn transition(
         record_event(conn, id, Some(from), to, reason).await?;
     }
     Ok(updated)
+}
+
+/// Writes `decision` for instance `id` on the caller's connection (inside its
+/// transaction) and returns the row as it is now, or `None` when nothing was written (a
+/// decision with nothing to write, a row gone, or a state that no longer allows it).
+#[tracing::instrument(skip(conn, decision), fields(instance.id = %id))]
+pub async fn apply(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    decision: &Decision,
+) -> QueryResult<Option<Instance>> {
+    match decision {
+        Decision::Keep | Decision::Destroy | Decision::Gone | Decision::NotYet(_) => Ok(None),
+        Decision::Record { to, seen } => {
+            if let Some(updated) = transition(conn, id, *to, None, seen_change(seen)).await? {
+                tracing::info!(state = to.as_str(), "instance {id} {}", to.as_str());
+                return Ok(Some(updated));
+            }
+            // Same state (or the row moved on): only fill in what the cloud newly says, and
+            // only on a row still launching or running.
+            diesel::update(
+                instances::table
+                    .filter(instances::id.eq(id))
+                    .filter(instances::state.eq_any([State::Starting, State::Running])),
+            )
+            .set((
+                instances::updated_at.eq(diesel::dsl::now),
+                seen_change(seen),
+            ))
+            .returning(Instance::as_returning())
+            .get_result(conn)
+            .await
+            .optional()
+        }
+        Decision::Fail { reason, seen } => {
+            let change = InstanceChange {
+                error_reason: Some(reason),
+                ..seen.as_ref().map(seen_change).unwrap_or_default()
+            };
+            let updated = transition(conn, id, State::Errored, Some(reason), change).await?;
+            // Its create job, if nobody holds it, has nothing left to do.
+            queue::drop_unclaimed(conn, JobKind::CreateInstance, id).await?;
+            if updated.is_some() {
+                tracing::warn!(reason = reason.as_str(), "instance {id} errored");
+            }
+            Ok(updated)
+        }
+        Decision::Terminate => {
+            let updated =
+                transition(conn, id, State::Terminated, None, InstanceChange::default()).await?;
+            if updated.is_some() {
+                tracing::info!("instance {id} terminated");
+            }
+            Ok(updated)
+        }
+        Decision::BeginTermination { reason } => {
+            let change = InstanceChange::default();
+            let updated = transition(conn, id, State::Terminating, Some(reason), change).await?;
+            if updated.is_some() {
+                // A machine nobody started making needs no making; the remove job still
+                // runs, because an earlier attempt may have made one.
+                queue::drop_unclaimed(conn, JobKind::CreateInstance, id).await?;
+                queue::enqueue(conn, JobKind::RemoveInstance, id).await?;
+                tracing::info!(reason = reason.as_str(), "instance {id} terminating");
+            }
+            Ok(updated)
+        }
+    }
+}
+
+/// The columns that say what the cloud says of a machine.
+fn seen_change(seen: &Seen) -> InstanceChange<'_> {
+    InstanceChange {
+        upstream_id: Some(&seen.upstream_id),
+        ip_address: seen.ip_address.as_deref(),
+        error_reason: None,
+        ecs: seen.ecs.as_ref(),
+    }
 }
 
 /// Writes one `instance_events` row.

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use futures_util::StreamExt;
-use tokio_postgres::AsyncMessage;
 
 /// What a listener tells its owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,46 +40,35 @@ async fn listen_once(
     database_url: &str,
     channel: &str,
     on_heard: &mut impl FnMut(Heard),
-) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) =
-        tokio_postgres::connect(database_url, tokio_postgres::NoTls).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let driver = tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(message) = messages.next().await {
-            match message {
-                Ok(AsyncMessage::Notification(n)) => {
-                    if tx.send(n.payload().to_owned()).is_err() {
-                        break;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    });
-    let result = async {
-        client.batch_execute(&format!("LISTEN {channel}")).await?;
-        on_heard(Heard::Connected);
-        let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
-        loop {
+) -> anyhow::Result<()> {
+    let mut conn = AsyncPgConnection::establish(database_url).await?;
+    diesel::sql_query(format!("LISTEN {channel}"))
+        .execute(&mut conn)
+        .await?;
+    on_heard(Heard::Connected);
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
+    heartbeat.tick().await;
+    loop {
+        let heard = {
+            let mut notifications = std::pin::pin!(conn.notifications_stream());
             tokio::select! {
-                payload = rx.recv() => match payload {
-                    Some(payload) => on_heard(Heard::Payload(payload)),
-                    None => return Ok(()),
-                },
-                _ = heartbeat.tick() => {
-                    // A connection that died silently would otherwise go unnoticed.
-                    match tokio::time::timeout(Duration::from_secs(5), client.simple_query("SELECT 1")).await {
-                        Ok(answer) => { answer?; }
-                        Err(_) => return Ok(()),
+                heard = notifications.next() => Some(heard),
+                _ = heartbeat.tick() => None,
+            }
+        };
+        match heard {
+            Some(Some(notification)) => on_heard(Heard::Payload(notification?.payload)),
+            Some(None) => return Ok(()),
+            None => {
+                // A connection that died silently would otherwise go unnoticed.
+                let ping = diesel::sql_query("SELECT 1").execute(&mut conn);
+                match tokio::time::timeout(Duration::from_secs(5), ping).await {
+                    Ok(answer) => {
+                        answer?;
                     }
+                    Err(_) => return Ok(()),
                 }
             }
         }
     }
-    .await;
-    driver.abort();
-    result
 }

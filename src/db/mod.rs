@@ -1,11 +1,11 @@
 //! The database: diesel schema and models, the connection pool and the migrations runner.
 
 pub mod listen;
+pub mod locks;
 pub mod models;
 pub mod schema;
 
 use anyhow::Context;
-use diesel::sql_types::BigInt;
 use diesel::QueryResult;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_async::pooled_connection::deadpool;
@@ -101,9 +101,6 @@ pub type PooledConnection = deadpool::Object<AsyncPgConnection>;
 
 /// Every migration in `migrations/`, compiled into the binary.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
-
-/// Advisory lock key held while migrating, so two processes never migrate at once.
-const MIGRATION_LOCK_KEY: i64 = 0x636c_6f75_6462_7201;
 
 /// True when `err` says the database went away, not that the query was wrong: the
 /// connection closed or reset, the server shutting down (`terminating connection due to
@@ -244,9 +241,7 @@ pub fn pool(database_url: &str, size: usize) -> anyhow::Result<Pool> {
 /// Applies every pending migration under an advisory lock and returns the versions applied.
 pub async fn run_migrations(database_url: &str) -> anyhow::Result<Vec<String>> {
     let mut conn = connect(database_url).await?;
-    diesel::sql_query("SELECT pg_advisory_lock($1)")
-        .bind::<BigInt, _>(MIGRATION_LOCK_KEY)
-        .execute(&mut conn)
+    locks::migrations(&mut conn, true)
         .await
         .context("taking the migration lock")?;
     // diesel's migration harness is synchronous: run it off the async executor.
@@ -260,9 +255,7 @@ pub async fn run_migrations(database_url: &str) -> anyhow::Result<Vec<String>> {
     })
     .await
     .context("migration task")?;
-    diesel::sql_query("SELECT pg_advisory_unlock($1)")
-        .bind::<BigInt, _>(MIGRATION_LOCK_KEY)
-        .execute(&mut conn)
+    locks::migrations(&mut conn, false)
         .await
         .context("releasing the migration lock")?;
     applied

@@ -183,11 +183,11 @@ pub struct Job {
     /// Row id.
     pub id: i64,
     /// What it does.
-    pub kind: crate::jobs::JobKind,
+    pub kind: crate::queue::JobKind,
     /// The instance the job works on.
     pub instance_id: Uuid,
     /// Where it is.
-    pub status: crate::jobs::JobStatus,
+    pub status: crate::queue::JobStatus,
     /// How many times a worker has tried it.
     pub attempts: i32,
     /// Not before this time.
@@ -207,7 +207,7 @@ pub struct Job {
 #[diesel(table_name = jobs)]
 pub struct NewJob {
     /// What it does.
-    pub kind: crate::jobs::JobKind,
+    pub kind: crate::queue::JobKind,
     /// The instance the job works on.
     pub instance_id: Uuid,
 }

@@ -6,17 +6,18 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use chrono::Utc;
 use cloudbrain_provider::{CloudInstance, Provider};
-use diesel::sql_types::Text;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::{reload, stopped};
-use crate::broker::lifecycle::Verdict;
+use super::reload;
+use crate::broker::lifecycle::{self, RefreshClock};
 use crate::broker::Broker;
 use crate::config::WorkerSettings;
+use crate::db::locks;
 use crate::providers::{LimitedProvider, Registry};
+use crate::shutdown::stopped;
 
 /// What one reconcile of one provider config did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -31,20 +32,13 @@ pub struct RefreshReport {
     pub skipped: bool,
 }
 
-#[derive(diesel::QueryableByName)]
-struct Locked {
-    #[diesel(sql_type = diesel::sql_types::Bool)]
-    locked: bool,
-}
-
 /// Reconciles every provider config on an interval.
 pub struct RefreshWorker {
-    database_url: String,
     broker: Broker,
     registry: Arc<Registry>,
     settings: WorkerSettings,
-    /// A connection of its own, not the pool's, holds the advisory locks.
-    lock_conn: tokio::sync::Mutex<Option<AsyncPgConnection>>,
+    /// A session of its own, not the pool's, holds the refresh locks.
+    locks: locks::Session,
     /// When each machine without a launch time was first seen without a live instance.
     first_seen: Mutex<HashMap<Uuid, Instant>>,
 }
@@ -58,11 +52,10 @@ impl RefreshWorker {
         settings: WorkerSettings,
     ) -> Self {
         Self {
-            database_url,
             broker,
             registry,
             settings,
-            lock_conn: tokio::sync::Mutex::new(None),
+            locks: locks::Session::new(database_url),
             first_seen: Mutex::new(HashMap::new()),
         }
     }
@@ -98,43 +91,16 @@ impl RefreshWorker {
         reports
     }
 
-    async fn try_lock(&self, name: &str, lock: bool) -> anyhow::Result<bool> {
-        let mut slot = self.lock_conn.lock().await;
-        if slot.is_none() {
-            *slot = Some(AsyncPgConnection::establish(&self.database_url).await?);
-        }
-        let Some(conn) = slot.as_mut() else {
-            anyhow::bail!("no connection for the refresh lock");
-        };
-        let sql = if lock {
-            "SELECT pg_try_advisory_lock(1919, hashtext($1)) AS locked"
-        } else {
-            "SELECT pg_advisory_unlock(1919, hashtext($1)) AS locked"
-        };
-        match diesel::sql_query(sql)
-            .bind::<Text, _>(name)
-            .get_result::<Locked>(conn)
-            .await
-        {
-            Ok(row) => Ok(row.locked),
-            Err(error) => {
-                // The session (and any lock it held) is gone: start a new one next time.
-                *slot = None;
-                Err(error.into())
-            }
-        }
-    }
-
     /// Reconciles one provider config, unless another refresh worker is at it.
     pub async fn refresh(&self, provider: &LimitedProvider) -> anyhow::Result<RefreshReport> {
-        if !self.try_lock(provider.name(), true).await? {
+        if !self.locks.try_lock_refresh(provider.name()).await? {
             return Ok(RefreshReport {
                 skipped: true,
                 ..RefreshReport::default()
             });
         }
         let result = self.reconcile(provider).await;
-        if let Err(error) = self.try_lock(provider.name(), false).await {
+        if let Err(error) = self.locks.unlock_refresh(provider.name()).await {
             tracing::warn!(%error, "could not release the refresh lock");
         }
         result
@@ -143,10 +109,15 @@ impl RefreshWorker {
     async fn reconcile(&self, provider: &LimitedProvider) -> anyhow::Result<RefreshReport> {
         // The cloud is listed before the rows are read: a machine in the list was made by a
         // job whose instance row had already committed, so it is never taken for an orphan.
-        // A row recorded after the listing began is spared by `reconcile` instead.
+        // A row recorded after the listing began is spared by `lifecycle::refresh` instead.
         let listed_at = self.broker.db_now().await?;
         let machines = provider.list().await?;
         let rows = self.broker.live_instances(provider.name()).await?;
+        let clock = RefreshClock {
+            listed_at,
+            now: Utc::now(),
+            launch_timeout: self.settings.launch_timeout,
+        };
         let by_id: HashMap<Uuid, &CloudInstance> = machines.iter().map(|m| (m.id, m)).collect();
         let mut report = RefreshReport {
             machines: machines.len(),
@@ -156,11 +127,9 @@ impl RefreshWorker {
         for row in &rows {
             owned.insert(row.id);
             let machine = by_id.get(&row.id).copied();
-            let verdict = self
-                .broker
-                .reconcile(row, machine, listed_at, self.settings.launch_timeout)
-                .await?;
-            if verdict == Verdict::Destroy && machine.is_some() {
+            let decision = lifecycle::refresh(row, machine, &clock);
+            self.broker.apply(row.id, &decision).await?;
+            if decision.destroys_machine() && machine.is_some() {
                 self.destroy(provider, row.id, "its instance errored").await;
                 report.destroyed_errored += 1;
             }

@@ -362,7 +362,7 @@ pub struct Workers {
 impl Workers {
     pub fn new(db_url: &str, settings: cloudbrain::config::WorkerSettings) -> Self {
         let pool = db::pool(db_url, 8).unwrap();
-        let broker = Broker::new(pool, key());
+        let broker = Broker::new(pool.clone(), key());
         let metrics = Arc::new(cloudbrain::metrics::Metrics::default());
         let registry = Arc::new(cloudbrain::providers::Registry::new(
             cloudbrain::providers::ProviderContext {
@@ -370,11 +370,15 @@ impl Workers {
             },
             metrics.clone(),
         ));
-        let jobs = Arc::new(cloudbrain::workers::JobWorker::new(
+        let context = cloudbrain::workers::JobContext {
+            broker: broker.clone(),
+            queue: cloudbrain::queue::Queue::new(pool.clone()),
+            providers: registry.clone(),
+            metrics: metrics.clone(),
+        };
+        let jobs = Arc::new(cloudbrain::workers::job_worker(
             cloudbrain::workers::worker_id("test"),
-            broker.clone(),
-            registry.clone(),
-            metrics.clone(),
+            context,
             settings.clone(),
         ));
         let refresh = Arc::new(cloudbrain::workers::RefreshWorker::new(

@@ -139,10 +139,12 @@ impl FakeConfig {
     }
 }
 
-/// The fake cloud's state, created on first use; the advisory lock keeps concurrent
-/// first uses from racing on `CREATE TABLE`.
+/// The advisory lock key that keeps concurrent first uses of the fake cloud's store from
+/// racing on `CREATE TABLE`.
+pub const SCHEMA_LOCK: i64 = 7_368_262_710;
+
+/// The fake cloud's state, created on first use under [`SCHEMA_LOCK`].
 const SCHEMA: &str = "
-SELECT pg_advisory_xact_lock(7368262710);
 CREATE SCHEMA IF NOT EXISTS fake_cloud;
 CREATE TABLE IF NOT EXISTS fake_cloud.machines (
     provider TEXT NOT NULL,
@@ -197,7 +199,9 @@ impl FakeCloud {
             let _ = connection.await;
         });
         client
-            .batch_execute(&format!("BEGIN; {SCHEMA} COMMIT;"))
+            .batch_execute(&format!(
+                "BEGIN; SELECT pg_advisory_xact_lock({SCHEMA_LOCK}); {SCHEMA} COMMIT;"
+            ))
             .await
             .map_err(transient)?;
         let client = Arc::new(client);

@@ -1,0 +1,147 @@
+//! What the workers ask of the broker: the rows they work on, and writing the decisions
+//! of [`super::lifecycle`] (with the job that made them, in one transaction).
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::{AsyncConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::lifecycle::Decision;
+use super::state::{apply, State};
+use super::{Broker, BrokerError};
+use crate::db::models::Instance;
+use crate::db::schema::instances;
+use crate::queue::{self, Lease};
+
+impl Broker {
+    /// Reads the instance a job works on.
+    pub async fn job_instance(&self, id: Uuid) -> Result<Option<Instance>, BrokerError> {
+        let mut conn = self.conn().await?;
+        Ok(instances::table
+            .find(id)
+            .select(Instance::as_select())
+            .first(&mut conn)
+            .await
+            .optional()?)
+    }
+
+    /// Instances on `provider` that are not terminated.
+    pub async fn live_instances(&self, provider: &str) -> Result<Vec<Instance>, BrokerError> {
+        let mut conn = self.conn().await?;
+        Ok(instances::table
+            .filter(instances::provider_name.eq(provider))
+            .filter(instances::state.ne(State::Terminated))
+            .select(Instance::as_select())
+            .load(&mut conn)
+            .await?)
+    }
+
+    /// The database's clock, which stamps every row's `updated_at`.
+    pub async fn db_now(&self) -> Result<DateTime<Utc>, BrokerError> {
+        let mut conn = self.conn().await?;
+        Ok(
+            diesel::select(diesel::dsl::now.into_sql::<diesel::sql_types::Timestamptz>())
+                .get_result::<DateTime<Utc>>(&mut conn)
+                .await?,
+        )
+    }
+
+    /// Writes `decision` for instance `id`.
+    pub async fn apply(
+        &self,
+        id: Uuid,
+        decision: &Decision,
+    ) -> Result<Option<Instance>, BrokerError> {
+        if !decision.writes() {
+            return Ok(None);
+        }
+        let mut conn = self.conn().await?;
+        let updated = conn
+            .transaction::<_, BrokerError, _>(async |conn| Ok(apply(conn, id, decision).await?))
+            .await?;
+        Ok(updated)
+    }
+
+    /// Writes what job `lease` decided for its instance and finishes the job, in one
+    /// transaction.
+    ///
+    /// If the instance moved on meanwhile (deleted, timed out) the guarded transition
+    /// leaves it as it is. What the cloud said is recorded even when the worker lost its
+    /// lease: the guarded transition makes it safe, and the job stays with the worker that
+    /// holds it now.
+    pub async fn finish_with(&self, lease: &Lease, decision: &Decision) -> Result<(), BrokerError> {
+        let mut conn = self.conn().await?;
+        let finished = conn
+            .transaction::<_, BrokerError, _>(async |conn| {
+                apply(conn, lease.instance_id, decision).await?;
+                Ok(queue::finish(conn, lease).await?)
+            })
+            .await?;
+        if !finished {
+            tracing::warn!(
+                job.id = lease.job_id,
+                "job {} was claimed by another worker; leaving it to that one",
+                lease.job_id
+            );
+        }
+        Ok(())
+    }
+
+    /// Gives up on job `lease`: its instance is `errored` with `reason`, and the job stays
+    /// `dead`. False, and nothing changed, if its worker lost the lease: the worker holding
+    /// the job now decides.
+    pub async fn bury(&self, lease: &Lease, reason: &str) -> Result<bool, BrokerError> {
+        let mut conn = self.conn().await?;
+        conn.transaction::<_, BrokerError, _>(async |conn| {
+            if !queue::bury(conn, lease, reason).await? {
+                return Ok(false);
+            }
+            let failed = Decision::Fail {
+                reason: reason.to_owned(),
+                seen: None,
+            };
+            apply(conn, lease.instance_id, &failed).await?;
+            Ok(true)
+        })
+        .await
+    }
+}
+
+#[derive(diesel::QueryableByName)]
+struct GaugeRow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    a: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    b: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+impl Broker {
+    /// Counts for `/metrics`: instances by provider and state, jobs queued and dead by kind.
+    pub async fn gauges(&self) -> Result<crate::metrics::Gauges, BrokerError> {
+        let mut conn = self.conn().await?;
+        let instances: Vec<GaugeRow> = diesel::sql_query(
+            "SELECT provider_name AS a, state AS b, count(*) AS n FROM instances \
+             GROUP BY provider_name, state ORDER BY 1, 2",
+        )
+        .load(&mut conn)
+        .await?;
+        let jobs: Vec<GaugeRow> = diesel::sql_query(
+            "SELECT kind AS a, status AS b, count(*) AS n FROM jobs GROUP BY kind, status ORDER BY 1, 2",
+        )
+        .load(&mut conn)
+        .await?;
+        let by_status = |status: &str| {
+            jobs.iter()
+                .filter(|r| r.b == status)
+                .map(|r| (r.a.clone(), r.n))
+                .collect()
+        };
+        Ok(crate::metrics::Gauges {
+            queued_jobs: by_status("queued"),
+            dead_jobs: by_status("dead"),
+            instances: instances.into_iter().map(|r| (r.a, r.b, r.n)).collect(),
+        })
+    }
+}

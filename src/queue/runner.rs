@@ -1,0 +1,295 @@
+//! The runner: claims jobs, runs each under a lease it renews, turns what a job returns
+//! into done, retried, released or dead through [`super::policy`], and hands back what
+//! it holds when it stops. It owns its LISTEN connection on [`super::JOBS_CHANNEL`].
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::FutureExt;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use super::policy::{self, JobError, Next};
+use super::{JobKind, Lease, Queue, JOBS_CHANNEL};
+use crate::config::WorkerSettings;
+use crate::db::listen::{listen_forever, Heard};
+use crate::metrics::Metrics;
+
+/// What runs the jobs a runner claims.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Does the job's work. `Ok` once the job is finished (deleted, in the transaction
+    /// that records what it achieved).
+    async fn run(&self, lease: &Lease) -> Result<(), JobError>;
+    /// Gives up on the job: marks it dead and records `reason` where it belongs, in one
+    /// transaction; false if its worker no longer holds it.
+    async fn bury(&self, lease: &Lease, reason: &str) -> anyhow::Result<bool>;
+}
+
+/// How a job ended, for the loop and the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It did what it was for (or found nothing left to do).
+    Done,
+    /// It failed and will run again later.
+    Retried,
+    /// It failed for good: the job is dead.
+    Dead,
+    /// It had to wait for something else and was handed back uncounted.
+    Released,
+    /// Its lease ran out and another worker claimed it: that one decides.
+    Lost,
+}
+
+impl Outcome {
+    /// The outcome's name in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Done => "done",
+            Outcome::Retried => "retried",
+            Outcome::Dead => "dead",
+            Outcome::Released => "released",
+            Outcome::Lost => "lost",
+        }
+    }
+}
+
+/// Claims jobs of some kinds and runs them with a [`Handler`].
+pub struct Runner<H> {
+    id: String,
+    queue: Queue,
+    handler: Arc<H>,
+    kinds: Vec<JobKind>,
+    metrics: Arc<Metrics>,
+    settings: WorkerSettings,
+}
+
+impl<H: Handler> Runner<H> {
+    /// A runner named `id` (as `jobs.locked_by` will show it) for jobs of `kinds`.
+    pub fn new(
+        id: String,
+        queue: Queue,
+        handler: Arc<H>,
+        kinds: &[JobKind],
+        metrics: Arc<Metrics>,
+        settings: WorkerSettings,
+    ) -> Self {
+        Self {
+            id,
+            queue,
+            handler,
+            kinds: kinds.to_vec(),
+            metrics,
+            settings,
+        }
+    }
+
+    /// This runner's name, as it appears in `jobs.locked_by`.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    async fn claim(&self, limit: usize) -> anyhow::Result<Vec<Lease>> {
+        self.queue
+            .claim(&self.id, &self.kinds, limit, self.settings.lease)
+            .await
+    }
+
+    /// Runs jobs until `shutdown` turns true: woken by NOTIFY on a connection of its own
+    /// to `database_url`, polling as a fallback. On shutdown it stops claiming, lets
+    /// running jobs finish within one lease, and hands back any that did not.
+    pub async fn run(self: Arc<Self>, database_url: String, mut shutdown: watch::Receiver<bool>) {
+        let wake = Arc::new(Notify::new());
+        let waker = wake.clone();
+        let listener = tokio::spawn(listen_forever(database_url, JOBS_CHANNEL, move |heard| {
+            // Connected: jobs may have been enqueued unheard; look now.
+            if matches!(heard, Heard::Payload(_) | Heard::Connected) {
+                waker.notify_one();
+            }
+        }));
+        let mut running: JoinSet<()> = JoinSet::new();
+        let mut held: HashMap<tokio::task::Id, Lease> = HashMap::new();
+        let poll = self.settings.poll_interval.max(Duration::from_millis(10));
+        tracing::info!(worker = %self.id, concurrency = self.settings.concurrency, "job worker {} started", self.id);
+        loop {
+            while let Some(done) = running.try_join_next_with_id() {
+                held.remove(&done.map(|(id, ())| id).unwrap_or_else(|e| e.id()));
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+            let free = self.settings.concurrency.saturating_sub(running.len());
+            let mut claimed = 0;
+            if free > 0 {
+                match self.claim(free).await {
+                    Ok(leases) => {
+                        claimed = leases.len();
+                        for lease in leases {
+                            // Kept so the job can be handed back if shutdown cuts it off.
+                            let kept = lease.clone();
+                            let runner = self.clone();
+                            let task = async move {
+                                runner.run_job(lease).await;
+                            };
+                            let handle = running.spawn(task.in_current_span());
+                            held.insert(handle.id(), kept);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(error = %format!("{error:#}"), "claiming jobs failed")
+                    }
+                }
+            }
+            if claimed > 0 && claimed == free {
+                continue;
+            }
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+                Some(done) = running.join_next_with_id(), if !running.is_empty() => {
+                    held.remove(&done.map(|(id, ())| id).unwrap_or_else(|e| e.id()));
+                }
+                _ = crate::shutdown::stopped(&mut shutdown) => {}
+            }
+        }
+        listener.abort();
+        tracing::info!(worker = %self.id, running = running.len(), "job worker stopping");
+        let drained = tokio::time::timeout(self.settings.lease, async {
+            while running.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            running.abort_all();
+            while running.join_next().await.is_some() {}
+            for lease in held.values() {
+                if let Err(error) = self.queue.release(lease, Duration::ZERO).await {
+                    tracing::warn!(job.id = lease.job_id, error = %format!("{error:#}"), "could not hand back job {}", lease.job_id);
+                }
+            }
+        }
+        tracing::info!(worker = %self.id, "job worker stopped");
+    }
+
+    /// Claims and runs jobs until none is runnable; returns how many ran. For tests and
+    /// one-shot use.
+    pub async fn run_until_idle(self: &Arc<Self>) -> anyhow::Result<usize> {
+        let mut ran = 0;
+        loop {
+            let leases = self.claim(self.settings.concurrency).await?;
+            if leases.is_empty() {
+                return Ok(ran);
+            }
+            ran += leases.len();
+            let mut running = JoinSet::new();
+            for lease in leases {
+                let runner = self.clone();
+                running.spawn(async move { runner.run_job(lease).await });
+            }
+            while running.join_next().await.is_some() {}
+        }
+    }
+
+    /// Runs one claimed job to an outcome, renewing its lease while it runs; a panic
+    /// counts as a failure.
+    pub async fn run_job(&self, lease: Lease) -> Outcome {
+        let span = tracing::info_span!(
+            "job",
+            job.id = lease.job_id,
+            job.kind = lease.kind.as_str(),
+            instance.id = %lease.instance_id,
+            attempt = lease.attempts
+        );
+        async {
+            let work = AssertUnwindSafe(self.handler.run(&lease)).catch_unwind();
+            let result = tokio::select! {
+                result = work => result,
+                never = self.renew_while_running(&lease) => match never {},
+            };
+            let outcome = match result {
+                Ok(Ok(())) => Outcome::Done,
+                Ok(Err(error)) => self.settle(&lease, error).await,
+                Err(panic) => {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".to_owned());
+                    self.settle(&lease, JobError::Panicked(message)).await
+                }
+            };
+            self.metrics
+                .count_job(lease.kind.as_str(), outcome.as_str());
+            tracing::info!(
+                outcome = outcome.as_str(),
+                "job {} {}",
+                lease.job_id,
+                outcome.as_str()
+            );
+            outcome
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Renews the lease every third of its length; never returns.
+    async fn renew_while_running(&self, lease: &Lease) -> std::convert::Infallible {
+        let every = self.settings.lease / 3;
+        let id = lease.job_id;
+        loop {
+            tokio::time::sleep(every).await;
+            match self.queue.renew(lease, self.settings.lease).await {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(
+                    job.id = id,
+                    "lost the lease on job {id}; another worker may run it too"
+                ),
+                Err(error) => {
+                    tracing::warn!(job.id = id, error = %format!("{error:#}"), "could not renew the lease on job {id}")
+                }
+            }
+        }
+    }
+
+    /// Does what the policy says to a job that ended in `error`.
+    async fn settle(&self, lease: &Lease, error: JobError) -> Outcome {
+        let id = lease.job_id;
+        let held = |result: anyhow::Result<bool>, outcome: Outcome, doing: &str| match result {
+            Ok(true) => outcome,
+            Ok(false) => Outcome::Lost,
+            Err(error) => {
+                // The lease will run out and another attempt follow: nothing is lost.
+                tracing::error!(job.id = id, error = %format!("{error:#}"), "could not {doing} job {id}");
+                Outcome::Retried
+            }
+        };
+        match policy::next(&error, lease.attempts, &self.settings) {
+            Next::Leave => Outcome::Lost,
+            Next::Release(delay) => {
+                let released = self.queue.release(lease, delay).await;
+                held(released, Outcome::Released, "hand back")
+            }
+            Next::Retry { at_least, spread } => {
+                let delay = at_least + spread.mul_f64(rand::random::<f64>());
+                tracing::warn!(
+                    job.id = id,
+                    delay_ms = delay.as_millis() as u64,
+                    error = %error,
+                    "job {id} failed; retrying"
+                );
+                let retried = self
+                    .queue
+                    .retry_later(lease, delay, &error.to_string())
+                    .await;
+                held(retried, Outcome::Retried, "reschedule")
+            }
+            Next::Bury(reason) => {
+                let buried = self.handler.bury(lease, &reason).await;
+                held(buried, Outcome::Dead, "record the failure of")
+            }
+        }
+    }
+}
