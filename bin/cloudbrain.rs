@@ -12,7 +12,6 @@ use cloudbrain::auth::store::{self, Revoked};
 use cloudbrain::auth::Scope;
 use cloudbrain::broker::providers::{insert_provider, list_providers};
 use cloudbrain::config::Config;
-use cloudbrain::providers::ProviderKind;
 use cloudbrain::{db, roles, telemetry};
 use diesel_async::AsyncPgConnection;
 
@@ -56,8 +55,8 @@ enum Command {
         #[arg(long)]
         name: String,
         /// The kind of cloud.
-        #[arg(long = "type", value_enum)]
-        kind: ProviderKind,
+        #[arg(long = "type", value_parser = clap::builder::PossibleValuesParser::new(cloudbrain::providers::catalog::kinds()))]
+        kind: String,
         /// A JSON file with the provider's config (defaults apply when omitted).
         #[arg(long)]
         config: Option<std::path::PathBuf>,
@@ -184,11 +183,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
             };
             let mut conn = connect(&config).await?;
-            let settings = insert_provider(&mut conn, &key, &name, kind, &doc).await?;
+            let offer = insert_provider(&mut conn, &key, &name, &kind, &doc).await?;
             println!(
-                "registered provider {name} ({}), instance types: {}",
-                kind.as_str(),
-                settings.instance_types.join(", ")
+                "registered provider {name} ({kind}), instance types: {}",
+                offer.instance_types.join(", ")
             );
             Ok(())
         }

@@ -13,7 +13,6 @@ use diesel_async::{AsyncConnection, AsyncPgConnection};
 use crate::auth::{store, Scope};
 use crate::broker::providers::{insert_provider, InsertProviderError};
 use crate::config::Config;
-use crate::providers::ProviderKind;
 use crate::roles::{self, Services};
 use crate::{db, telemetry};
 
@@ -219,12 +218,13 @@ pub async fn run() -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     db::run_migrations(&config.database_url).await?;
     let mut conn = AsyncPgConnection::establish(&config.database_url).await?;
-    let fake = serde_json::json!({"boot_time_ms": 3000});
+    // The fake cloud keeps its machines in this database, where psql can show them.
+    let fake = serde_json::json!({"boot_time_ms": 3000, "store_url": config.database_url});
     match insert_provider(
         &mut conn,
         config.require_encryption_key()?,
         "fake",
-        ProviderKind::Fake,
+        "fake",
         &fake,
     )
     .await

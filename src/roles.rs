@@ -13,7 +13,7 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::db::{self, Pool};
 use crate::metrics::Metrics;
-use crate::providers::{ProviderContext, Registry};
+use crate::providers::Registry;
 use crate::queue::Queue;
 use crate::shutdown::stopped;
 use crate::workers::{self, JobContext, RefreshWorker};
@@ -39,12 +39,7 @@ impl Services {
         let key = config.require_encryption_key()?.clone();
         let pool = db::pool(&config.database_url, config.pool_size)?;
         let metrics = Arc::new(Metrics::default());
-        let registry = Arc::new(Registry::new(
-            ProviderContext {
-                database_url: config.database_url.clone(),
-            },
-            metrics.clone(),
-        ));
+        let registry = Arc::new(Registry::new(metrics.clone()));
         Ok(Self {
             broker: Broker::new(pool.clone(), key),
             config,

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::types::{Filter, InstanceStateName};
 use base64::Engine;
-use cloudbrain::providers::ProviderKind;
 use cloudbrain_provider::{InstanceSpec, Provider, ProviderError};
 use cloudbrain_provider_ec2::{Ec2Config, Ec2Provider};
 use common::{fast_settings, CloudBroker};
@@ -106,13 +105,7 @@ impl Moto {
 
     /// The broker with an `ec2` provider config pointing at this server.
     async fn broker(&self, extra: Value) -> CloudBroker {
-        CloudBroker::new(
-            ProviderKind::Ec2,
-            "ec2",
-            self.config(extra).await,
-            fast_settings(),
-        )
-        .await
+        CloudBroker::new("ec2", "ec2", self.config(extra).await, fast_settings()).await
     }
 
     async fn provider(&self, name: &str, config: &Value) -> Ec2Provider {
@@ -549,7 +542,7 @@ async fn an_ecs_instance_runs_once_registered_and_is_drained_on_delete() {
 async fn a_tagged_machine_without_an_instance_is_destroyed() {
     let moto = Moto::start(&[]);
     let config = moto.config(json!({})).await;
-    let b = CloudBroker::new(ProviderKind::Ec2, "ec2", config.clone(), fast_settings()).await;
+    let b = CloudBroker::new("ec2", "ec2", config.clone(), fast_settings()).await;
     let kept = b.app.create_on(&b.token, "ec2", "ami-12c6146b").await;
     b.workers.run_pending_jobs().await;
     let orphan = Uuid::new_v4();

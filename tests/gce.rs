@@ -7,7 +7,6 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use cloudbrain::providers::ProviderKind;
 use cloudbrain_provider::{InstanceSpec, Provider, ProviderError};
 use cloudbrain_provider_gce::{GceConfig, GceProvider};
 use common::fake_compute::{FakeCompute, Inject};
@@ -40,13 +39,7 @@ fn config(fake: &FakeCompute, extra: Value) -> Value {
 
 /// The broker with a `gce` provider config pointing at `fake`.
 async fn broker(fake: &FakeCompute, extra: Value) -> CloudBroker {
-    CloudBroker::new(
-        ProviderKind::Gce,
-        "gce",
-        config(fake, extra),
-        fast_settings(),
-    )
-    .await
+    CloudBroker::new("gce", "gce", config(fake, extra), fast_settings()).await
 }
 
 async fn provider(fake: &FakeCompute, name: &str, extra: Value) -> GceProvider {

@@ -883,3 +883,38 @@ async fn a_stored_state_or_scope_nobody_knows_is_a_load_error_not_a_guess() {
         assert!(read.is_err(), "{sql}: {read:?}");
     }
 }
+
+#[tokio::test]
+async fn requests_read_what_a_provider_offers_without_opening_its_sealed_config() {
+    let (db, app, token) = setup().await;
+    let mut conn = db.conn().await;
+    // Break the seal: a request that opened it would fail.
+    common::exec(&mut conn, "UPDATE providers SET config = '\\x00'::bytea").await;
+    let ask = |instance_type: &'static str| {
+        app.post("/instances", &token)
+            .json(&json!({"provider": "fake", "image": "ubuntu", "instance_type": instance_type}))
+            .send()
+    };
+    let made: Value = ask("premium").await.unwrap().json().await.unwrap();
+    assert_eq!(made["instance_type"], "premium", "{made}");
+    let refused = ask("huge").await.unwrap();
+    assert_eq!(refused.status(), 422);
+    let types = app.get_json("/openapi.json", &token).await;
+    assert!(
+        types.to_string().contains("premium"),
+        "the offer is published"
+    );
+}
+
+#[tokio::test]
+async fn a_provider_registered_before_offers_were_stored_gets_its_offer_on_first_use() {
+    let (db, app, token) = setup().await;
+    let mut conn = db.conn().await;
+    common::exec(&mut conn, "UPDATE providers SET offer = NULL").await;
+    let made: Value = app.create(&token, "ubuntu").await;
+    assert_eq!(made["instance_type"], "standard", "{made}");
+    let offer = common::text(&mut conn, "SELECT offer::text AS v FROM providers").await;
+    let offer: Value = serde_json::from_str(&offer.unwrap()).unwrap();
+    assert_eq!(offer["instance_types"], json!(["standard", "premium"]));
+    assert_eq!(offer["default_instance_type"], "standard");
+}

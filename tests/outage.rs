@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use cloudbrain::auth::{store, Scope};
 use cloudbrain::broker::providers::insert_provider;
 use cloudbrain::dev::ThrowawayPostgres;
-use cloudbrain::providers::ProviderKind;
 use common::{key, TestApp};
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use serde_json::json;
@@ -22,7 +21,7 @@ async fn requests_in_flight_when_postgres_stops_get_503_and_the_server_recovers(
         .unwrap();
     cloudbrain::db::run_migrations(&pg.url).await.unwrap();
     let mut setup = AsyncPgConnection::establish(&pg.url).await.unwrap();
-    insert_provider(&mut setup, &key(), "fake", ProviderKind::Fake, &json!(null))
+    insert_provider(&mut setup, &key(), "fake", "fake", &json!(null))
         .await
         .unwrap();
     let token = store::create_token(&mut setup, "outage", Scope::Client)

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cloudbrain::auth::Scope;
-use common::{count, text, TestApp, TestDb, KEY_HEX};
+use common::{count, shared_store, text, TestApp, TestDb, KEY_HEX};
 use serde_json::json;
 
 fn worker(db: &TestDb, lease: &str, poll: &str) -> Child {
@@ -40,7 +40,7 @@ async fn wait_for(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> b
 async fn setup(fake: serde_json::Value) -> (TestDb, TestApp, String) {
     let db = TestDb::new().await;
     let app = TestApp::spawn(&db).await;
-    app.provider("fake", fake).await;
+    app.provider("fake", shared_store(fake, &db.url)).await;
     let token = app.token(Scope::Client).await;
     (db, app, token)
 }

@@ -13,7 +13,7 @@ use cloudbrain::config::WorkerSettings;
 use cloudbrain_provider::{
     CallLimits, CloudInstance, CloudState, InstanceSpec, Provider, ProviderError,
 };
-use common::{count, exec, fast_settings, text, TestApp, TestDb, Workers};
+use common::{count, exec, fast_settings, shared_store, text, TestApp, TestDb, Workers};
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use serde_json::{json, Value};
@@ -29,7 +29,7 @@ struct Setup {
 async fn setup(fake: Value, settings: WorkerSettings) -> Setup {
     let db = TestDb::new().await;
     let app = TestApp::spawn(&db).await;
-    app.provider("fake", fake).await;
+    app.provider("fake", shared_store(fake, &db.url)).await;
     let token = app.token(Scope::Client).await;
     let workers = Workers::new(&db.url, settings);
     Setup {
@@ -258,7 +258,11 @@ async fn orphans_are_destroyed_after_the_grace_period_only() {
     let s = setup(json!({"boot_time_ms": 0}), fast_settings()).await;
     let ours = s.create("ubuntu").await;
     s.workers.run_pending_jobs().await;
-    let fake = cloudbrain_provider_fake::FakeCloud::new("fake", Default::default(), &s.db.url);
+    let shared = || cloudbrain_provider_fake::FakeConfig {
+        store_url: Some(cloudbrain_provider::Secret::new(s.db.url.clone())),
+        ..Default::default()
+    };
+    let fake = cloudbrain_provider_fake::FakeCloud::new("fake", shared());
     let spec = InstanceSpec {
         image: "x".into(),
         instance_type: "standard".into(),
@@ -266,8 +270,7 @@ async fn orphans_are_destroyed_after_the_grace_period_only() {
     };
     fake.create(Uuid::new_v4(), &spec).await.unwrap();
     // Another provider config's machines are not ours to judge.
-    let other =
-        cloudbrain_provider_fake::FakeCloud::new("someone-else", Default::default(), &s.db.url);
+    let other = cloudbrain_provider_fake::FakeCloud::new("someone-else", shared());
     other.create(Uuid::new_v4(), &spec).await.unwrap();
     assert_eq!(s.machines().await, 3);
 
@@ -668,10 +671,11 @@ async fn a_create_recorded_while_the_refresh_lists_the_cloud_is_not_taken_for_va
     );
     let config = cloudbrain_provider_fake::FakeConfig {
         boot_time_ms: 60000,
+        store_url: Some(cloudbrain_provider::Secret::new(s.db.url.clone())),
         ..Default::default()
     };
     let cloud = PausedListing {
-        inner: cloudbrain_provider_fake::FakeCloud::new("fake", config, &s.db.url),
+        inner: cloudbrain_provider_fake::FakeCloud::new("fake", config),
         paused: Default::default(),
         listed: listed.clone(),
         go: go.clone(),

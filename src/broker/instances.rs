@@ -6,7 +6,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::lifecycle::{self, Decision};
-use super::providers::find_settings;
+use super::providers::find_offer;
 use super::state::{apply, record_event, State};
 use super::{validate, Broker, BrokerError};
 use crate::auth::{Caller, Scope};
@@ -112,7 +112,7 @@ impl Broker {
         }
 
         let mut conn = self.conn().await?;
-        let offered = find_settings(&mut conn, &self.key, &request.provider)
+        let offered = find_offer(&mut conn, &self.key, &request.provider)
             .await?
             .ok_or_else(|| {
                 BrokerError::invalid(

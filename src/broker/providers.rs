@@ -1,4 +1,5 @@
-//! Provider configs: register one (sealed), list them, and read what one offers.
+//! Stored provider configs: register one (sealed, with what it offers in the clear), list
+//! them, read what one offers without opening the seal, and open them for the workers.
 
 use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
@@ -8,7 +9,8 @@ use super::{Broker, BrokerError};
 use crate::crypto::SecretKey;
 use crate::db::models::{NewProvider, ProviderRow};
 use crate::db::schema::providers;
-use crate::providers::{settings, ProviderKind, ProviderSettings, StoredProvider};
+use crate::providers::{catalog, StoredProvider};
+use cloudbrain_provider::Offer;
 
 /// A provider as clients may see it: never its configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -39,9 +41,9 @@ pub async fn insert_provider(
     conn: &mut AsyncPgConnection,
     key: &SecretKey,
     name: &str,
-    kind: ProviderKind,
+    kind: &str,
     config: &serde_json::Value,
-) -> Result<ProviderSettings, InsertProviderError> {
+) -> Result<Offer, InsertProviderError> {
     if name.trim().is_empty()
         || name.len() > super::validate::MAX_PROVIDER_LEN
         || name.chars().any(super::validate::is_forbidden_char)
@@ -52,13 +54,14 @@ pub async fn insert_provider(
         )
         .into());
     }
-    let found = settings(kind, config)?;
+    let offer = catalog::find(kind)?.check(config)?;
     let sealed = key.seal(config.to_string().as_bytes());
     let inserted = diesel::insert_into(providers::table)
         .values(NewProvider {
             name,
-            kind: kind.as_str(),
+            kind,
             config: &sealed,
+            offer: &offer_json(&offer),
         })
         .on_conflict(providers::name)
         .do_nothing()
@@ -67,7 +70,11 @@ pub async fn insert_provider(
     if inserted == 0 {
         return Err(InsertProviderError::NameTaken(name.to_owned()));
     }
-    Ok(found)
+    Ok(offer)
+}
+
+fn offer_json(offer: &Offer) -> serde_json::Value {
+    serde_json::to_value(offer).unwrap_or_default()
 }
 
 /// Every registered provider, by name.
@@ -83,25 +90,54 @@ pub async fn list_providers(conn: &mut AsyncPgConnection) -> QueryResult<Vec<Pro
         .collect())
 }
 
-/// Opens a stored row: its kind and its config document.
+/// Opens a stored row's sealed config.
 fn open(key: &SecretKey, row: ProviderRow) -> Result<StoredProvider, BrokerError> {
     let name = row.name;
-    let kind = ProviderKind::parse(&row.kind)
-        .ok_or_else(|| anyhow::anyhow!("provider {name} has unknown type {}", row.kind))?;
     let plain = key
         .open(&row.config)
         .map_err(|e| anyhow::anyhow!("provider {name}: {e}"))?;
     let config = serde_json::from_slice(&plain)
         .map_err(|e| anyhow::anyhow!("provider {name}: stored config is not JSON: {e}"))?;
-    Ok(StoredProvider { name, kind, config })
+    Ok(StoredProvider {
+        name,
+        kind: row.kind,
+        config,
+    })
 }
 
-/// Reads the provider named `name` and what its config offers; `None` if there is none.
-pub async fn find_settings(
+/// What a stored row offers: read from its `offer` column, or, for a row registered before
+/// that column, worked out from its sealed config once and written back.
+async fn offer_of(
+    conn: &mut AsyncPgConnection,
+    key: &SecretKey,
+    row: ProviderRow,
+) -> Result<Offer, BrokerError> {
+    if let Some(offer) = row
+        .offer
+        .as_ref()
+        .and_then(|o| serde_json::from_value(o.clone()).ok())
+    {
+        return Ok(offer);
+    }
+    let id = row.id;
+    let stored = open(key, row)?;
+    let name = &stored.name;
+    let offer = catalog::find(&stored.kind)
+        .and_then(|kind| kind.check(&stored.config))
+        .map_err(|e| anyhow::anyhow!("provider {name}: {e}"))?;
+    diesel::update(providers::table.find(id))
+        .set(providers::offer.eq(offer_json(&offer)))
+        .execute(conn)
+        .await?;
+    Ok(offer)
+}
+
+/// What the provider named `name` offers; `None` if there is none.
+pub async fn find_offer(
     conn: &mut AsyncPgConnection,
     key: &SecretKey,
     name: &str,
-) -> Result<Option<ProviderSettings>, BrokerError> {
+) -> Result<Option<Offer>, BrokerError> {
     let Some(row) = providers::table
         .filter(providers::name.eq(name))
         .select(ProviderRow::as_select())
@@ -111,10 +147,7 @@ pub async fn find_settings(
     else {
         return Ok(None);
     };
-    let stored = open(key, row)?;
-    let found = settings(stored.kind, &stored.config)
-        .map_err(|e| anyhow::anyhow!("provider {name}: {e}"))?;
-    Ok(Some(found))
+    Ok(Some(offer_of(conn, key, row).await?))
 }
 
 /// Every stored provider config, opened; a row that cannot be opened is logged and skipped.
@@ -148,14 +181,21 @@ impl Broker {
 
     /// Every usable provider config's name and the instance type names it offers.
     pub async fn offered_instance_types(&self) -> Result<Vec<(String, Vec<String>)>, BrokerError> {
-        let stored = self.stored_providers().await?;
-        Ok(stored
-            .into_iter()
-            .filter_map(|p| {
-                let offered = settings(p.kind, &p.config).ok()?;
-                Some((p.name, offered.instance_types))
-            })
-            .collect())
+        let mut conn = self.conn().await?;
+        let rows: Vec<ProviderRow> = providers::table
+            .select(ProviderRow::as_select())
+            .order(providers::name)
+            .load(&mut conn)
+            .await?;
+        let mut offered = Vec::new();
+        for row in rows {
+            let name = row.name.clone();
+            match offer_of(&mut conn, &self.key, row).await {
+                Ok(offer) => offered.push((name, offer.instance_types)),
+                Err(error) => tracing::error!(%error, "skipping provider {name}"),
+            }
+        }
+        Ok(offered)
     }
 
     /// Every registered provider's name and type.

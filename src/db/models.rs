@@ -50,13 +50,15 @@ pub struct ProviderRow {
     pub id: Uuid,
     /// The name clients put in `provider`.
     pub name: String,
-    /// `fake`, `ec2` or `gce`.
+    /// The kind of cloud, as the provider catalog names it (`fake`, `ec2`, `gce`).
     #[diesel(column_name = type_)]
     pub kind: String,
     /// The config JSON, sealed with secretbox.
     pub config: Vec<u8>,
     /// When the provider was registered.
     pub created_at: DateTime<Utc>,
+    /// What the config offers, readable without the key (`None`: not recorded yet).
+    pub offer: Option<serde_json::Value>,
 }
 
 /// A new row of `providers`.
@@ -65,11 +67,13 @@ pub struct ProviderRow {
 pub struct NewProvider<'a> {
     /// The name clients put in `provider`.
     pub name: &'a str,
-    /// `fake`, `ec2` or `gce`.
+    /// The kind of cloud, as the provider catalog names it (`fake`, `ec2`, `gce`).
     #[diesel(column_name = type_)]
     pub kind: &'a str,
     /// The config JSON, sealed with secretbox.
     pub config: &'a [u8],
+    /// What the config offers, readable without the key.
+    pub offer: &'a serde_json::Value,
 }
 
 /// A row of `instances`.

@@ -67,6 +67,7 @@ diesel::table! {
         type_ -> Text,
         config -> Bytea,
         created_at -> Timestamptz,
+        offer -> Nullable<Jsonb>,
     }
 }
 

@@ -17,7 +17,6 @@ use cloudbrain::broker::Broker;
 use cloudbrain::config::TrustedProxies;
 use cloudbrain::crypto::SecretKey;
 use cloudbrain::db::{self, Pool};
-use cloudbrain::providers::ProviderKind;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use sha2::{Digest, Sha256};
 
@@ -269,10 +268,10 @@ impl TestApp {
     }
 
     pub async fn provider(&self, name: &str, config: serde_json::Value) {
-        self.provider_of(ProviderKind::Fake, name, config).await;
+        self.provider_of("fake", name, config).await;
     }
 
-    pub async fn provider_of(&self, kind: ProviderKind, name: &str, config: serde_json::Value) {
+    pub async fn provider_of(&self, kind: &str, name: &str, config: serde_json::Value) {
         let mut conn = AsyncPgConnection::establish(&self.db_url).await.unwrap();
         insert_provider(&mut conn, &key(), name, kind, &config)
             .await
@@ -287,6 +286,12 @@ impl TestApp {
         self.client
             .get(self.url(path))
             .header("Authorization", format!("token {token}"))
+    }
+
+    /// GET `path` as `token`: the body as JSON, whatever the status.
+    pub async fn get_json(&self, path: &str, token: &str) -> serde_json::Value {
+        let response = self.get(path, token).send().await.unwrap();
+        response.json().await.unwrap()
     }
 
     pub fn post(&self, path: &str, token: &str) -> reqwest::RequestBuilder {
@@ -364,12 +369,7 @@ impl Workers {
         let pool = db::pool(db_url, 8).unwrap();
         let broker = Broker::new(pool.clone(), key());
         let metrics = Arc::new(cloudbrain::metrics::Metrics::default());
-        let registry = Arc::new(cloudbrain::providers::Registry::new(
-            cloudbrain::providers::ProviderContext {
-                database_url: db_url.to_owned(),
-            },
-            metrics.clone(),
-        ));
+        let registry = Arc::new(cloudbrain::providers::Registry::new(metrics.clone()));
         let context = cloudbrain::workers::JobContext {
             broker: broker.clone(),
             queue: cloudbrain::queue::Queue::new(pool.clone()),
@@ -400,6 +400,16 @@ impl Workers {
     pub async fn run_pending_jobs(&self) -> usize {
         self.jobs.run_until_idle().await.unwrap()
     }
+}
+
+/// A fake cloud config whose machines live in the database at `url`, so that several
+/// processes (or registries) see one cloud and a test can count its machines with SQL.
+pub fn shared_store(mut config: serde_json::Value, url: &str) -> serde_json::Value {
+    if config.is_null() {
+        config = serde_json::json!({});
+    }
+    config["store_url"] = url.into();
+    config
 }
 
 /// Worker settings for tests: quick retries, short timeouts.
@@ -448,7 +458,7 @@ pub struct CloudBroker {
 
 impl CloudBroker {
     pub async fn new(
-        kind: ProviderKind,
+        kind: &str,
         name: &str,
         config: serde_json::Value,
         settings: cloudbrain::config::WorkerSettings,

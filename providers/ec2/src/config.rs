@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use cloudbrain_provider::{validate_instance_types, CallLimits, ConfigError};
+use cloudbrain_provider::{validate_instance_types, ConfigError, Offer, Secret};
 use serde::{Deserialize, Serialize};
 
 /// Settings of one EC2 provider config.
@@ -19,10 +19,10 @@ pub struct Ec2Config {
     pub access_key_id: Option<String>,
     /// The secret of `access_key_id`.
     #[serde(default)]
-    pub secret_access_key: Option<String>,
+    pub secret_access_key: Option<Secret<String>>,
     /// A session token for temporary credentials.
     #[serde(default)]
-    pub session_token: Option<String>,
+    pub session_token: Option<Secret<String>>,
     /// Subnets to launch into; machines are spread across them.
     pub subnet_ids: Vec<String>,
     /// Security groups for every machine.
@@ -109,7 +109,6 @@ impl Ec2Config {
             ));
         }
         validate_instance_types("instance_types", config.instance_types.keys())?;
-        config.default_type()?;
         if let Some((name, _)) = config
             .instance_types
             .iter()
@@ -159,25 +158,18 @@ impl Ec2Config {
         {
             return Err(ConfigError::new("tags", format!("tag {key} is reserved")));
         }
-        config.limits().validate()?;
+        config.offer()?;
         Ok(config)
     }
 
-    /// The type a request gets when it names none or `default`.
-    pub fn default_type(&self) -> Result<String, ConfigError> {
-        cloudbrain_provider::default_instance_type(
-            "default_instance_type",
-            self.default_instance_type.as_deref(),
+    /// What this config offers: its instance types, default type and call limits.
+    pub fn offer(&self) -> Result<Offer, ConfigError> {
+        Offer::new(
             self.instance_types.keys(),
+            self.default_instance_type.as_deref(),
+            self.max_concurrency,
+            self.rate_limit,
         )
-    }
-
-    /// The call limits this config sets.
-    pub fn limits(&self) -> CallLimits {
-        CallLimits {
-            max_concurrency: self.max_concurrency,
-            rate_limit: self.rate_limit,
-        }
     }
 }
 
@@ -200,7 +192,10 @@ mod tests {
         let config = Ec2Config::parse(&base()).unwrap();
         assert_eq!(config.image_owners, ["self"]);
         assert!(config.require_ecs_registration);
-        assert_eq!(config.limits(), CallLimits::default());
+        assert_eq!(
+            config.offer().unwrap().limits,
+            cloudbrain_provider::CallLimits::default()
+        );
     }
 
     #[test]

@@ -23,7 +23,8 @@ use aws_sdk_ec2::types::{
 use aws_sdk_ecs::types::ContainerInstanceStatus;
 use base64::Engine;
 use cloudbrain_provider::{
-    CloudInstance, CloudState, EcsMembership, InstanceSpec, Provider, ProviderError, TtlCache,
+    CloudInstance, CloudState, ConfigError, EcsMembership, Factory, InstanceSpec, Offer, Provider,
+    ProviderError, TtlCache,
 };
 use uuid::Uuid;
 
@@ -41,6 +42,29 @@ const PAGE_SIZE: i32 = 100;
 /// Machine states `list` and `get` report; terminated machines linger in EC2 for an hour
 /// and are nobody's to manage.
 const LIVE_STATES: [&str; 5] = ["pending", "running", "shutting-down", "stopping", "stopped"];
+
+/// EC2 as the broker's catalog knows it: kind `ec2`.
+pub struct Ec2Factory;
+
+#[async_trait]
+impl Factory for Ec2Factory {
+    fn kind(&self) -> &'static str {
+        "ec2"
+    }
+
+    fn check(&self, config: &serde_json::Value) -> Result<Offer, ConfigError> {
+        Ec2Config::parse(config)?.offer()
+    }
+
+    async fn build(
+        &self,
+        name: &str,
+        config: &serde_json::Value,
+    ) -> Result<std::sync::Arc<dyn Provider>, ConfigError> {
+        let config = Ec2Config::parse(config)?;
+        Ok(std::sync::Arc::new(Ec2Provider::new(name, config).await))
+    }
+}
 
 /// One EC2 provider config with its API clients.
 pub struct Ec2Provider {
@@ -71,8 +95,8 @@ impl Ec2Provider {
         if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
             loader = loader.credentials_provider(aws_credential_types::Credentials::new(
                 id,
-                secret,
-                config.session_token.clone(),
+                secret.expose(),
+                config.session_token.as_ref().map(|t| t.expose().clone()),
                 None,
                 "cloudbrain-provider-config",
             ));

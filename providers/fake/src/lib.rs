@@ -1,17 +1,19 @@
 //! A fake cloud that behaves like one, for development, tests and benchmarks.
 //!
-//! Its machines live in Postgres, in a schema of its own (`fake_cloud`), the way a real
-//! cloud keeps its own state: every worker process sees one cloud, and a test can count
-//! machines. Creates can be slow, machines boot after a while, and calls fail at
+//! Its machines live in the memory of the process that made it, unless its config names a
+//! `store_url`: then they live in that Postgres database, in a schema of their own
+//! (`fake_cloud`), the way a real cloud keeps its own state, so every worker process sees
+//! one cloud. Creates can be slow, machines boot after a while, and calls fail at
 //! configured rates with seeded dice, so a run can be replayed.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use cloudbrain_provider::{
-    validate_instance_types, CallLimits, CloudInstance, CloudState, ConfigError, InstanceSpec,
-    Provider, ProviderError,
+    validate_instance_types, CloudInstance, CloudState, ConfigError, Factory, InstanceSpec, Offer,
+    Provider, ProviderError, Secret,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -59,6 +61,10 @@ pub struct FakeConfig {
     /// Most calls to this cloud started per second, per process.
     #[serde(default = "default_rate_limit")]
     pub rate_limit: f64,
+    /// A Postgres database to keep the machines in, so that several processes see one
+    /// cloud; without it they live in this process's memory.
+    #[serde(default)]
+    pub store_url: Option<Secret<String>>,
 }
 
 fn default_instance_types() -> Vec<String> {
@@ -94,6 +100,7 @@ impl Default for FakeConfig {
             seed: 0,
             max_concurrency: cloudbrain_provider::default_max_concurrency(),
             rate_limit: default_rate_limit(),
+            store_url: None,
         }
     }
 }
@@ -107,7 +114,6 @@ impl FakeConfig {
             cloudbrain_provider::parse_config(doc)?
         };
         validate_instance_types("instance_types", &config.instance_types)?;
-        config.default_type()?;
         for (field, rate) in [
             ("transient_error_rate", config.transient_error_rate),
             ("throttle_rate", config.throttle_rate),
@@ -117,25 +123,18 @@ impl FakeConfig {
                 return Err(ConfigError::new(field, "must be between 0 and 1"));
             }
         }
-        config.limits().validate()?;
+        config.offer()?;
         Ok(config)
     }
 
-    /// The type a request gets when it names none or `default`.
-    pub fn default_type(&self) -> Result<String, ConfigError> {
-        cloudbrain_provider::default_instance_type(
-            "default_instance_type",
-            self.default_instance_type.as_deref(),
+    /// What this config offers: its instance types, default type and call limits.
+    pub fn offer(&self) -> Result<Offer, ConfigError> {
+        Offer::new(
             &self.instance_types,
+            self.default_instance_type.as_deref(),
+            self.max_concurrency,
+            self.rate_limit,
         )
-    }
-
-    /// The call limits this config sets.
-    pub fn limits(&self) -> CallLimits {
-        CallLimits {
-            max_concurrency: self.max_concurrency,
-            rate_limit: self.rate_limit,
-        }
     }
 }
 
@@ -159,12 +158,82 @@ CREATE TABLE IF NOT EXISTS fake_cloud.machines (
     PRIMARY KEY (provider, instance_id)
 );";
 
+/// The fake cloud as the broker's catalog knows it: kind `fake`.
+pub struct FakeFactory;
+
+#[async_trait]
+impl Factory for FakeFactory {
+    fn kind(&self) -> &'static str {
+        "fake"
+    }
+
+    fn check(&self, config: &serde_json::Value) -> Result<Offer, ConfigError> {
+        FakeConfig::parse(config)?.offer()
+    }
+
+    async fn build(
+        &self,
+        name: &str,
+        config: &serde_json::Value,
+    ) -> Result<Arc<dyn Provider>, ConfigError> {
+        Ok(Arc::new(FakeCloud::new(name, FakeConfig::parse(config)?)))
+    }
+}
+
+/// One machine of the fake cloud.
+#[derive(Debug, Clone)]
+struct Machine {
+    upstream_id: String,
+    ip_address: String,
+    created_at: SystemTime,
+    boots_at: SystemTime,
+}
+
+impl Machine {
+    fn new(id: Uuid, boot_time: Duration) -> Self {
+        let bytes = id.as_bytes();
+        let now = SystemTime::now();
+        Self {
+            upstream_id: format!("fake-{}", &id.simple().to_string()[..12]),
+            // TEST-NET-1 (RFC 5737): addresses that are never routed anywhere.
+            ip_address: format!("192.0.2.{}", 1 + bytes[15] % 254),
+            created_at: now,
+            boots_at: now + boot_time,
+        }
+    }
+
+    fn seen(&self, id: Uuid, booted: bool) -> CloudInstance {
+        CloudInstance {
+            id,
+            upstream_id: self.upstream_id.clone(),
+            state: if booted {
+                CloudState::Running
+            } else {
+                CloudState::Starting
+            },
+            ip_address: Some(self.ip_address.clone()),
+            launched_at: Some(self.created_at),
+            ecs: None,
+        }
+    }
+}
+
+/// Where the machines live.
+enum Store {
+    /// In this process.
+    Memory(Mutex<BTreeMap<Uuid, Machine>>),
+    /// In Postgres, shared by every process that names the same database.
+    Postgres {
+        url: Secret<String>,
+        client: tokio::sync::Mutex<Option<Arc<tokio_postgres::Client>>>,
+    },
+}
+
 /// One fake cloud account: the machines made under one provider config's name.
 pub struct FakeCloud {
     name: String,
     config: FakeConfig,
-    database_url: String,
-    client: tokio::sync::Mutex<Option<Arc<tokio_postgres::Client>>>,
+    store: Store,
     dice: Mutex<StdRng>,
 }
 
@@ -174,39 +243,21 @@ enum Call {
 }
 
 impl FakeCloud {
-    /// A fake cloud named `name` keeping its machines in the database at `database_url`.
-    pub fn new(name: &str, config: FakeConfig, database_url: &str) -> Self {
+    /// A fake cloud named `name`, keeping its machines where `config` says.
+    pub fn new(name: &str, config: FakeConfig) -> Self {
+        let store = match &config.store_url {
+            Some(url) => Store::Postgres {
+                url: url.clone(),
+                client: tokio::sync::Mutex::new(None),
+            },
+            None => Store::Memory(Mutex::new(BTreeMap::new())),
+        };
         Self {
             name: name.to_owned(),
             dice: Mutex::new(StdRng::seed_from_u64(config.seed)),
             config,
-            database_url: database_url.to_owned(),
-            client: tokio::sync::Mutex::new(None),
+            store,
         }
-    }
-
-    /// A connected client, reconnecting when the last one broke.
-    async fn client(&self) -> Result<Arc<tokio_postgres::Client>, ProviderError> {
-        let mut slot = self.client.lock().await;
-        if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(client.clone());
-        }
-        let (client, connection) =
-            tokio_postgres::connect(&self.database_url, tokio_postgres::NoTls)
-                .await
-                .map_err(transient)?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        client
-            .batch_execute(&format!(
-                "BEGIN; SELECT pg_advisory_xact_lock({SCHEMA_LOCK}); {SCHEMA} COMMIT;"
-            ))
-            .await
-            .map_err(transient)?;
-        let client = Arc::new(client);
-        *slot = Some(client.clone());
-        Ok(client)
     }
 
     /// Rolls the dice for one call: an injected failure, or `Ok` to go on.
@@ -236,29 +287,136 @@ impl FakeCloud {
         Ok(())
     }
 
-    fn machine(row: &tokio_postgres::Row) -> CloudInstance {
-        let booted: bool = row.get("booted");
-        CloudInstance {
-            id: row.get("instance_id"),
-            upstream_id: row.get("upstream_id"),
-            state: if booted {
-                CloudState::Running
-            } else {
-                CloudState::Starting
-            },
-            ip_address: Some(row.get("ip_address")),
-            launched_at: Some(row.get::<_, SystemTime>("created_at")),
-            ecs: None,
+    /// Adds the machine for `id` unless it exists.
+    async fn put(&self, id: Uuid, spec: &InstanceSpec) -> Result<(), ProviderError> {
+        let machine = Machine::new(id, Duration::from_millis(self.config.boot_time_ms));
+        match &self.store {
+            Store::Memory(machines) => {
+                let mut machines = machines.lock().unwrap_or_else(|e| e.into_inner());
+                machines.entry(id).or_insert(machine);
+                Ok(())
+            }
+            Store::Postgres { url, client } => {
+                let client = connected(url, client).await?;
+                client
+                    .execute(
+                        "INSERT INTO fake_cloud.machines \
+                         (provider, instance_id, upstream_id, image, instance_type, ssh_key, ip_address, boots_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, clock_timestamp() + $8 * interval '1 millisecond') \
+                         ON CONFLICT (provider, instance_id) DO NOTHING",
+                        &[
+                            &self.name,
+                            &id,
+                            &machine.upstream_id,
+                            &spec.image,
+                            &spec.instance_type,
+                            &spec.public_ssh_key,
+                            &machine.ip_address,
+                            &(self.config.boot_time_ms as f64),
+                        ],
+                    )
+                    .await
+                    .map_err(transient)?;
+                Ok(())
+            }
         }
     }
+
+    /// The machines whose id is `only` (or every machine), ordered by id.
+    async fn read(&self, only: Option<Uuid>) -> Result<Vec<CloudInstance>, ProviderError> {
+        match &self.store {
+            Store::Memory(machines) => {
+                let machines = machines.lock().unwrap_or_else(|e| e.into_inner());
+                let now = SystemTime::now();
+                Ok(machines
+                    .iter()
+                    .filter(|(id, _)| only.is_none_or(|only| only == **id))
+                    .map(|(id, m)| m.seen(*id, now >= m.boots_at))
+                    .collect())
+            }
+            Store::Postgres { url, client } => {
+                let client = connected(url, client).await?;
+                let rows = client
+                    .query(
+                        "SELECT instance_id, upstream_id, ip_address, created_at, \
+                         clock_timestamp() >= boots_at AS booted FROM fake_cloud.machines \
+                         WHERE provider = $1 AND ($2::uuid IS NULL OR instance_id = $2) \
+                         ORDER BY instance_id",
+                        &[&self.name, &only],
+                    )
+                    .await
+                    .map_err(transient)?;
+                Ok(rows
+                    .iter()
+                    .map(|row| {
+                        let machine = Machine {
+                            upstream_id: row.get("upstream_id"),
+                            ip_address: row.get("ip_address"),
+                            created_at: row.get("created_at"),
+                            boots_at: SystemTime::UNIX_EPOCH,
+                        };
+                        machine.seen(row.get("instance_id"), row.get("booted"))
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    /// Removes the machine for `id`, if there is one.
+    async fn remove(&self, id: Uuid) -> Result<(), ProviderError> {
+        match &self.store {
+            Store::Memory(machines) => {
+                machines
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                Ok(())
+            }
+            Store::Postgres { url, client } => {
+                let client = connected(url, client).await?;
+                client
+                    .execute(
+                        "DELETE FROM fake_cloud.machines WHERE provider = $1 AND instance_id = $2",
+                        &[&self.name, &id],
+                    )
+                    .await
+                    .map_err(transient)?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A connected client to the Postgres store, reconnecting when the last one broke, with
+/// the store's schema made on first use.
+async fn connected(
+    url: &Secret<String>,
+    slot: &tokio::sync::Mutex<Option<Arc<tokio_postgres::Client>>>,
+) -> Result<Arc<tokio_postgres::Client>, ProviderError> {
+    let mut slot = slot.lock().await;
+    if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
+        return Ok(client.clone());
+    }
+    let (client, connection) = tokio_postgres::connect(url.expose(), tokio_postgres::NoTls)
+        .await
+        .map_err(transient)?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({SCHEMA_LOCK}); {SCHEMA} COMMIT;"
+        ))
+        .await
+        .map_err(transient)?;
+    let client = Arc::new(client);
+    *slot = Some(client.clone());
+    Ok(client)
 }
 
 fn transient(err: tokio_postgres::Error) -> ProviderError {
     ProviderError::Transient(format!("fake cloud unreachable: {err}"))
 }
-
-const SELECT: &str = "SELECT instance_id, upstream_id, ip_address, created_at, \
-                      clock_timestamp() >= boots_at AS booted FROM fake_cloud.machines";
 
 #[async_trait]
 impl Provider for FakeCloud {
@@ -270,29 +428,7 @@ impl Provider for FakeCloud {
                 spec.image
             )));
         }
-        let client = self.client().await?;
-        let bytes = id.as_bytes();
-        // TEST-NET-1 (RFC 5737): addresses that are never routed anywhere.
-        let ip = format!("192.0.2.{}", 1 + bytes[15] % 254);
-        client
-            .execute(
-                "INSERT INTO fake_cloud.machines \
-                 (provider, instance_id, upstream_id, image, instance_type, ssh_key, ip_address, boots_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, clock_timestamp() + $8 * interval '1 millisecond') \
-                 ON CONFLICT (provider, instance_id) DO NOTHING",
-                &[
-                    &self.name,
-                    &id,
-                    &format!("fake-{}", &id.simple().to_string()[..12]),
-                    &spec.image,
-                    &spec.instance_type,
-                    &spec.public_ssh_key,
-                    &ip,
-                    &(self.config.boot_time_ms as f64),
-                ],
-            )
-            .await
-            .map_err(transient)?;
+        self.put(id, spec).await?;
         // The machine exists from here on, as with a cloud whose answer is slow to come.
         tokio::time::sleep(Duration::from_millis(self.config.create_latency_ms)).await;
         self.get(id).await
@@ -300,43 +436,20 @@ impl Provider for FakeCloud {
 
     async fn get(&self, id: Uuid) -> Result<CloudInstance, ProviderError> {
         self.dice(Call::Other)?;
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                &format!("{SELECT} WHERE provider = $1 AND instance_id = $2"),
-                &[&self.name, &id],
-            )
-            .await
-            .map_err(transient)?;
-        row.as_ref()
-            .map(Self::machine)
+        self.read(Some(id))
+            .await?
+            .pop()
             .ok_or(ProviderError::NotFound)
     }
 
     async fn list(&self) -> Result<Vec<CloudInstance>, ProviderError> {
         self.dice(Call::Other)?;
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                &format!("{SELECT} WHERE provider = $1 ORDER BY instance_id"),
-                &[&self.name],
-            )
-            .await
-            .map_err(transient)?;
-        Ok(rows.iter().map(Self::machine).collect())
+        self.read(None).await
     }
 
     async fn destroy(&self, id: Uuid) -> Result<(), ProviderError> {
         self.dice(Call::Other)?;
-        let client = self.client().await?;
-        client
-            .execute(
-                "DELETE FROM fake_cloud.machines WHERE provider = $1 AND instance_id = $2",
-                &[&self.name, &id],
-            )
-            .await
-            .map_err(transient)?;
-        Ok(())
+        self.remove(id).await
     }
 }
 
@@ -349,6 +462,45 @@ mod tests {
     fn empty_config_offers_standard_and_premium() {
         let config = FakeConfig::parse(&serde_json::Value::Null).unwrap();
         assert_eq!(config.instance_types, ["standard", "premium"]);
+    }
+
+    #[tokio::test]
+    async fn machines_in_memory_boot_after_their_time_and_go_when_destroyed() {
+        let config = FakeConfig {
+            boot_time_ms: 50,
+            ..FakeConfig::default()
+        };
+        let cloud = FakeCloud::new("f", config);
+        let spec = InstanceSpec {
+            image: "ubuntu".into(),
+            instance_type: "standard".into(),
+            public_ssh_key: None,
+        };
+        let id = Uuid::new_v4();
+        let made = cloud.create(id, &spec).await.unwrap();
+        assert_eq!(made.state, CloudState::Starting);
+        assert_eq!(
+            cloud.create(id, &spec).await.unwrap().upstream_id,
+            made.upstream_id
+        );
+        assert_eq!(
+            cloud.list().await.unwrap().len(),
+            1,
+            "a create is idempotent"
+        );
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(cloud.get(id).await.unwrap().state, CloudState::Running);
+        cloud.destroy(id).await.unwrap();
+        cloud.destroy(id).await.unwrap();
+        assert_eq!(cloud.get(id).await, Err(ProviderError::NotFound));
+        assert!(cloud.list().await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_store_url_is_never_printed() {
+        let config =
+            FakeConfig::parse(&json!({"store_url": "postgres://cb:s3cret@db/cb"})).unwrap();
+        assert!(!format!("{config:?}").contains("s3cret"), "{config:?}");
     }
 
     #[test]
@@ -373,7 +525,7 @@ mod tests {
             ..FakeConfig::default()
         };
         let outcomes = || {
-            let cloud = FakeCloud::new("f", config.clone(), "postgres://unused");
+            let cloud = FakeCloud::new("f", config.clone());
             (0..200)
                 .map(|_| cloud.dice(Call::Create).err())
                 .collect::<Vec<_>>()

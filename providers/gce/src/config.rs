@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use cloudbrain_provider::{validate_instance_types, CallLimits, ConfigError};
+use cloudbrain_provider::{validate_instance_types, ConfigError, Offer, Secret};
 use serde::{Deserialize, Serialize};
 
 /// How the provider authenticates to the Compute API.
@@ -12,7 +12,7 @@ pub enum GceCredentials {
     /// A service-account key (the JSON file Google issues), kept in the sealed config.
     ServiceAccount {
         /// The key file's contents.
-        key: serde_json::Value,
+        key: Secret<serde_json::Value>,
     },
     /// Application default credentials (GOOGLE_APPLICATION_CREDENTIALS, gcloud, metadata server).
     ApplicationDefault,
@@ -137,7 +137,6 @@ impl GceConfig {
             return Err(ConfigError::new("zones", "at least one zone is required"));
         }
         validate_instance_types("machine_types", config.machine_types.keys())?;
-        config.default_type()?;
         if config.machine_types.values().any(|t| t.trim().is_empty()) {
             return Err(ConfigError::new(
                 "machine_types",
@@ -189,6 +188,7 @@ impl GceConfig {
             }
         }
         if let GceCredentials::ServiceAccount { key } = &config.credentials {
+            let key = key.expose();
             if key.get("private_key").and_then(|v| v.as_str()).is_none()
                 || key.get("client_email").is_none()
             {
@@ -207,25 +207,18 @@ impl GceConfig {
                 "operation waits must be above 0",
             ));
         }
-        config.limits().validate()?;
+        config.offer()?;
         Ok(config)
     }
 
-    /// The type a request gets when it names none or `default`.
-    pub fn default_type(&self) -> Result<String, ConfigError> {
-        cloudbrain_provider::default_instance_type(
-            "default_instance_type",
-            self.default_instance_type.as_deref(),
+    /// What this config offers: its instance types, default type and call limits.
+    pub fn offer(&self) -> Result<Offer, ConfigError> {
+        Offer::new(
             self.machine_types.keys(),
+            self.default_instance_type.as_deref(),
+            self.max_concurrency,
+            self.rate_limit,
         )
-    }
-
-    /// The call limits this config sets.
-    pub fn limits(&self) -> CallLimits {
-        CallLimits {
-            max_concurrency: self.max_concurrency,
-            rate_limit: self.rate_limit,
-        }
     }
 }
 

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use cloudbrain_provider::{
-    CloudInstance, CloudState, InstanceSpec, Provider, ProviderError, TtlCache,
+    CloudInstance, CloudState, ConfigError, Factory, InstanceSpec, Offer, Provider, ProviderError,
+    TtlCache,
 };
 use google_cloud_compute_v1::client::{Images, Instances};
 use google_cloud_compute_v1::model::{
@@ -68,6 +69,31 @@ fn request_id(id: Uuid, zone_index: usize) -> String {
 #[error("building the Compute API client: {0}")]
 pub struct BuildError(String);
 
+/// GCE as the broker's catalog knows it: kind `gce`.
+pub struct GceFactory;
+
+#[async_trait]
+impl Factory for GceFactory {
+    fn kind(&self) -> &'static str {
+        "gce"
+    }
+
+    fn check(&self, config: &serde_json::Value) -> Result<Offer, ConfigError> {
+        GceConfig::parse(config)?.offer()
+    }
+
+    async fn build(
+        &self,
+        name: &str,
+        config: &serde_json::Value,
+    ) -> Result<std::sync::Arc<dyn Provider>, ConfigError> {
+        let provider = GceProvider::new(name, GceConfig::parse(config)?)
+            .await
+            .map_err(|e| ConfigError::new("credentials", e.to_string()))?;
+        Ok(std::sync::Arc::new(provider))
+    }
+}
+
 /// One GCE provider config with its API clients.
 pub struct GceProvider {
     name: String,
@@ -88,7 +114,7 @@ fn credentials(
             Ok(google_cloud_auth::credentials::anonymous::Builder::new().build())
         }
         GceCredentials::ServiceAccount { key } => {
-            google_cloud_auth::credentials::service_account::Builder::new(key.clone())
+            google_cloud_auth::credentials::service_account::Builder::new(key.expose().clone())
                 .build()
                 .map_err(|e| BuildError(format!("service-account key: {e}")))
         }

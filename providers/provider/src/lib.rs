@@ -1,8 +1,10 @@
-//! The contract between the broker and a cloud: the [`Provider`] trait and the types it speaks.
+//! The contract between the broker and a cloud: the [`Provider`] trait and the types it
+//! speaks, and the [`Factory`] through which the broker's catalog knows a kind of cloud.
 //!
 //! A provider crate depends on this crate and its cloud's client only; it knows nothing of
 //! the broker's database, its HTTP API or its job queue.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -172,6 +174,83 @@ pub trait Provider: Send + Sync {
     async fn list(&self) -> Result<Vec<CloudInstance>, ProviderError>;
     /// Destroys the machine for instance `id`; a machine that is already gone is success.
     async fn destroy(&self, id: Uuid) -> Result<(), ProviderError>;
+}
+
+/// One kind of cloud, as the broker's catalog knows it: its name, how a config document
+/// for it is checked, and how a live provider is built from one.
+#[async_trait]
+pub trait Factory: Send + Sync {
+    /// The kind's name, as stored in `providers.type` and given to `insert-provider --type`.
+    fn kind(&self) -> &'static str;
+    /// Checks a config document, naming the field at fault, and returns what it offers.
+    fn check(&self, config: &serde_json::Value) -> Result<Offer, ConfigError>;
+    /// Builds the live provider named `name` from a config document.
+    async fn build(
+        &self,
+        name: &str,
+        config: &serde_json::Value,
+    ) -> Result<Arc<dyn Provider>, ConfigError>;
+}
+
+/// What a provider config offers, readable by anyone: never its credentials. The broker
+/// keeps it beside the sealed config, so answering a request never opens the seal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Offer {
+    /// The broker's instance type names it offers.
+    pub instance_types: Vec<String>,
+    /// The type a request gets when it names none, or `default`.
+    pub default_instance_type: String,
+    /// Limits on calls to its cloud.
+    pub limits: CallLimits,
+}
+
+impl Offer {
+    /// The offer of a config with the instance types `offered`, the default type it
+    /// names (if any) and its call limits; the error names the field at fault.
+    pub fn new<'a>(
+        offered: impl IntoIterator<Item = &'a String>,
+        default_named: Option<&str>,
+        max_concurrency: usize,
+        rate_limit: f64,
+    ) -> Result<Self, ConfigError> {
+        let instance_types: Vec<String> = offered.into_iter().cloned().collect();
+        let default_instance_type =
+            default_instance_type("default_instance_type", default_named, &instance_types)?;
+        let limits = CallLimits {
+            max_concurrency,
+            rate_limit,
+        };
+        limits.validate()?;
+        Ok(Self {
+            instance_types,
+            default_instance_type,
+            limits,
+        })
+    }
+}
+
+/// A value that must never be printed: `Debug` shows `[redacted]`. It reads and writes as
+/// the bare value, since configs holding it are stored sealed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret<T>(T);
+
+impl<T> Secret<T> {
+    /// Wraps `value`.
+    pub fn new(value: T) -> Self {
+        Self(value)
+    }
+
+    /// The value, for the one place that must use it.
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> std::fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
 }
 
 /// A provider config that could not be accepted, naming the field at fault.
@@ -346,6 +425,15 @@ pub fn validate_instance_types<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_never_print_but_serialize_as_themselves() {
+        let secret = Secret::new("hunter2".to_owned());
+        assert_eq!(format!("{secret:?}"), "[redacted]");
+        assert_eq!(serde_json::to_value(&secret).unwrap(), "hunter2");
+        let back: Secret<String> = serde_json::from_value("hunter2".into()).unwrap();
+        assert_eq!(back.expose(), "hunter2");
+    }
 
     fn types(names: &[&str]) -> Vec<String> {
         names.iter().map(|n| n.to_string()).collect()
