@@ -14,13 +14,11 @@
 //!   the instance;
 //! - after a job it only GETs the instance (its Stop never deletes).
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::{fast_settings, TestApp, TestDb, Workers};
 use base64::Engine;
 use cloudbrain::auth::Scope;
-use common::{fast_settings, TestApp, TestDb, Workers};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -301,7 +299,7 @@ async fn a_travis_worker_starts_a_job_on_a_default_machine_and_reads_its_address
     assert_eq!(broker.body(&running.id).await["instance_type"], "standard");
     // The empty `public_ssh_key` is no key at all.
     let mut conn = broker.db.conn().await;
-    let key = common::text(
+    let key = crate::common::text(
         &mut conn,
         &format!(
             "SELECT public_ssh_key AS v FROM instances WHERE id = '{}'",

@@ -1,16 +1,14 @@
 //! Authentication over HTTP: both header forms, uniform refusals, the verified-token cache,
 //! the throttle, revocation across processes, Cloud Brain's token rows, and outages.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::{TestApp, TestDb};
 use base64::Engine;
 use cloudbrain::auth::store::{revoke_token, Revoked};
 use cloudbrain::auth::verifier::ScryptLimits;
 use cloudbrain::auth::Scope;
 use cloudbrain::config::TrustedProxies;
-use common::{TestApp, TestDb};
 use diesel_async::RunQueryDsl;
 use serde_json::Value;
 

@@ -1,14 +1,12 @@
 //! A database outage, as clients live it: requests in flight when Postgres stops answer
 //! 503 with Retry-After (never 500), and the server recovers without a restart.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::{key, TestApp};
 use cloudbrain::auth::{store, Scope};
 use cloudbrain::broker::providers::insert_provider;
 use cloudbrain::dev::ThrowawayPostgres;
-use common::{key, TestApp};
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use serde_json::json;
 

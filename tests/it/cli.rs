@@ -1,11 +1,9 @@
 //! The operator commands, run as a user would: the real binary, a real database.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{count, TempDir, TestDb, KEY_HEX};
+use crate::common::{count, TempDir, TestDb, KEY_HEX};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cloudbrain");
 
@@ -320,7 +318,7 @@ async fn an_unmigrated_database_says_run_migrate_and_an_unreachable_one_says_whe
         assert!(!stderr.contains("does not exist"), "{args:?}: {stderr}");
     }
     // A server started before the migration is not ready, and says why.
-    let app = common::TestApp::spawn(&db).await;
+    let app = crate::common::TestApp::spawn(&db).await;
     let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 503);
     let body: serde_json::Value = ready.json().await.unwrap();

@@ -1,9 +1,7 @@
 //! The instances API over HTTP against the real actix app and a real Postgres.
 
-mod common;
-
+use crate::common::{count, TestApp, TestDb};
 use cloudbrain::auth::Scope;
-use common::{count, TestApp, TestDb};
 use serde_json::{json, Value};
 
 const ED25519: &str =
@@ -889,7 +887,7 @@ async fn requests_read_what_a_provider_offers_without_opening_its_sealed_config(
     let (db, app, token) = setup().await;
     let mut conn = db.conn().await;
     // Break the seal: a request that opened it would fail.
-    common::exec(&mut conn, "UPDATE providers SET config = '\\x00'::bytea").await;
+    crate::common::exec(&mut conn, "UPDATE providers SET config = '\\x00'::bytea").await;
     let ask = |instance_type: &'static str| {
         app.post("/instances", &token)
             .json(&json!({"provider": "fake", "image": "ubuntu", "instance_type": instance_type}))
@@ -910,10 +908,10 @@ async fn requests_read_what_a_provider_offers_without_opening_its_sealed_config(
 async fn a_provider_registered_before_offers_were_stored_gets_its_offer_on_first_use() {
     let (db, app, token) = setup().await;
     let mut conn = db.conn().await;
-    common::exec(&mut conn, "UPDATE providers SET offer = NULL").await;
+    crate::common::exec(&mut conn, "UPDATE providers SET offer = NULL").await;
     let made: Value = app.create(&token, "ubuntu").await;
     assert_eq!(made["instance_type"], "standard", "{made}");
-    let offer = common::text(&mut conn, "SELECT offer::text AS v FROM providers").await;
+    let offer = crate::common::text(&mut conn, "SELECT offer::text AS v FROM providers").await;
     let offer: Value = serde_json::from_str(&offer.unwrap()).unwrap();
     assert_eq!(offer["instance_types"], json!(["standard", "premium"]));
     assert_eq!(offer["default_instance_type"], "standard");

@@ -1,8 +1,6 @@
 //! Test harness: a database per test from a migrated template, and the real API served on
 //! a loopback port.
 
-#![allow(dead_code)]
-
 pub mod fake_compute;
 
 use std::net::TcpListener;
@@ -16,7 +14,7 @@ use cloudbrain::broker::providers::insert_provider;
 use cloudbrain::broker::Broker;
 use cloudbrain::config::TrustedProxies;
 use cloudbrain::crypto::SecretKey;
-use cloudbrain::db::{self, Pool};
+use cloudbrain::db;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use sha2::{Digest, Sha256};
 
@@ -200,7 +198,6 @@ pub async fn count(conn: &mut AsyncPgConnection, sql: &str) -> i64 {
 pub struct TestApp {
     pub base: String,
     pub verifier: Arc<TokenVerifier>,
-    pub pool: Pool,
     pub client: reqwest::Client,
     pub db_url: String,
     server: actix_web::dev::ServerHandle,
@@ -241,7 +238,6 @@ impl TestApp {
         Self {
             base,
             verifier,
-            pool,
             client: reqwest::Client::new(),
             db_url: db_url.to_owned(),
             server: handle,
@@ -450,7 +446,8 @@ pub async fn exec(conn: &mut AsyncPgConnection, sql: &str) {
 
 /// The broker (API, database, workers) with one provider config registered.
 pub struct CloudBroker {
-    pub db: TestDb,
+    /// Kept so the database lives as long as the broker.
+    _db: TestDb,
     pub app: TestApp,
     pub token: String,
     pub workers: Workers,
@@ -469,7 +466,7 @@ impl CloudBroker {
         let token = app.token(Scope::Client).await;
         let workers = Workers::new(&db.url, settings);
         Self {
-            db,
+            _db: db,
             app,
             token,
             workers,

@@ -2,12 +2,10 @@
 //! installs before it does, installs only with `--no-upgrade`, and refuses an install that
 //! would upgrade a package already on the machine.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::TempDir;
+use crate::common::TempDir;
 
 /// Runs `cb_apt_install PACKAGES` from script/lib.sh with an `apt-get` that simulates
 /// `simulated` and records every call it gets in `calls`.

@@ -1,19 +1,17 @@
 //! The queue and the workers against a real Postgres and the fake cloud: every job outcome
 //! and every refresh case, as a user of the API would see them.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::{count, exec, fast_settings, shared_store, text, TestApp, TestDb, Workers};
 use async_trait::async_trait;
 use cloudbrain::auth::Scope;
 use cloudbrain::config::WorkerSettings;
 use cloudbrain_provider::{
     CallLimits, CloudInstance, CloudState, InstanceSpec, Provider, ProviderError,
 };
-use common::{count, exec, fast_settings, shared_store, text, TestApp, TestDb, Workers};
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use serde_json::{json, Value};

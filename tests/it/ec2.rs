@@ -2,17 +2,15 @@
 //! on a free loopback port, and against a canned endpoint for errors moto cannot make.
 //! Nothing here reaches beyond loopback: the endpoint, credentials and region are fixed.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::{fast_settings, CloudBroker};
 use aws_sdk_ec2::types::{Filter, InstanceStateName};
 use base64::Engine;
 use cloudbrain_provider::{InstanceSpec, Provider, ProviderError};
 use cloudbrain_provider_ec2::{Ec2Config, Ec2Provider};
-use common::{fast_settings, CloudBroker};
 use serde_json::{json, Value};
 use uuid::Uuid;
 

@@ -1,14 +1,12 @@
 //! `cloudbrain http` as a separate process: where it listens, what it logs, how it stops.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::{TestApp, TestDb, KEY_HEX};
 use cloudbrain::auth::Scope;
-use common::{TestApp, TestDb, KEY_HEX};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -1,13 +1,11 @@
 //! `cloudbrain create-worker` as separate processes: killed mid-job, stopped with SIGTERM,
 //! woken by NOTIFY rather than a poll.
 
-mod common;
-
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::{count, shared_store, text, TestApp, TestDb, KEY_HEX};
 use cloudbrain::auth::Scope;
-use common::{count, shared_store, text, TestApp, TestDb, KEY_HEX};
 use serde_json::json;
 
 fn worker(db: &TestDb, lease: &str, poll: &str) -> Child {

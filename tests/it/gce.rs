@@ -2,15 +2,13 @@
 //! API on loopback, whose response shapes are checked against Google's discovery document
 //! and libcloud's recorded Compute responses.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 
+use crate::common::fake_compute::{FakeCompute, Inject};
+use crate::common::{fast_settings, CloudBroker};
 use cloudbrain_provider::{InstanceSpec, Provider, ProviderError};
 use cloudbrain_provider_gce::{GceConfig, GceProvider};
-use common::fake_compute::{FakeCompute, Inject};
-use common::{fast_settings, CloudBroker};
 use serde_json::{json, Value};
 use uuid::Uuid;
 

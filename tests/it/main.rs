@@ -1,0 +1,18 @@
+//! cloudbrain's integration tests: one binary, a module per area, and one harness
+//! (`common`) they share. Each test starts what it needs against the Postgres server at
+//! `TEST_DATABASE_URL` (`script/test` starts a throwaway one).
+
+mod common;
+
+mod auth;
+mod cli;
+mod e2e;
+mod ec2;
+mod gce;
+mod http_process;
+mod instances;
+mod outage;
+mod scripts;
+mod travis_worker;
+mod worker_process;
+mod workers;
