@@ -117,7 +117,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Http => run_role(config, Role::Http).await,
         Command::CreateWorker => run_role(config, Role::JobWorker).await,
         Command::RefreshWorker => run_role(config, Role::RefreshWorker).await,
-        Command::Dev => unreachable!("dev runs before the environment is read"),
+        // Handled above, before the environment is read.
+        Command::Dev => anyhow::bail!("dev cannot run with a configured environment"),
         Command::Migrate => {
             let applied = db::run_migrations(&config.database_url).await?;
             if applied.is_empty() {

@@ -53,7 +53,7 @@ impl TrustedProxies {
             };
             let addr: std::net::IpAddr = addr
                 .parse()
-                .map_err(|_| format!("{item:?} is not an address or network"))?;
+                .map_err(|_not_an_address| format!("{item:?} is not an address or network"))?;
             let max = if addr.is_ipv4() { 32 } else { 128 };
             let bits = match bits {
                 None => max,
@@ -172,7 +172,7 @@ impl Config {
         let addr = match (get("CLOUDBRAIN_ADDR"), get("PORT")) {
             (Some(addr), _) => parse_addr("CLOUDBRAIN_ADDR", &addr)?,
             (None, Some(port)) => {
-                let port: u16 = port.parse().map_err(|_| ConfigError::Invalid {
+                let port: u16 = port.parse().map_err(|_not_a_port| ConfigError::Invalid {
                     name: "PORT",
                     message: format!("{port:?} is not a port number"),
                 })?;
@@ -290,10 +290,11 @@ fn parse_addr(name: &'static str, addr: &str) -> Result<SocketAddr, ConfigError>
     } else {
         addr.to_owned()
     };
-    full.parse().map_err(|_| ConfigError::Invalid {
-        name,
-        message: format!("{addr:?} is not an address like 127.0.0.1:42191"),
-    })
+    full.parse()
+        .map_err(|_not_an_address| ConfigError::Invalid {
+            name,
+            message: format!("{addr:?} is not an address like 127.0.0.1:42191"),
+        })
 }
 
 fn parse_number(

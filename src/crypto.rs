@@ -34,7 +34,7 @@ impl SecretKey {
         }
         let mut key = [0u8; 32];
         hex::decode_to_slice(hex_key, &mut key)
-            .map_err(|_| "must contain only hex characters 0-9 and a-f".to_owned())?;
+            .map_err(|_not_hex| "must contain only hex characters 0-9 and a-f".to_owned())?;
         Ok(Self(key))
     }
 
@@ -61,7 +61,7 @@ impl SecretKey {
         let (nonce, boxed) = sealed.split_at(NONCE_LEN);
         XSalsa20Poly1305::new(Key::from_slice(&self.0))
             .decrypt(Nonce::from_slice(nonce), boxed)
-            .map_err(|_| OpenError)
+            .map_err(|_forged_or_wrong_key| OpenError)
     }
 }
 

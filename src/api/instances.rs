@@ -192,7 +192,7 @@ async fn read_body(
     };
     tokio::time::timeout(timeout, read)
         .await
-        .map_err(|_| ApiError::RequestTimeout(timeout.as_secs().max(1)))?
+        .map_err(|_elapsed| ApiError::RequestTimeout(timeout.as_secs().max(1)))?
 }
 
 /// A JSON value read with duplicate object keys refused: `{"image": "a", "image": "b"}`
@@ -327,7 +327,7 @@ pub async fn create_instance(
 ) -> Result<HttpResponse, ApiError> {
     let idempotency_key = match req.headers().get("Idempotency-Key") {
         None => None,
-        Some(value) => Some(value.to_str().map_err(|_| {
+        Some(value) => Some(value.to_str().map_err(|_not_ascii| {
             ApiError::invalid("Idempotency-Key", "Idempotency-Key must be printable ASCII")
         })?),
     };

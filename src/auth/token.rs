@@ -47,12 +47,12 @@ impl FromStr for Token {
         if id.is_empty() || id.len() > 10 || !id.bytes().all(|b| b.is_ascii_digit()) {
             return Err(MalformedToken);
         }
-        let id: i32 = id.parse().map_err(|_| MalformedToken)?;
+        let id: i32 = id.parse().map_err(|_not_a_number| MalformedToken)?;
         if id <= 0 || secret_hex.len() != SECRET_LEN * 2 {
             return Err(MalformedToken);
         }
         let mut secret = [0u8; SECRET_LEN];
-        hex::decode_to_slice(secret_hex, &mut secret).map_err(|_| MalformedToken)?;
+        hex::decode_to_slice(secret_hex, &mut secret).map_err(|_not_hex| MalformedToken)?;
         Ok(Self { id, secret })
     }
 }

@@ -200,7 +200,9 @@ impl TokenVerifier {
     /// counted before scrypt runs, so concurrent guesses from one address get at most
     /// [`MAX_FAILURES`] hashes, and at most [`ScryptLimits::concurrency`] hashes run at once.
     pub async fn verify(&self, presented: &str, address: IpAddr) -> Result<Caller, AuthError> {
-        let token: Token = presented.parse().map_err(|_| AuthError::Rejected)?;
+        let token: Token = presented
+            .parse()
+            .map_err(|_malformed| AuthError::Rejected)?;
         let key: [u8; 32] = Sha256::digest(token.to_string().as_bytes()).into();
 
         if let Some(caller) = self.cached(&key) {
@@ -223,10 +225,10 @@ impl TokenVerifier {
 
         let epoch = self.revocations.load(Ordering::Acquire);
         let row = {
-            let mut conn = self.pool.get().await.map_err(|_| AuthError::Unavailable)?;
+            let mut conn = self.pool.get().await.map_err(unavailable)?;
             store::find_token(&mut conn, token.id)
                 .await
-                .map_err(|_| AuthError::Unavailable)?
+                .map_err(unavailable)?
         };
         // Unknown and revoked ids are refused without scrypt: they cost an attacker a query.
         let Some(row) = row.filter(|r| r.revoked_at.is_none()) else {
@@ -303,7 +305,7 @@ impl TokenVerifier {
         let salt = row.token_salt.clone();
         let computed = tokio::task::spawn_blocking(move || hash_secret(&secret, &salt)).await;
         self.scrypt_now.fetch_sub(1, Ordering::AcqRel);
-        let computed = computed.map_err(|_| AuthError::Unavailable)?;
+        let computed = computed.map_err(unavailable)?;
         Ok(computed.ct_eq(row.token_hash.as_slice()).into())
     }
 
@@ -383,10 +385,10 @@ impl TokenVerifier {
     }
 
     async fn revoked_in_store(&self, id: i32) -> Result<bool, AuthError> {
-        let mut conn = self.pool.get().await.map_err(|_| AuthError::Unavailable)?;
+        let mut conn = self.pool.get().await.map_err(unavailable)?;
         let row = store::find_token(&mut conn, id)
             .await
-            .map_err(|_| AuthError::Unavailable)?;
+            .map_err(unavailable)?;
         Ok(row.is_none_or(|r| r.revoked_at.is_some()))
     }
 
@@ -451,4 +453,10 @@ impl TokenVerifier {
         })
         .await
     }
+}
+
+/// The token store could not answer: logged here, refused as unavailable (503).
+fn unavailable(error: impl std::fmt::Display) -> AuthError {
+    tracing::warn!(%error, "the token store is unavailable");
+    AuthError::Unavailable
 }

@@ -320,7 +320,7 @@ async fn replay(
 
 /// An unparseable id is simply not found: ids are not secret, but errors stay uniform.
 fn parse_id(id: &str) -> Result<Uuid, BrokerError> {
-    Uuid::parse_str(id).map_err(|_| BrokerError::NotFound)
+    Uuid::parse_str(id).map_err(|_not_a_uuid| BrokerError::NotFound)
 }
 
 /// The pattern of a cursor: the last instance's creation time in microseconds since 1970

@@ -54,6 +54,7 @@ impl State {
 ///
 /// Returns the updated row, or `None` when the instance does not exist or its state does
 /// not allow the move (a late or repeated change is a no-op, never a step backwards).
+#[tracing::instrument(level = "debug", skip(conn, reason, change), fields(instance.id = %id, to = to.as_str()))]
 pub async fn transition(
     conn: &mut AsyncPgConnection,
     id: Uuid,
@@ -98,7 +99,7 @@ pub async fn transition(
 /// Writes `decision` for instance `id` on the caller's connection (inside its
 /// transaction) and returns the row as it is now, or `None` when nothing was written (a
 /// decision with nothing to write, a row gone, or a state that no longer allows it).
-#[tracing::instrument(skip(conn, decision), fields(instance.id = %id))]
+#[tracing::instrument(level = "debug", skip(conn, decision), fields(instance.id = %id))]
 pub async fn apply(
     conn: &mut AsyncPgConnection,
     id: Uuid,

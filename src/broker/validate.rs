@@ -212,7 +212,7 @@ pub fn ssh_public_key(value: &str) -> Result<(), BrokerError> {
     }
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(blob)
-        .map_err(|_| invalid("the key is not valid base64"))?;
+        .map_err(|_not_base64| invalid("the key is not valid base64"))?;
     // The blob starts with the key type as an SSH string: u32 length, then the bytes.
     let named = decoded
         .get(..4)

@@ -95,7 +95,7 @@ impl LimitedProvider {
             .slots
             .acquire()
             .await
-            .map_err(|_| ProviderError::Transient("provider is shutting down".into()))?;
+            .map_err(|_closed| ProviderError::Transient("provider is shutting down".into()))?;
         self.rate.acquire().await;
         let started = Instant::now();
         let result = call.await;
@@ -113,18 +113,22 @@ impl LimitedProvider {
 
 #[async_trait]
 impl Provider for LimitedProvider {
+    #[tracing::instrument(level = "debug", skip(self, spec), fields(provider = %self.name, instance.id = %id))]
     async fn create(&self, id: Uuid, spec: &InstanceSpec) -> Result<CloudInstance, ProviderError> {
         self.call("create", self.inner.create(id, spec)).await
     }
 
+    #[tracing::instrument(level = "debug", skip(self), fields(provider = %self.name, instance.id = %id))]
     async fn get(&self, id: Uuid) -> Result<CloudInstance, ProviderError> {
         self.call("get", self.inner.get(id)).await
     }
 
+    #[tracing::instrument(level = "debug", skip(self), fields(provider = %self.name))]
     async fn list(&self) -> Result<Vec<CloudInstance>, ProviderError> {
         self.call("list", self.inner.list()).await
     }
 
+    #[tracing::instrument(level = "debug", skip(self), fields(provider = %self.name, instance.id = %id))]
     async fn destroy(&self, id: Uuid) -> Result<(), ProviderError> {
         self.call("destroy", self.inner.destroy(id)).await
     }

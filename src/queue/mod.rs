@@ -166,7 +166,7 @@ impl Queue {
     /// ownership, so no transaction or connection is held while the job runs. A job whose
     /// lease ran out (its worker died) is runnable again. Claiming counts an attempt, so a
     /// job that kills its workers still runs out of attempts.
-    #[tracing::instrument(skip(self), fields(claimed))]
+    #[tracing::instrument(level = "debug", skip(self, kinds), fields(claimed))]
     pub async fn claim(
         &self,
         worker: &str,

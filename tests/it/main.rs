@@ -2,6 +2,9 @@
 //! (`common`) they share. Each test starts what it needs against the Postgres server at
 //! `TEST_DATABASE_URL` (`script/test` starts a throwaway one).
 
+// A test that cannot go on should stop where it is, loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::unreachable)]
+
 mod common;
 
 mod auth;
