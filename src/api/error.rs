@@ -2,14 +2,12 @@
 
 use std::time::Duration;
 
+use super::wire::ErrorBody;
+use crate::auth::AuthError;
+use crate::broker::BrokerError;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
-use serde::Serialize;
-
-use super::instances::InstanceBody;
-use crate::auth::AuthError;
-use crate::broker::BrokerError;
 
 /// Seconds a client is told to wait after a 503: long enough for a pool to reconnect.
 pub const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 2;
@@ -32,9 +30,6 @@ pub enum ApiError {
     /// The body did not arrive in time (408).
     #[error("the request body did not arrive within {0} s")]
     RequestTimeout(u64),
-    /// The instance is terminated; the body is the instance (410).
-    #[error("instance is terminated")]
-    Gone(Box<InstanceBody>),
     /// The body is over the limit (413).
     #[error("request body must be at most {0} bytes")]
     PayloadTooLarge(usize),
@@ -73,18 +68,6 @@ pub enum ApiError {
     Internal,
 }
 
-/// Cloud Brain's error envelope, with a machine-readable code beside it.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ErrorBody {
-    /// Human-readable messages (Cloud Brain's field).
-    pub errors: Vec<String>,
-    /// A stable machine-readable code, e.g. `validation_failed`.
-    pub code: &'static str,
-    /// The request field at fault, for validation errors.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub field: Option<&'static str>,
-}
-
 impl ApiError {
     fn code(&self) -> &'static str {
         match self {
@@ -94,7 +77,6 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
-            ApiError::Gone(_) => "gone",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::Conflict { .. } => "conflict",
             ApiError::Unprocessable { .. } => "validation_failed",
@@ -122,7 +104,6 @@ impl ResponseError for ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Gone(_) => StatusCode::GONE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
@@ -135,7 +116,6 @@ impl ResponseError for ApiError {
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
         match self {
-            ApiError::Gone(instance) => return response.json(instance),
             ApiError::Unauthorized => {
                 response.insert_header((
                     header::WWW_AUTHENTICATE,
@@ -182,7 +162,6 @@ impl From<BrokerError> for ApiError {
                 message: err.to_string(),
             },
             BrokerError::NotFound => ApiError::NotFound("instance not found".to_owned()),
-            BrokerError::Gone(instance) => ApiError::Gone(Box::new(InstanceBody::from(*instance))),
             BrokerError::Unavailable => {
                 ApiError::Unavailable("database unavailable, try again shortly".to_owned())
             }

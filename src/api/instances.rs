@@ -2,146 +2,30 @@
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
-use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
-use uuid::Uuid;
+use serde::Deserialize;
 
-use super::error::{ApiError, ErrorBody};
+use super::error::ApiError;
+use super::wire::{
+    CreateInstanceBody, ErrorBody, EventBody, EventList, InstanceBody, InstanceList, ListParams,
+};
 use super::AppState;
 use crate::auth::Caller;
+use crate::broker::model::Instance;
 use crate::broker::{CreateInstance, InstanceFilter, State};
-use crate::db::models::{Instance, InstanceEvent};
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// An instance as clients see it: Cloud Brain's fields, plus type and timestamps.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct InstanceBody {
-    /// The instance id.
-    pub id: Uuid,
-    /// The provider config's name.
-    pub provider: String,
-    /// The image it boots.
-    pub image: String,
-    /// The instance type.
-    pub instance_type: String,
-    /// Its address, once the cloud gives one.
-    pub ip_address: Option<String>,
-    /// The cloud's id of the machine.
-    pub upstream_id: Option<String>,
-    /// Why it is `errored`.
-    pub error_reason: Option<String>,
-    /// Where it is in its life.
-    pub state: State,
-    /// When it was asked for.
-    pub created_at: DateTime<Utc>,
-    /// When it last changed.
-    pub updated_at: DateTime<Utc>,
-    /// Its machine's ECS container instance, for providers whose machines join a cluster.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ecs: Option<EcsBody>,
-}
-
-/// How an instance's machine stands in its ECS cluster.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct EcsBody {
-    /// The cluster's name.
-    pub cluster: String,
-    /// The container instance ARN, once registered.
-    pub container_instance_arn: Option<String>,
-    /// ECS's status of it (`ACTIVE`, `DRAINING`, …), once registered.
-    pub status: Option<String>,
-    /// Whether the ECS agent is connected.
-    pub agent_connected: bool,
-}
-
-impl From<Instance> for InstanceBody {
-    fn from(i: Instance) -> Self {
-        Self {
-            id: i.id,
-            // A row's state is checked by the database; `errored` is the honest fallback.
-            state: i.state,
-            provider: i.provider_name,
-            image: i.image,
-            instance_type: i.instance_type,
-            ip_address: i.ip_address,
-            upstream_id: i.upstream_id,
-            error_reason: i.error_reason,
-            created_at: i.created_at,
-            updated_at: i.updated_at,
-            ecs: i.ecs.and_then(|v| serde_json::from_value(v).ok()),
-        }
-    }
-}
-
-/// A request for a machine. Fields other than these are ignored.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct CreateInstanceBody {
-    /// The provider config's name (see `GET /providers`).
-    pub provider: String,
-    /// The image to boot (at most 255 characters, no control characters).
-    pub image: String,
-    /// One of the provider's instance types; absent, empty or `default` means the
-    /// provider's default type.
-    pub instance_type: Option<String>,
-    /// One OpenSSH public key line to authorise on the machine; absent or empty means none.
-    pub public_ssh_key: Option<String>,
-}
-
-/// One page of instances.
-#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct InstanceList {
-    /// Newest first.
-    pub instances: Vec<InstanceBody>,
-    /// Pass as `cursor` for the next page; null on the last page.
-    pub next_cursor: Option<String>,
-}
-
-/// One change of state.
-#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct EventBody {
-    /// The state left; null for the first.
-    pub from_state: Option<State>,
-    /// The state entered.
-    pub to_state: State,
-    /// Why, when there is more to say.
-    pub reason: Option<String>,
-    /// When.
-    pub at: DateTime<Utc>,
-}
-
-/// An instance's timeline.
-#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct EventList {
-    /// Oldest first.
-    pub events: Vec<EventBody>,
-}
-
-impl From<InstanceEvent> for EventBody {
-    fn from(e: InstanceEvent) -> Self {
-        Self {
-            from_state: e.from_state,
-            to_state: e.to_state,
-            reason: e.reason,
-            at: e.at,
-        }
-    }
-}
-
-/// Query of `GET /instances`.
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct ListParams {
-    /// Only instances in this state.
-    pub state: Option<String>,
-    /// Only instances on this provider.
-    pub provider: Option<String>,
-    /// Page size, 1 to 1000 (default 100).
-    pub limit: Option<String>,
-    /// `next_cursor` of the previous page.
-    pub cursor: Option<String>,
+/// An instance as the answer to a request about it: 200, or 410 once it is terminated
+/// (Cloud Brain's answer), the body the instance either way.
+fn answer(instance: Instance) -> HttpResponse {
+    let status = if instance.state == State::Terminated {
+        actix_web::http::StatusCode::GONE
+    } else {
+        actix_web::http::StatusCode::OK
+    };
+    HttpResponse::build(status).json(InstanceBody::from(instance))
 }
 
 /// Refuses a body that says it is not JSON. No Content-Type at all is JSON: Travis CI's
@@ -364,7 +248,7 @@ pub async fn get_instance(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let instance = state.broker.get_instance(caller, &id).await?;
-    Ok(HttpResponse::Ok().json(InstanceBody::from(instance)))
+    Ok(answer(instance))
 }
 
 /// Gives an instance back: it moves to `terminating` and its machine is destroyed.
@@ -386,7 +270,7 @@ pub async fn delete_instance(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let instance = state.broker.delete_instance(caller, &id).await?;
-    Ok(HttpResponse::Ok().json(InstanceBody::from(instance)))
+    Ok(answer(instance))
 }
 
 /// Lists the caller's instances (every instance, for an admin token), newest first.

@@ -3,7 +3,8 @@
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
 
-use super::error::{ApiError, ErrorBody};
+use super::error::ApiError;
+use super::wire::ErrorBody;
 use super::AppState;
 use crate::auth::Caller;
 use crate::broker::providers::ProviderSummary;

@@ -7,6 +7,7 @@ pub mod error;
 pub mod instances;
 pub mod meta;
 pub mod openapi;
+pub mod wire;
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -57,7 +58,7 @@ pub struct AppState {
         meta::openapi,
         meta::metrics,
     ),
-    components(schemas(error::ErrorBody)),
+    components(schemas(wire::ErrorBody)),
     modifiers(&Security)
 )]
 pub struct ApiDoc;

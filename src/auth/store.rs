@@ -8,8 +8,43 @@ use serde::Serialize;
 
 use super::token::{generate_secret, Token};
 use super::Scope;
-use crate::db::models::{AuthToken, NewAuthToken};
 use crate::db::schema::auth_tokens;
+
+/// A row of `auth_tokens`.
+#[derive(Debug, Clone, Queryable, Selectable, Identifiable)]
+#[diesel(table_name = auth_tokens, check_for_backend(diesel::pg::Pg))]
+pub struct AuthToken {
+    /// The `<id>` part of a token.
+    pub id: i32,
+    /// What the operator said the token is for.
+    pub description: String,
+    /// The 32-byte scrypt salt.
+    pub token_salt: Vec<u8>,
+    /// scrypt of the 16 secret bytes.
+    pub token_hash: Vec<u8>,
+    /// What the token may do.
+    pub scope: super::Scope,
+    /// When the token was made.
+    pub created_at: DateTime<Utc>,
+    /// When the token last authenticated a request (to the minute).
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// When the token was revoked, if it was.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A new row of `auth_tokens`.
+#[derive(Debug, Insertable)]
+#[diesel(table_name = auth_tokens)]
+pub struct NewAuthToken<'a> {
+    /// What the operator said the token is for.
+    pub description: &'a str,
+    /// The 32-byte scrypt salt.
+    pub token_salt: &'a [u8],
+    /// scrypt of the 16 secret bytes.
+    pub token_hash: &'a [u8],
+    /// What the token may do.
+    pub scope: super::Scope,
+}
 
 /// The channel on which a revocation is announced to every `http` process.
 pub const REVOKED_CHANNEL: &str = "cloudbrain_token_revoked";

@@ -255,7 +255,7 @@ impl TokenVerifier {
     async fn verify_in_turn(
         &self,
         token: &Token,
-        row: &crate::db::models::AuthToken,
+        row: &store::AuthToken,
         key: &[u8; 32],
         epoch: u64,
     ) -> Result<Caller, AuthError> {
@@ -284,11 +284,7 @@ impl TokenVerifier {
     }
 
     /// Runs scrypt in one of the bounded slots, waiting at most the configured time for one.
-    async fn hash_matches(
-        &self,
-        token: &Token,
-        row: &crate::db::models::AuthToken,
-    ) -> Result<bool, AuthError> {
+    async fn hash_matches(&self, token: &Token, row: &store::AuthToken) -> Result<bool, AuthError> {
         let Ok(Ok(_permit)) =
             tokio::time::timeout(self.scrypt_wait, self.scrypt_slots.acquire()).await
         else {

@@ -7,9 +7,9 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::lifecycle::Decision;
+use super::model::Instance;
 use super::state::{apply, State};
 use super::{Broker, BrokerError};
-use crate::db::models::Instance;
 use crate::db::schema::instances;
 use crate::queue::{self, Lease};
 

@@ -6,11 +6,11 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::lifecycle::{self, Decision};
+use super::model::{Instance, InstanceEvent, NewInstance};
 use super::providers::find_offer;
 use super::state::{apply, record_event, State};
 use super::{validate, Broker, BrokerError};
 use crate::auth::{Caller, Scope};
-use crate::db::models::{Instance, InstanceEvent, NewInstance};
 use crate::db::schema::{instance_events, instances};
 use crate::queue::{self, JobKind};
 use cloudbrain_provider::DEFAULT_TYPE_ALIAS;
@@ -182,13 +182,10 @@ impl Broker {
         Ok(created)
     }
 
-    /// Reads one instance the caller may see; a terminated one is [`BrokerError::Gone`].
+    /// Reads one instance the caller may see, terminated ones too.
     pub async fn get_instance(&self, caller: Caller, id: &str) -> Result<Instance, BrokerError> {
         let mut conn = self.conn().await?;
         let instance = find_visible(&mut conn, caller, id, false).await?;
-        if instance.state == State::Terminated {
-            return Err(BrokerError::Gone(Box::new(instance)));
-        }
         Ok(instance)
     }
 
@@ -201,8 +198,8 @@ impl Broker {
             let id = instance.id;
             let decision = lifecycle::delete(instance.state, caller.token_id);
             match decision {
-                Decision::Gone => return Err(BrokerError::Gone(Box::new(instance))),
-                Decision::Keep => return Ok(instance),
+                // Already terminated, or terminating: asking again changes nothing.
+                Decision::Gone | Decision::Keep => return Ok(instance),
                 _ => {}
             }
             let updated = apply(conn, id, &decision).await?.ok_or_else(|| {

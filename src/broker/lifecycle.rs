@@ -10,8 +10,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use cloudbrain_provider::{CloudInstance, CloudState};
 
+use super::model::Instance;
 use super::state::State;
-use crate::db::models::Instance;
 
 /// What the cloud says of one machine, as it is written to its instance row.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,6 +5,7 @@
 mod for_workers;
 pub mod instances;
 pub mod lifecycle;
+pub mod model;
 pub mod providers;
 pub mod state;
 pub mod validate;
@@ -13,7 +14,6 @@ pub use instances::{CreateInstance, InstanceFilter, InstancePage};
 pub use state::State;
 
 use crate::crypto::SecretKey;
-use crate::db::models::Instance;
 use crate::db::{Pool, PooledConnection};
 
 /// Why the broker refused or could not carry out a request.
@@ -33,9 +33,6 @@ pub enum BrokerError {
     /// No such instance, or not one the caller may see.
     #[error("instance not found")]
     NotFound,
-    /// The instance is terminated.
-    #[error("instance is terminated")]
-    Gone(Box<Instance>),
     /// The database cannot be reached.
     #[error("database unavailable")]
     Unavailable,

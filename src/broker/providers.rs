@@ -5,9 +5,9 @@ use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde::Serialize;
 
+use super::model::{NewProvider, ProviderRow};
 use super::{Broker, BrokerError};
 use crate::crypto::SecretKey;
-use crate::db::models::{NewProvider, ProviderRow};
 use crate::db::schema::providers;
 use crate::providers::{catalog, StoredProvider};
 use cloudbrain_provider::Offer;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::lifecycle::{Decision, Seen};
-use crate::db::models::{Instance, InstanceChange, NewInstanceEvent};
+use super::model::{Instance, InstanceChange, NewInstanceEvent};
 use crate::db::schema::{instance_events, instances};
 use crate::queue::{self, JobKind};
 

@@ -2,7 +2,6 @@
 
 pub mod listen;
 pub mod locks;
-pub mod models;
 pub mod schema;
 
 use anyhow::Context;

@@ -20,9 +20,18 @@ use diesel::sql_types::Text;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
-use crate::db::models::NewJob;
 use crate::db::schema::jobs;
 use crate::db::{Pool, PooledConnection};
+
+/// A new row of `jobs`.
+#[derive(Debug, Insertable)]
+#[diesel(table_name = jobs)]
+struct NewJob {
+    /// What it does.
+    kind: JobKind,
+    /// The instance the job works on.
+    instance_id: Uuid,
+}
 
 /// The channel workers LISTEN on; Postgres delivers the NOTIFY only if the enqueue commits.
 pub const JOBS_CHANNEL: &str = "cloudbrain_jobs";

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use chrono::Utc;
 use cloudbrain_provider::{InstanceSpec, Provider, ProviderError};
 
+use crate::broker::model::Instance;
 use crate::broker::{lifecycle, Broker, BrokerError};
-use crate::db::models::Instance;
 use crate::metrics::Metrics;
 use crate::providers::{LimitedProvider, Registry};
 use crate::queue::{Handler, JobError, JobKind, Lease, Queue};

@@ -1,46 +1,12 @@
-//! Rows of the broker's tables, as diesel reads and writes them.
+//! The broker's rows: instances, their events and provider configs, as diesel reads and
+//! writes them. These are the domain's own types; the API answers with them.
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use uuid::Uuid;
 
-use super::schema::{auth_tokens, instance_events, instances, jobs, providers};
-
-/// A row of `auth_tokens`.
-#[derive(Debug, Clone, Queryable, Selectable, Identifiable)]
-#[diesel(table_name = auth_tokens, check_for_backend(diesel::pg::Pg))]
-pub struct AuthToken {
-    /// The `<id>` part of a token.
-    pub id: i32,
-    /// What the operator said the token is for.
-    pub description: String,
-    /// The 32-byte scrypt salt.
-    pub token_salt: Vec<u8>,
-    /// scrypt of the 16 secret bytes.
-    pub token_hash: Vec<u8>,
-    /// What the token may do.
-    pub scope: crate::auth::Scope,
-    /// When the token was made.
-    pub created_at: DateTime<Utc>,
-    /// When the token last authenticated a request (to the minute).
-    pub last_used_at: Option<DateTime<Utc>>,
-    /// When the token was revoked, if it was.
-    pub revoked_at: Option<DateTime<Utc>>,
-}
-
-/// A new row of `auth_tokens`.
-#[derive(Debug, Insertable)]
-#[diesel(table_name = auth_tokens)]
-pub struct NewAuthToken<'a> {
-    /// What the operator said the token is for.
-    pub description: &'a str,
-    /// The 32-byte scrypt salt.
-    pub token_salt: &'a [u8],
-    /// scrypt of the 16 secret bytes.
-    pub token_hash: &'a [u8],
-    /// What the token may do.
-    pub scope: crate::auth::Scope,
-}
+use super::State;
+use crate::db::schema::{instance_events, instances, providers};
 
 /// A row of `providers`.
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -93,7 +59,7 @@ pub struct Instance {
     /// The OpenSSH public key to authorise on it.
     pub public_ssh_key: Option<String>,
     /// Where it is in its life.
-    pub state: crate::broker::State,
+    pub state: State,
     /// Its address, once the cloud gives one.
     pub ip_address: Option<String>,
     /// The cloud's id of the machine.
@@ -129,7 +95,7 @@ pub struct NewInstance<'a> {
     /// The OpenSSH public key to authorise on it.
     pub public_ssh_key: Option<&'a str>,
     /// Its first state.
-    pub state: crate::broker::State,
+    pub state: State,
     /// The client's `Idempotency-Key`, if it sent one.
     pub idempotency_key: Option<&'a str>,
 }
@@ -157,9 +123,9 @@ pub struct InstanceEvent {
     /// The instance that changed.
     pub instance_id: Uuid,
     /// The state it left (none for its first state).
-    pub from_state: Option<crate::broker::State>,
+    pub from_state: Option<State>,
     /// The state it entered.
-    pub to_state: crate::broker::State,
+    pub to_state: State,
     /// Why, when there is more to say than the states.
     pub reason: Option<String>,
     /// When.
@@ -173,45 +139,9 @@ pub struct NewInstanceEvent<'a> {
     /// The instance that changed.
     pub instance_id: Uuid,
     /// The state it left.
-    pub from_state: Option<crate::broker::State>,
+    pub from_state: Option<State>,
     /// The state it entered.
-    pub to_state: crate::broker::State,
+    pub to_state: State,
     /// Why.
     pub reason: Option<&'a str>,
-}
-
-/// A row of `jobs`.
-#[derive(Debug, Clone, Queryable, Selectable)]
-#[diesel(table_name = jobs, check_for_backend(diesel::pg::Pg))]
-pub struct Job {
-    /// Row id.
-    pub id: i64,
-    /// What it does.
-    pub kind: crate::queue::JobKind,
-    /// The instance the job works on.
-    pub instance_id: Uuid,
-    /// Where it is.
-    pub status: crate::queue::JobStatus,
-    /// How many times a worker has tried it.
-    pub attempts: i32,
-    /// Not before this time.
-    pub run_at: DateTime<Utc>,
-    /// The worker holding its lease.
-    pub locked_by: Option<String>,
-    /// When that lease runs out.
-    pub locked_until: Option<DateTime<Utc>>,
-    /// What went wrong last time.
-    pub last_error: Option<String>,
-    /// When it was enqueued.
-    pub created_at: DateTime<Utc>,
-}
-
-/// A new row of `jobs`.
-#[derive(Debug, Insertable)]
-#[diesel(table_name = jobs)]
-pub struct NewJob {
-    /// What it does.
-    pub kind: crate::queue::JobKind,
-    /// The instance the job works on.
-    pub instance_id: Uuid,
 }
