@@ -64,7 +64,11 @@ impl From<Instance> for InstanceBody {
             error_reason: i.error_reason,
             created_at: i.created_at,
             updated_at: i.updated_at,
-            ecs: i.ecs.and_then(|v| serde_json::from_value(v).ok()),
+            ecs: i
+                .details
+                .as_ref()
+                .and_then(|d| d.get("ecs"))
+                .and_then(|v| serde_json::from_value(v.clone()).ok()),
         }
     }
 }

@@ -20,8 +20,8 @@ pub struct Seen {
     pub upstream_id: String,
     /// Its address, once it has one.
     pub ip_address: Option<String>,
-    /// What the provider says beyond the state (an ECS membership, say), as JSON.
-    pub ecs: Option<serde_json::Value>,
+    /// What the provider says beyond the contract, by name (an ECS membership, say).
+    pub details: Option<serde_json::Value>,
 }
 
 impl Seen {
@@ -30,10 +30,8 @@ impl Seen {
         Self {
             upstream_id: machine.upstream_id.clone(),
             ip_address: machine.ip_address.clone(),
-            ecs: machine
-                .ecs
-                .as_ref()
-                .and_then(|m| serde_json::to_value(m).ok()),
+            details: (!machine.details.is_empty())
+                .then(|| serde_json::Value::Object(machine.details.clone().into_iter().collect())),
         }
     }
 
@@ -41,7 +39,7 @@ impl Seen {
     fn news_for(&self, row: &Instance) -> bool {
         row.upstream_id.as_deref() != Some(self.upstream_id.as_str())
             || (self.ip_address.is_some() && row.ip_address != self.ip_address)
-            || (self.ecs.is_some() && row.ecs != self.ecs)
+            || (self.details.is_some() && row.details != self.details)
     }
 }
 
@@ -248,7 +246,7 @@ mod tests {
             created_at: at(0),
             updated_at: at(1),
             terminated_at: None,
-            ecs: None,
+            details: None,
         }
     }
 
@@ -259,7 +257,7 @@ mod tests {
             state,
             ip_address: Some("10.0.0.1".into()),
             launched_at: None,
-            ecs: None,
+            details: Default::default(),
         }
     }
 

@@ -74,8 +74,8 @@ pub struct Instance {
     pub updated_at: DateTime<Utc>,
     /// When it reached `terminated`.
     pub terminated_at: Option<DateTime<Utc>>,
-    /// What ECS says of its machine, when its provider joins a cluster.
-    pub ecs: Option<serde_json::Value>,
+    /// What its provider says of the machine beyond the contract, by name (`ecs`, …).
+    pub details: Option<serde_json::Value>,
 }
 
 /// A new row of `instances`.
@@ -110,8 +110,8 @@ pub struct InstanceChange<'a> {
     pub ip_address: Option<&'a str>,
     /// Why the instance errored.
     pub error_reason: Option<&'a str>,
-    /// What ECS newly says of its machine.
-    pub ecs: Option<&'a serde_json::Value>,
+    /// What its provider newly says of the machine, by name.
+    pub details: Option<&'a serde_json::Value>,
 }
 
 /// A row of `instance_events`.

@@ -170,7 +170,7 @@ fn seen_change(seen: &Seen) -> InstanceChange<'_> {
         upstream_id: Some(&seen.upstream_id),
         ip_address: seen.ip_address.as_deref(),
         error_reason: None,
-        ecs: seen.ecs.as_ref(),
+        details: seen.details.as_ref(),
     }
 }
 

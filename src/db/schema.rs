@@ -40,7 +40,7 @@ diesel::table! {
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
         terminated_at -> Nullable<Timestamptz>,
-        ecs -> Nullable<Jsonb>,
+        details -> Nullable<Jsonb>,
     }
 }
 

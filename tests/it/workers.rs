@@ -397,7 +397,7 @@ fn running(id: Uuid) -> CloudInstance {
         state: CloudState::Running,
         ip_address: None,
         launched_at: None,
-        ecs: None,
+        details: Default::default(),
     }
 }
 

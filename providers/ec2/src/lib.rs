@@ -23,7 +23,7 @@ use aws_sdk_ec2::types::{
 use aws_sdk_ecs::types::ContainerInstanceStatus;
 use base64::Engine;
 use cloudbrain_provider::{
-    CloudInstance, CloudState, ConfigError, EcsMembership, Factory, InstanceSpec, Offer, Provider,
+    CloudInstance, CloudState, ConfigError, Details, Factory, InstanceSpec, Offer, Provider,
     ProviderError, TtlCache,
 };
 use uuid::Uuid;
@@ -42,6 +42,19 @@ const PAGE_SIZE: i32 = 100;
 /// Machine states `list` and `get` report; terminated machines linger in EC2 for an hour
 /// and are nobody's to manage.
 const LIVE_STATES: [&str; 5] = ["pending", "running", "shutting-down", "stopping", "stopped"];
+
+/// How a machine stands in the ECS cluster it was told to join: its `ecs` detail.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EcsMembership {
+    /// The cluster's name.
+    pub cluster: String,
+    /// Its container instance ARN, once the ECS agent registered it.
+    pub container_instance_arn: Option<String>,
+    /// ECS's status of the container instance (`ACTIVE`, `DRAINING`, …), once registered.
+    pub status: Option<String>,
+    /// Whether the ECS agent is connected.
+    pub agent_connected: bool,
+}
 
 /// EC2 as the broker's catalog knows it: kind `ec2`.
 pub struct Ec2Factory;
@@ -312,7 +325,10 @@ impl Ec2Provider {
             launched_at: machine
                 .launch_time()
                 .and_then(|t| SystemTime::try_from(*t).ok()),
-            ecs,
+            details: ecs
+                .and_then(|m| serde_json::to_value(m).ok())
+                .map(|m| Details::from([("ecs".to_owned(), m)]))
+                .unwrap_or_default(),
         })
     }
 

@@ -213,7 +213,7 @@ impl Machine {
             },
             ip_address: Some(self.ip_address.clone()),
             launched_at: Some(self.created_at),
-            ecs: None,
+            details: Default::default(),
         }
     }
 }

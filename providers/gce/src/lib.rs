@@ -359,7 +359,7 @@ impl GceProvider {
                 .as_deref()
                 .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
                 .map(SystemTime::from),
-            ecs: None,
+            details: Default::default(),
         })
     }
 

@@ -116,22 +116,14 @@ pub struct CloudInstance {
     pub ip_address: Option<String>,
     /// When the cloud says the machine was launched, if it says.
     pub launched_at: Option<SystemTime>,
-    /// The machine's membership of an ECS cluster, for providers that join one.
-    pub ecs: Option<EcsMembership>,
+    /// What the provider says of the machine beyond this contract, by name (the EC2
+    /// provider's `ecs`: its membership of an ECS cluster). The broker keeps it with the
+    /// instance; the API shows the names it knows.
+    pub details: Details,
 }
 
-/// How a machine stands in the ECS cluster it was told to join.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EcsMembership {
-    /// The cluster's name.
-    pub cluster: String,
-    /// Its container instance ARN, once the ECS agent registered it.
-    pub container_instance_arn: Option<String>,
-    /// ECS's status of the container instance (`ACTIVE`, `DRAINING`, …), once registered.
-    pub status: Option<String>,
-    /// Whether the ECS agent is connected.
-    pub agent_connected: bool,
-}
+/// A provider's details of a machine, by name.
+pub type Details = std::collections::BTreeMap<String, serde_json::Value>;
 
 /// Why a provider call failed; the kind decides what the broker does next.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
