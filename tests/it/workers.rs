@@ -26,6 +26,7 @@ struct Setup {
 
 async fn setup(fake: Value, settings: WorkerSettings) -> Setup {
     let db = TestDb::new().await;
+    db.jobs_must_settle();
     let app = TestApp::spawn(&db).await;
     app.provider("fake", shared_store(fake, &db.url)).await;
     let token = app.token(Scope::Client).await;
@@ -299,6 +300,7 @@ async fn an_invalid_request_errors_the_instance_at_once() {
         fast_settings(),
     )
     .await;
+    s.db.ends_with_jobs(&["create dead"]);
     let id = s.create("no-such-image").await;
     s.workers.run_pending_jobs().await;
     s.assert_errored(&id, "no-such-image").await;
@@ -309,6 +311,7 @@ async fn an_invalid_request_errors_the_instance_at_once() {
 #[tokio::test]
 async fn transient_errors_retry_with_backoff_until_the_last_attempt() {
     let s = setup(json!({"transient_error_rate": 1.0}), fast_settings()).await;
+    s.db.ends_with_jobs(&["create dead"]);
     let id = s.create("ubuntu").await;
     for _ in 0..100 {
         s.workers.run_pending_jobs().await;
@@ -337,6 +340,7 @@ async fn throttling_waits_as_long_as_the_cloud_asks() {
         fast_settings(),
     )
     .await;
+    s.db.ends_with_jobs(&["create queued"]);
     let id = s.create("ubuntu").await;
     assert_eq!(
         s.workers.run_pending_jobs().await,
@@ -360,6 +364,7 @@ async fn capacity_errors_are_retried_not_fatal() {
         },
     )
     .await;
+    s.db.ends_with_jobs(&["create queued"]);
     let id = s.create("ubuntu").await;
     s.workers.run_pending_jobs().await;
     let (status, error, attempts) = s.job(&id).await;
@@ -532,6 +537,7 @@ async fn metrics_report_instances_jobs_provider_calls_and_auth() {
         fast_settings(),
     )
     .await;
+    s.db.ends_with_jobs(&["create dead"]);
     s.create("ubuntu").await;
     s.create("bad").await;
     let text = s

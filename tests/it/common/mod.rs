@@ -97,14 +97,34 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// With `TEST_LOG=1`, a test prints what cloudbrain logs (`RUST_LOG` filters it;
+/// default `info`).
+fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    if std::env::var_os("TEST_LOG").is_none() {
+        return;
+    }
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
 /// A database of its own for one test, dropped when the test ends.
 pub struct TestDb {
     pub url: String,
     name: String,
+    /// The jobs (`kind status`) the test must end with; `None`: not checked.
+    jobs_at_end: std::sync::Mutex<Option<Vec<String>>>,
 }
 
 impl TestDb {
     pub async fn new() -> Self {
+        init_logs();
         let admin = admin_url();
         let mut conn = AsyncPgConnection::establish(&admin)
             .await
@@ -149,7 +169,20 @@ impl TestDb {
         Self {
             url: url_for(&admin, &name),
             name,
+            jobs_at_end: Default::default(),
         }
+    }
+
+    /// The test fails if it ends with any job queued or dead.
+    pub fn jobs_must_settle(&self) {
+        self.ends_with_jobs(&[]);
+    }
+
+    /// The test fails unless it ends with exactly these jobs (`"create dead"`, …).
+    pub fn ends_with_jobs(&self, jobs: &[&str]) {
+        let mut jobs: Vec<String> = jobs.iter().map(|j| j.to_string()).collect();
+        jobs.sort();
+        *self.jobs_at_end.lock().unwrap() = Some(jobs);
     }
 
     pub async fn conn(&self) -> AsyncPgConnection {
@@ -160,22 +193,60 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();
+        let url = self.url.clone();
+        let expected = self
+            .jobs_at_end
+            .lock()
+            .unwrap()
+            .clone()
+            .filter(|_| !std::thread::panicking());
+        let check = expected.is_some();
         // Drop runs outside any async context we can borrow: use a runtime of its own.
-        let _ = std::thread::spawn(move || {
+        let left = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(async {
+                let mut left = Vec::new();
+                if check {
+                    if let Ok(mut conn) = AsyncPgConnection::establish(&url).await {
+                        #[derive(diesel::QueryableByName)]
+                        struct Left {
+                            #[diesel(sql_type = diesel::sql_types::Text)]
+                            job: String,
+                            #[diesel(sql_type = diesel::sql_types::Text)]
+                            detail: String,
+                        }
+                        let jobs: Vec<Left> = diesel::sql_query(
+                            "SELECT kind || ' ' || status AS job, 'attempts ' || attempts || \
+                             ': ' || coalesce(last_error, '-') AS detail FROM jobs ORDER BY 1",
+                        )
+                        .load(&mut conn)
+                        .await
+                        .unwrap_or_default();
+                        left.extend(jobs.into_iter().map(|j| (j.job, j.detail)));
+                    }
+                }
                 if let Ok(mut conn) = AsyncPgConnection::establish(&admin_url()).await {
                     let _ =
                         diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                             .execute(&mut conn)
                             .await;
                 }
-            });
+                left
+            })
         })
-        .join();
+        .join()
+        .unwrap_or_default();
+        if let Some(expected) = expected {
+            let jobs: Vec<&String> = left.iter().map(|(job, _)| job).collect();
+            assert_eq!(
+                jobs,
+                expected.iter().collect::<Vec<_>>(),
+                "the jobs left when the test ended: {left:?}"
+            );
+        }
     }
 }
 
@@ -192,6 +263,23 @@ pub async fn count(conn: &mut AsyncPgConnection, sql: &str) -> i64 {
         .await
         .unwrap()
         .n
+}
+
+/// What a user sees of one exchange, for a snapshot: what was asked, the status line and
+/// the body (pretty JSON when it is JSON).
+pub async fn exchange(asked: &str, request: reqwest::RequestBuilder) -> String {
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    let body = match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(json) => serde_json::to_string_pretty(&json).unwrap(),
+        Err(_) => text,
+    };
+    format!(
+        "> {asked}\n< {} {}\n{body}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or_default()
+    )
 }
 
 /// The API served on a loopback port against a test database.
@@ -461,6 +549,7 @@ impl CloudBroker {
         settings: cloudbrain::config::WorkerSettings,
     ) -> Self {
         let db = TestDb::new().await;
+        db.jobs_must_settle();
         let app = TestApp::spawn(&db).await;
         app.provider_of(kind, name, config).await;
         let token = app.token(Scope::Client).await;
