@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{fast_settings, CloudBroker};
+use crate::common::{fast_settings, machine_ids, CloudBroker, ED25519};
 use aws_sdk_ec2::types::{Filter, InstanceStateName};
 use base64::Engine;
 use cloudbrain_provider::{InstanceSpec, Provider, ProviderError};
@@ -14,16 +14,13 @@ use cloudbrain_provider_ec2::{Ec2Config, Ec2Provider};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-const ED25519: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ci@example";
-
-struct Moto {
+pub(crate) struct Moto {
     child: Child,
     url: String,
 }
 
 impl Moto {
-    fn start(env: &[(&str, &str)]) -> Self {
+    pub(crate) fn start(env: &[(&str, &str)]) -> Self {
         // SAFETY of the environment: tests set only this variable, to the same value.
         std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
         let program = std::env::var("MOTO_SERVER")
@@ -68,7 +65,7 @@ impl Moto {
     }
 
     /// A provider config pointing at this server, with a fresh subnet.
-    async fn config(&self, extra: Value) -> Value {
+    pub(crate) async fn config(&self, extra: Value) -> Value {
         let (ec2, _) = self.clients().await;
         let vpc = ec2
             .create_vpc()
@@ -228,36 +225,9 @@ async fn an_ec2_instance_goes_from_request_to_running_to_terminated() {
         "{user_data}"
     );
 
-    b.app
-        .delete(&format!("/instances/{id}"), &b.token)
-        .send()
-        .await
-        .unwrap();
-    b.workers.run_pending_jobs().await;
-    let (status, gone) = b.instance(&id).await;
+    let (status, gone) = b.delete_and_run_jobs(&id).await;
     assert_eq!(status, 410, "{gone}");
     assert_eq!(moto.machines(&id).await, [InstanceStateName::Terminated]);
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_retried_create_finds_the_first_machine() {
-    let moto = Moto::start(&[]);
-    let b = moto.broker(json!({})).await;
-    let id = b.app.create_on(&b.token, "ec2", "ami-12c6146b").await;
-    // A worker made the machine and died before recording it: its job is still queued.
-    let config = moto.config(json!({})).await;
-    let dead_worker = moto.provider("ec2", &config).await;
-    dead_worker
-        .create(Uuid::parse_str(&id).unwrap(), &spec("ami-12c6146b"))
-        .await
-        .unwrap();
-    b.workers.run_pending_jobs().await;
-    assert_eq!(b.instance(&id).await.1["state"], "running");
-    assert_eq!(
-        moto.machines(&id).await.len(),
-        1,
-        "the retried create made a second EC2 instance"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -289,32 +259,8 @@ async fn list_reads_every_page_and_only_our_machines() {
         "one page held everything: paging untested"
     );
 
-    let mut listed: Vec<Uuid> = ours
-        .list()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|m| m.id)
-        .collect();
-    listed.sort();
     made.sort();
-    assert_eq!(listed, made);
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn destroy_is_idempotent() {
-    let moto = Moto::start(&[]);
-    let provider = moto.provider("ec2", &moto.config(json!({})).await).await;
-    let id = Uuid::new_v4();
-    provider.create(id, &spec("ami-12c6146b")).await.unwrap();
-    provider.destroy(id).await.unwrap();
-    provider.destroy(id).await.unwrap();
-    provider.destroy(Uuid::new_v4()).await.unwrap();
-    assert_eq!(provider.get(id).await, Err(ProviderError::NotFound));
-    assert_eq!(
-        moto.machines(&id.to_string()).await,
-        [InstanceStateName::Terminated]
-    );
+    assert_eq!(machine_ids(&ours).await, made);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -534,26 +480,4 @@ async fn an_ecs_instance_runs_once_registered_and_is_drained_on_delete() {
         "still registered: {left:?}"
     );
     assert_eq!(moto.machines(&id).await, [InstanceStateName::Terminated]);
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_tagged_machine_without_an_instance_is_destroyed() {
-    let moto = Moto::start(&[]);
-    let config = moto.config(json!({})).await;
-    let b = CloudBroker::new("ec2", "ec2", config.clone(), fast_settings()).await;
-    let kept = b.app.create_on(&b.token, "ec2", "ami-12c6146b").await;
-    b.workers.run_pending_jobs().await;
-    let orphan = Uuid::new_v4();
-    moto.provider("ec2", &config)
-        .await
-        .create(orphan, &spec("ami-12c6146b"))
-        .await
-        .unwrap();
-    let reports = b.workers.refresh.refresh_all().await;
-    assert_eq!(reports[0].1.destroyed_orphans, 1, "{reports:?}");
-    assert_eq!(
-        moto.machines(&orphan.to_string()).await,
-        [InstanceStateName::Terminated]
-    );
-    assert_eq!(moto.machines(&kept).await, [InstanceStateName::Running]);
 }

@@ -6,16 +6,13 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use crate::common::fake_compute::{FakeCompute, Inject};
-use crate::common::{fast_settings, CloudBroker};
+use crate::common::{fast_settings, machine_ids, CloudBroker, ED25519};
 use cloudbrain_provider::{InstanceSpec, Provider, ProviderError};
 use cloudbrain_provider_gce::{GceConfig, GceProvider};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-const ED25519: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ci@example";
-
-fn config(fake: &FakeCompute, extra: Value) -> Value {
+pub(crate) fn config(fake: &FakeCompute, extra: Value) -> Value {
     let mut config = json!({
         "project": "cloudbrain-test",
         "zones": ["us-central1-a", "us-central1-b"],
@@ -104,13 +101,7 @@ async fn a_gce_vm_goes_from_request_to_running_to_terminated() {
     );
     assert_eq!(vm["tags"]["items"], json!(["ci"]));
 
-    b.app
-        .delete(&format!("/instances/{id}"), &b.token)
-        .send()
-        .await
-        .unwrap();
-    b.workers.run_pending_jobs().await;
-    assert_eq!(b.instance(&id).await.0, 410);
+    assert_eq!(b.delete_and_run_jobs(&id).await.0, 410);
     assert_eq!(fake.vm_count(), 0);
 }
 
@@ -153,16 +144,8 @@ async fn list_reads_every_page_of_every_zone_and_only_ours() {
     }
     other.create(Uuid::new_v4(), &spec()).await.unwrap();
     let both = provider(&fake, "gce", json!({"page_size": 2})).await;
-    let mut listed: Vec<Uuid> = both
-        .list()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|m| m.id)
-        .collect();
-    listed.sort();
     made.sort();
-    assert_eq!(listed, made);
+    assert_eq!(machine_ids(&both).await, made);
     let pages = fake
         .state
         .lock()
@@ -264,24 +247,6 @@ async fn a_preempted_vm_errors_its_instance_and_is_destroyed() {
         "{errored}"
     );
     assert_eq!(fake.vm_count(), 0, "the stopped VM was left behind");
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_labelled_vm_without_an_instance_is_destroyed() {
-    let fake = FakeCompute::start();
-    let b = broker(&fake, json!({})).await;
-    let kept = b.app.create_on(&b.token, "gce", "default").await;
-    b.settle(&kept, "running").await;
-    provider(&fake, "gce", json!({}))
-        .await
-        .create(Uuid::new_v4(), &spec())
-        .await
-        .unwrap();
-    assert_eq!(fake.vm_count(), 2);
-    let reports = b.workers.refresh.refresh_all().await;
-    assert_eq!(reports[0].1.destroyed_orphans, 1, "{reports:?}");
-    assert_eq!(fake.vm_count(), 1);
-    assert_eq!(b.instance(&kept).await.1["state"], "running");
 }
 
 /// Where the Python packages with Google's discovery document and libcloud's recordings are.

@@ -1,11 +1,8 @@
 //! The instances API over HTTP against the real actix app and a real Postgres.
 
-use crate::common::{count, exchange, TestApp, TestDb};
+use crate::common::{count, exchange, TestApp, TestDb, ED25519};
 use cloudbrain::auth::Scope;
 use serde_json::{json, Value};
-
-const ED25519: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ci@example";
 
 async fn setup() -> (TestDb, TestApp, String) {
     let db = TestDb::new().await;

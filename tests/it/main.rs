@@ -9,6 +9,7 @@ mod common;
 
 mod auth;
 mod cli;
+mod contract;
 mod e2e;
 mod ec2;
 mod gce;

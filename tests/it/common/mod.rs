@@ -265,6 +265,23 @@ pub async fn count(conn: &mut AsyncPgConnection, sql: &str) -> i64 {
         .n
 }
 
+/// The instance ids of every machine `provider` lists, sorted.
+pub async fn machine_ids(provider: &dyn cloudbrain_provider::Provider) -> Vec<uuid::Uuid> {
+    let mut ids: Vec<uuid::Uuid> = provider
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// An OpenSSH public key line for tests.
+pub const ED25519: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ci@example";
+
 /// What a user sees of one exchange, for a snapshot: what was asked, the status line and
 /// the body (pretty JSON when it is JSON).
 pub async fn exchange(asked: &str, request: reqwest::RequestBuilder) -> String {
@@ -370,6 +387,17 @@ impl TestApp {
         self.client
             .get(self.url(path))
             .header("Authorization", format!("token {token}"))
+    }
+
+    /// POST `body` to `path` as `token`: the answer's body as JSON, whatever the status.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        token: &str,
+        body: &serde_json::Value,
+    ) -> serde_json::Value {
+        let response = self.post(path, token).json(body).send().await.unwrap();
+        response.json().await.unwrap()
     }
 
     /// GET `path` as `token`: the body as JSON, whatever the status.
@@ -565,6 +593,14 @@ impl CloudBroker {
     /// GET /instances/<id>: the status and the body.
     pub async fn instance(&self, id: &str) -> (u16, serde_json::Value) {
         self.app.instance(&self.token, id).await
+    }
+
+    /// Gives the instance back and runs the jobs: the status and body of a GET after.
+    pub async fn delete_and_run_jobs(&self, id: &str) -> (u16, serde_json::Value) {
+        let path = format!("/instances/{id}");
+        self.app.delete(&path, &self.token).send().await.unwrap();
+        self.workers.run_pending_jobs().await;
+        self.instance(id).await
     }
 
     /// Runs jobs and refreshes until the instance reaches `state`.
