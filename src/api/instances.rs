@@ -143,44 +143,31 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
     }
 }
 
-/// Reads a string field: absent and null are `None`, anything but a string is refused.
-fn string_field(
-    body: &serde_json::Map<String, serde_json::Value>,
-    field: &'static str,
-) -> Result<Option<String>, ApiError> {
-    match body.get(field) {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(ApiError::invalid(
-            field,
-            format!("{field} must be a string"),
-        )),
-    }
-}
-
-fn required_field(
-    body: &serde_json::Map<String, serde_json::Value>,
-    field: &'static str,
-) -> Result<String, ApiError> {
-    string_field(body, field)?
-        .ok_or_else(|| ApiError::invalid(field, format!("{field} is required")))
-}
-
-/// Reads a create request; unknown fields are ignored, as Cloud Brain did.
+/// Reads a create request through [`CreateInstanceBody`], the type the OpenAPI schema is
+/// made from, so the two cannot drift. Unknown fields are ignored, as Cloud Brain did; a
+/// field of the wrong type or a missing one is refused naming it.
 fn parse_create(body: &[u8]) -> Result<CreateInstance, ApiError> {
     let StrictJson(value) = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("request body is not valid JSON: {e}")))?;
-    let serde_json::Value::Object(body) = value else {
+    if !value.is_object() {
         return Err(ApiError::BadRequest(
             "request body must be a JSON object".to_owned(),
         ));
-    };
-    Ok(CreateInstance {
-        provider: required_field(&body, "provider")?,
-        image: required_field(&body, "image")?,
-        instance_type: string_field(&body, "instance_type")?,
-        public_ssh_key: string_field(&body, "public_ssh_key")?,
-    })
+    }
+    let parsed: CreateInstanceBody = serde_path_to_error::deserialize(value).map_err(|error| {
+        let path = error.path().to_string();
+        let message = error.inner().to_string();
+        let named =
+            |name: &&str| path == *name || message.starts_with(&format!("missing field `{name}`"));
+        match CreateInstanceBody::FIELDS.into_iter().find(named) {
+            Some(field) if message.starts_with("invalid type: null") || path != field => {
+                ApiError::invalid(field, format!("{field} is required"))
+            }
+            Some(field) => ApiError::invalid(field, format!("{field} must be a string")),
+            None => ApiError::BadRequest(format!("request body: {message}")),
+        }
+    })?;
+    Ok(parsed.into())
 }
 
 /// Asks for a machine.

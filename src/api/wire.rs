@@ -87,6 +87,22 @@ pub struct CreateInstanceBody {
     pub public_ssh_key: Option<String>,
 }
 
+impl CreateInstanceBody {
+    /// Every field, by the name a client writes.
+    pub const FIELDS: [&'static str; 4] = ["provider", "image", "instance_type", "public_ssh_key"];
+}
+
+impl From<CreateInstanceBody> for crate::broker::CreateInstance {
+    fn from(body: CreateInstanceBody) -> Self {
+        Self {
+            provider: body.provider,
+            image: body.image,
+            instance_type: body.instance_type,
+            public_ssh_key: body.public_ssh_key,
+        }
+    }
+}
+
 /// One page of instances.
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InstanceList {

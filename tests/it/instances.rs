@@ -65,6 +65,8 @@ async fn bad_requests_get_clear_errors_naming_the_field() {
         json!({"provider": "fake"}),
         json!({"provider": "fake", "image": "  "}),
         json!({"provider": "fake", "image": 7}),
+        json!({"provider": "fake", "image": null}),
+        json!({"provider": "fake", "image": "ubuntu", "instance_type": 5}),
         json!({"provider": "nowhere", "image": "ubuntu"}),
         json!({"provider": "fake", "image": "ubuntu", "instance_type": "gpu"}),
         json!({"provider": "fake", "image": long_image}),
