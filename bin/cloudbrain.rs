@@ -161,7 +161,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::RevokeToken { id } => {
             let mut conn = connect(&config).await?;
-            match store::revoke_token(&mut conn, id).await? {
+            match store::revoke_token(&mut conn, cloudbrain::ids::TokenId(id)).await? {
                 Revoked::Now => println!("revoked token {id}"),
                 Revoked::Already => println!("token {id} was already revoked"),
                 Revoked::NoSuchToken => bail!("there is no token {id}"),

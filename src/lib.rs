@@ -7,6 +7,7 @@ pub mod config;
 pub mod crypto;
 pub mod db;
 pub mod dev;
+pub mod ids;
 pub mod metrics;
 pub mod providers;
 pub mod queue;

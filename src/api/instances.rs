@@ -13,9 +13,16 @@ use super::AppState;
 use crate::auth::Caller;
 use crate::broker::model::Instance;
 use crate::broker::{CreateInstance, InstanceFilter, State};
+use crate::ids::InstanceId;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The instance id in a path; one that is not an id names no instance (404, as for any
+/// instance the caller cannot see).
+fn instance_id(text: &str) -> Result<InstanceId, ApiError> {
+    InstanceId::parse(text).ok_or_else(|| crate::broker::BrokerError::NotFound.into())
+}
 
 /// An instance as the answer to a request about it: 200, or 410 once it is terminated
 /// (Cloud Brain's answer), the body the instance either way.
@@ -234,7 +241,7 @@ pub async fn get_instance(
     caller: Caller,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let instance = state.broker.get_instance(caller, &id).await?;
+    let instance = state.broker.get_instance(caller, instance_id(&id)?).await?;
     Ok(answer(instance))
 }
 
@@ -256,7 +263,10 @@ pub async fn delete_instance(
     caller: Caller,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let instance = state.broker.delete_instance(caller, &id).await?;
+    let instance = state
+        .broker
+        .delete_instance(caller, instance_id(&id)?)
+        .await?;
     Ok(answer(instance))
 }
 
@@ -326,7 +336,10 @@ pub async fn instance_events(
     caller: Caller,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let events = state.broker.instance_events(caller, &id).await?;
+    let events = state
+        .broker
+        .instance_events(caller, instance_id(&id)?)
+        .await?;
     Ok(HttpResponse::Ok().json(EventList {
         events: events.into_iter().map(EventBody::from).collect(),
     }))

@@ -53,7 +53,7 @@ pub struct EcsBody {
 impl From<Instance> for InstanceBody {
     fn from(i: Instance) -> Self {
         Self {
-            id: i.id,
+            id: i.id.0,
             // A row's state is checked by the database; `errored` is the honest fallback.
             state: i.state,
             provider: i.provider_name,

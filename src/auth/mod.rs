@@ -27,7 +27,7 @@ crate::text_enum! {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller {
     /// The token's row id.
-    pub token_id: i32,
+    pub token_id: crate::ids::TokenId,
     /// What the token may do.
     pub scope: Scope,
 }

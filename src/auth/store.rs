@@ -9,13 +9,14 @@ use serde::Serialize;
 use super::token::{generate_secret, Token};
 use super::Scope;
 use crate::db::schema::auth_tokens;
+use crate::ids::TokenId;
 
 /// A row of `auth_tokens`.
 #[derive(Debug, Clone, Queryable, Selectable, Identifiable)]
 #[diesel(table_name = auth_tokens, check_for_backend(diesel::pg::Pg))]
 pub struct AuthToken {
     /// The `<id>` part of a token.
-    pub id: i32,
+    pub id: crate::ids::TokenId,
     /// What the operator said the token is for.
     pub description: String,
     /// The 32-byte scrypt salt.
@@ -69,7 +70,7 @@ pub async fn create_token(
         .get_result(conn)
         .await?;
     Ok(Token {
-        id,
+        id: TokenId(id),
         secret: new.secret,
     })
 }
@@ -102,7 +103,10 @@ pub async fn list_tokens(conn: &mut AsyncPgConnection) -> QueryResult<Vec<TokenS
 }
 
 /// Reads one token row.
-pub async fn find_token(conn: &mut AsyncPgConnection, id: i32) -> QueryResult<Option<AuthToken>> {
+pub async fn find_token(
+    conn: &mut AsyncPgConnection,
+    id: TokenId,
+) -> QueryResult<Option<AuthToken>> {
     auth_tokens::table
         .find(id)
         .select(AuthToken::as_select())
@@ -123,7 +127,7 @@ pub enum Revoked {
 }
 
 /// Revokes a token and tells every running `http` process to forget it, in one transaction.
-pub async fn revoke_token(conn: &mut AsyncPgConnection, id: i32) -> QueryResult<Revoked> {
+pub async fn revoke_token(conn: &mut AsyncPgConnection, id: TokenId) -> QueryResult<Revoked> {
     conn.transaction(async |conn| {
         let Some(token) = find_token(conn, id).await? else {
             return Ok(Revoked::NoSuchToken);
@@ -151,7 +155,7 @@ pub async fn revoke_token(conn: &mut AsyncPgConnection, id: i32) -> QueryResult<
 
 /// Records that a token was used, unless that was already recorded in the last minute
 /// (by any process), so a busy token does not cost a write per request.
-pub async fn touch_last_used(conn: &mut AsyncPgConnection, id: i32) -> QueryResult<()> {
+pub async fn touch_last_used(conn: &mut AsyncPgConnection, id: TokenId) -> QueryResult<()> {
     diesel::sql_query(
         "UPDATE auth_tokens SET last_used_at = now() \
          WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')",

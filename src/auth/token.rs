@@ -16,7 +16,7 @@ pub const HASH_LEN: usize = 32;
 #[derive(Clone, PartialEq, Eq)]
 pub struct Token {
     /// The `auth_tokens` row id.
-    pub id: i32,
+    pub id: crate::ids::TokenId,
     /// The secret whose scrypt hash the row stores.
     pub secret: [u8; SECRET_LEN],
 }
@@ -53,7 +53,10 @@ impl FromStr for Token {
         }
         let mut secret = [0u8; SECRET_LEN];
         hex::decode_to_slice(secret_hex, &mut secret).map_err(|_not_hex| MalformedToken)?;
-        Ok(Self { id, secret })
+        Ok(Self {
+            id: crate::ids::TokenId(id),
+            secret,
+        })
     }
 }
 
@@ -98,7 +101,7 @@ mod tests {
     #[test]
     fn parses_and_prints_the_cloud_brain_format() {
         let token: Token = "42-00112233445566778899aabbccddeeff".parse().unwrap();
-        assert_eq!(token.id, 42);
+        assert_eq!(token.id, crate::ids::TokenId(42));
         assert_eq!(token.secret[0], 0x00);
         assert_eq!(token.secret[15], 0xff);
         assert_eq!(token.to_string(), "42-00112233445566778899aabbccddeeff");

@@ -16,6 +16,7 @@ use super::token::{hash_secret, Token};
 use super::Caller;
 use crate::db::listen::{listen_forever, Heard};
 use crate::db::Pool;
+use crate::ids::TokenId;
 
 /// Wrong secrets from one address tolerated per [`FAILURE_WINDOW`] before it is throttled.
 pub const MAX_FAILURES: u32 = 10;
@@ -106,7 +107,7 @@ struct State {
     in_flight: HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>,
     /// Wrong secrets (and verifications under way) by the caller's address.
     failures: HashMap<IpAddr, Failures>,
-    touched: HashMap<i32, Instant>,
+    touched: HashMap<TokenId, Instant>,
 }
 
 /// An attempt counted against an address while it runs; it ends when dropped, on every
@@ -380,7 +381,7 @@ impl TokenVerifier {
         self.attempt_ended.notify_waiters();
     }
 
-    async fn revoked_in_store(&self, id: i32) -> Result<bool, AuthError> {
+    async fn revoked_in_store(&self, id: TokenId) -> Result<bool, AuthError> {
         let mut conn = self.pool.get().await.map_err(unavailable)?;
         let row = store::find_token(&mut conn, id)
             .await
@@ -389,7 +390,7 @@ impl TokenVerifier {
     }
 
     /// Writes `last_used_at` in the background, at most once a minute per token.
-    fn touch(&self, id: i32) {
+    fn touch(&self, id: TokenId) {
         let now = Instant::now();
         {
             let mut state = self.lock();
@@ -416,13 +417,13 @@ impl TokenVerifier {
                 Err(e) => Err(e.to_string()),
             };
             if let Err(error) = result {
-                tracing::warn!(token.id = id, %error, "could not record last use of token {id}");
+                tracing::warn!(token.id = %id, %error, "could not record last use of token {id}");
             }
         });
     }
 
     /// Drops every cached verification of token `id` (it was revoked).
-    pub fn forget_token(&self, id: i32) {
+    pub fn forget_token(&self, id: TokenId) {
         self.revocations.fetch_add(1, Ordering::AcqRel);
         self.lock().verified.retain(|_, v| v.caller.token_id != id);
     }
@@ -443,7 +444,7 @@ impl TokenVerifier {
             }
             Heard::Disconnected => self.listening.store(false, Ordering::Release),
             Heard::Payload(payload) => match payload.parse::<i32>() {
-                Ok(id) => self.forget_token(id),
+                Ok(id) => self.forget_token(TokenId(id)),
                 Err(_) => self.forget_all(),
             },
         })

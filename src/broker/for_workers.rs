@@ -1,10 +1,10 @@
 //! What the workers ask of the broker: the rows they work on, and writing the decisions
 //! of [`super::lifecycle`] (with the job that made them, in one transaction).
 
+use crate::ids::InstanceId;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl};
-use uuid::Uuid;
 
 use super::lifecycle::Decision;
 use super::model::Instance;
@@ -15,7 +15,7 @@ use crate::queue::{self, Lease};
 
 impl Broker {
     /// Reads the instance a job works on.
-    pub async fn job_instance(&self, id: Uuid) -> Result<Option<Instance>, BrokerError> {
+    pub async fn job_instance(&self, id: InstanceId) -> Result<Option<Instance>, BrokerError> {
         let mut conn = self.conn().await?;
         Ok(instances::table
             .find(id)
@@ -49,7 +49,7 @@ impl Broker {
     /// Writes `decision` for instance `id`.
     pub async fn apply(
         &self,
-        id: Uuid,
+        id: InstanceId,
         decision: &Decision,
     ) -> Result<Option<Instance>, BrokerError> {
         if !decision.writes() {
@@ -79,7 +79,7 @@ impl Broker {
             .await?;
         if !finished {
             tracing::warn!(
-                job.id = lease.job_id,
+                job.id = %lease.job_id,
                 "job {} was claimed by another worker; leaving it to that one",
                 lease.job_id
             );

@@ -12,6 +12,7 @@ use super::state::{apply, record_event, State};
 use super::{validate, Broker, BrokerError};
 use crate::auth::{Caller, Scope};
 use crate::db::schema::{instance_events, instances};
+use crate::ids::InstanceId;
 use crate::queue::{self, JobKind};
 use cloudbrain_provider::DEFAULT_TYPE_ALIAS;
 
@@ -73,10 +74,9 @@ fn visible(caller: Caller, instance: &Instance) -> bool {
 async fn find_visible(
     conn: &mut AsyncPgConnection,
     caller: Caller,
-    id: &str,
+    id: InstanceId,
     lock: bool,
 ) -> Result<Instance, BrokerError> {
-    let id = parse_id(id)?;
     let query = instances::table.find(id).select(Instance::as_select());
     let instance = if lock {
         query.for_update().first(conn).await?
@@ -139,7 +139,7 @@ impl Broker {
             ));
         }
 
-        let id = Uuid::new_v4();
+        let id = InstanceId::new();
         let new = NewInstance {
             id,
             owner_token_id: caller.token_id,
@@ -175,7 +175,7 @@ impl Broker {
             tracing::info!(
                 instance.id = %id,
                 provider = %request.provider,
-                token.id = caller.token_id,
+                token.id = %caller.token_id,
                 "instance {id} requested on {}", request.provider
             );
         }
@@ -183,7 +183,11 @@ impl Broker {
     }
 
     /// Reads one instance the caller may see, terminated ones too.
-    pub async fn get_instance(&self, caller: Caller, id: &str) -> Result<Instance, BrokerError> {
+    pub async fn get_instance(
+        &self,
+        caller: Caller,
+        id: InstanceId,
+    ) -> Result<Instance, BrokerError> {
         let mut conn = self.conn().await?;
         let instance = find_visible(&mut conn, caller, id, false).await?;
         Ok(instance)
@@ -191,7 +195,11 @@ impl Broker {
 
     /// Asks for an instance to be destroyed: `terminating` and a `remove` job, in one
     /// transaction. Asking again changes nothing.
-    pub async fn delete_instance(&self, caller: Caller, id: &str) -> Result<Instance, BrokerError> {
+    pub async fn delete_instance(
+        &self,
+        caller: Caller,
+        id: InstanceId,
+    ) -> Result<Instance, BrokerError> {
         let mut conn = self.conn().await?;
         conn.transaction::<_, BrokerError, _>(async |conn| {
             let instance = find_visible(conn, caller, id, true).await?;
@@ -276,7 +284,7 @@ impl Broker {
     pub async fn instance_events(
         &self,
         caller: Caller,
-        id: &str,
+        id: InstanceId,
     ) -> Result<Vec<InstanceEvent>, BrokerError> {
         let mut conn = self.conn().await?;
         let instance = find_visible(&mut conn, caller, id, false).await?;
@@ -315,22 +323,17 @@ async fn replay(
     })
 }
 
-/// An unparseable id is simply not found: ids are not secret, but errors stay uniform.
-fn parse_id(id: &str) -> Result<Uuid, BrokerError> {
-    Uuid::parse_str(id).map_err(|_not_a_uuid| BrokerError::NotFound)
-}
-
 /// The pattern of a cursor: the last instance's creation time in microseconds since 1970
 /// (at most 17 digits: before the year 5138, inside every range Postgres and chrono
 /// hold) and its id. Clients pass it back as they got it.
 pub const CURSOR_PATTERN: &str =
     "^(0|[1-9][0-9]{0,16})\\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$";
 
-fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {
-    format!("{}.{}", at.timestamp_micros().max(0), id.hyphenated())
+fn encode_cursor(at: DateTime<Utc>, id: InstanceId) -> String {
+    format!("{}.{}", at.timestamp_micros().max(0), id.0.hyphenated())
 }
 
-fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid), BrokerError> {
+fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, InstanceId), BrokerError> {
     let invalid = || BrokerError::invalid("cursor", "cursor is not one this server handed out");
     let (micros, id) = cursor.split_once('.').ok_or_else(invalid)?;
     let well_formed = !micros.is_empty()
@@ -349,7 +352,7 @@ fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid), BrokerError> {
         .ok()
         .filter(|parsed| parsed.hyphenated().to_string() == id)
         .ok_or_else(invalid)?;
-    Ok((at, id))
+    Ok((at, InstanceId(id)))
 }
 
 #[cfg(test)]
@@ -359,7 +362,7 @@ mod tests {
     #[test]
     fn cursors_round_trip_and_junk_is_refused() {
         let at = DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap();
-        let id = Uuid::new_v4();
+        let id = InstanceId::new();
         let cursor = encode_cursor(at, id);
         assert_eq!(decode_cursor(&cursor).unwrap(), (at, id));
         let pattern = regex::Regex::new(CURSOR_PATTERN).unwrap();
@@ -377,7 +380,7 @@ mod tests {
             &far,
             &past,
             &padded,
-            &format!("{}.{}", 5, id.simple()),
+            &format!("{}.{}", 5, id.0.simple()),
         ] {
             assert!(decode_cursor(junk).is_err(), "{junk:?}");
             assert!(!pattern.is_match(junk), "{junk:?}");

@@ -12,6 +12,7 @@ use cloudbrain_provider::{CloudInstance, CloudState};
 
 use super::model::Instance;
 use super::state::State;
+use crate::ids::TokenId;
 
 /// What the cloud says of one machine, as it is written to its instance row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,7 +198,7 @@ pub fn removed(machine: Option<&CloudState>) -> Decision {
 }
 
 /// What `DELETE /instances/<id>` by token `token_id` does to an instance in `state`.
-pub fn delete(state: State, token_id: i32) -> Decision {
+pub fn delete(state: State, token_id: TokenId) -> Decision {
     match state {
         State::Terminated => Decision::Gone,
         State::Terminating => Decision::Keep,
@@ -232,8 +233,8 @@ mod tests {
     /// A row in `state`, asked for at minute 0 and last written at minute 1.
     fn row(state: State) -> Instance {
         Instance {
-            id: Uuid::nil(),
-            owner_token_id: 1,
+            id: crate::ids::InstanceId(Uuid::nil()),
+            owner_token_id: TokenId(1),
             provider_name: "fake".into(),
             image: "ubuntu".into(),
             instance_type: "standard".into(),
@@ -453,14 +454,14 @@ mod tests {
             State::Errored,
         ] {
             assert_eq!(
-                delete(state, 7),
+                delete(state, TokenId(7)),
                 Decision::BeginTermination {
                     reason: "deleted by token 7".into()
                 }
             );
         }
-        assert_eq!(delete(State::Terminating, 7), Decision::Keep);
-        assert_eq!(delete(State::Terminated, 7), Decision::Gone);
+        assert_eq!(delete(State::Terminating, TokenId(7)), Decision::Keep);
+        assert_eq!(delete(State::Terminated, TokenId(7)), Decision::Gone);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use super::State;
 use crate::db::schema::{instance_events, instances, providers};
+use crate::ids::{InstanceId, TokenId};
 
 /// A row of `providers`.
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -47,9 +48,9 @@ pub struct NewProvider<'a> {
 #[diesel(table_name = instances, check_for_backend(diesel::pg::Pg))]
 pub struct Instance {
     /// The instance id clients use.
-    pub id: Uuid,
+    pub id: InstanceId,
     /// The token that asked for it.
-    pub owner_token_id: i32,
+    pub owner_token_id: TokenId,
     /// The provider config it runs on.
     pub provider_name: String,
     /// The image it boots.
@@ -83,9 +84,9 @@ pub struct Instance {
 #[diesel(table_name = instances)]
 pub struct NewInstance<'a> {
     /// The instance id clients use.
-    pub id: Uuid,
+    pub id: InstanceId,
     /// The token that asked for it.
-    pub owner_token_id: i32,
+    pub owner_token_id: TokenId,
     /// The provider config it runs on.
     pub provider_name: &'a str,
     /// The image it boots.
@@ -121,7 +122,7 @@ pub struct InstanceEvent {
     /// Row id; orders events of one instance.
     pub id: i64,
     /// The instance that changed.
-    pub instance_id: Uuid,
+    pub instance_id: InstanceId,
     /// The state it left (none for its first state).
     pub from_state: Option<State>,
     /// The state it entered.
@@ -137,7 +138,7 @@ pub struct InstanceEvent {
 #[diesel(table_name = instance_events)]
 pub struct NewInstanceEvent<'a> {
     /// The instance that changed.
-    pub instance_id: Uuid,
+    pub instance_id: InstanceId,
     /// The state it left.
     pub from_state: Option<State>,
     /// The state it entered.

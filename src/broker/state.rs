@@ -2,11 +2,11 @@
 //! through which every change of state goes, and [`apply`], which writes a
 //! [`Decision`] of [`super::lifecycle`] through it.
 
+use crate::ids::InstanceId;
 use chrono::Utc;
 use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
 use super::lifecycle::{Decision, Seen};
 use super::model::{Instance, InstanceChange, NewInstanceEvent};
@@ -57,7 +57,7 @@ impl State {
 #[tracing::instrument(level = "debug", skip(conn, reason, change), fields(instance.id = %id, to = to.as_str()))]
 pub async fn transition(
     conn: &mut AsyncPgConnection,
-    id: Uuid,
+    id: InstanceId,
     to: State,
     reason: Option<&str>,
     change: InstanceChange<'_>,
@@ -102,7 +102,7 @@ pub async fn transition(
 #[tracing::instrument(level = "debug", skip(conn, decision), fields(instance.id = %id))]
 pub async fn apply(
     conn: &mut AsyncPgConnection,
-    id: Uuid,
+    id: InstanceId,
     decision: &Decision,
 ) -> QueryResult<Option<Instance>> {
     match decision {
@@ -177,7 +177,7 @@ fn seen_change(seen: &Seen) -> InstanceChange<'_> {
 /// Writes one `instance_events` row.
 pub async fn record_event(
     conn: &mut AsyncPgConnection,
-    instance_id: Uuid,
+    instance_id: InstanceId,
     from: Option<State>,
     to: State,
     reason: Option<&str>,

@@ -92,6 +92,57 @@ macro_rules! text_enum {
     };
 }
 
+/// Declares an id: a newtype over the column's Rust type, written and read as that column,
+/// shown as the bare value, so signatures say which id they take.
+#[macro_export]
+macro_rules! id_type {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident($inner:ty) as $sql:ty;
+    ) => {
+        $(#[$meta])*
+        #[derive(
+            Debug,
+            Clone,
+            Copy,
+            PartialEq,
+            Eq,
+            Hash,
+            PartialOrd,
+            Ord,
+            serde::Serialize,
+            serde::Deserialize,
+            diesel::expression::AsExpression,
+            diesel::deserialize::FromSqlRow,
+        )]
+        #[serde(transparent)]
+        #[diesel(sql_type = $sql)]
+        pub struct $name(pub $inner);
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+
+        impl diesel::serialize::ToSql<$sql, diesel::pg::Pg> for $name {
+            fn to_sql<'b>(
+                &'b self,
+                out: &mut diesel::serialize::Output<'b, '_, diesel::pg::Pg>,
+            ) -> diesel::serialize::Result {
+                <$inner as diesel::serialize::ToSql<$sql, diesel::pg::Pg>>::to_sql(&self.0, out)
+            }
+        }
+
+        impl diesel::deserialize::FromSql<$sql, diesel::pg::Pg> for $name {
+            fn from_sql(value: diesel::pg::PgValue<'_>) -> diesel::deserialize::Result<Self> {
+                <$inner as diesel::deserialize::FromSql<$sql, diesel::pg::Pg>>::from_sql(value)
+                    .map($name)
+            }
+        }
+    };
+}
+
 /// A pool of async Postgres connections.
 pub type Pool = deadpool::Pool<AsyncPgConnection>;
 

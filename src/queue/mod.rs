@@ -18,10 +18,10 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::Text;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use uuid::Uuid;
 
 use crate::db::schema::jobs;
 use crate::db::{Pool, PooledConnection};
+use crate::ids::{InstanceId, JobId};
 
 /// A new row of `jobs`.
 #[derive(Debug, Insertable)]
@@ -30,7 +30,7 @@ struct NewJob {
     /// What it does.
     kind: JobKind,
     /// The instance the job works on.
-    instance_id: Uuid,
+    instance_id: InstanceId,
 }
 
 /// The channel workers LISTEN on; Postgres delivers the NOTIFY only if the enqueue commits.
@@ -60,7 +60,7 @@ crate::text_enum! {
 pub async fn enqueue(
     conn: &mut AsyncPgConnection,
     kind: JobKind,
-    instance_id: Uuid,
+    instance_id: InstanceId,
 ) -> QueryResult<()> {
     diesel::insert_into(jobs::table)
         .values(NewJob { kind, instance_id })
@@ -79,7 +79,7 @@ pub async fn enqueue(
 pub async fn drop_unclaimed(
     conn: &mut AsyncPgConnection,
     kind: JobKind,
-    instance_id: Uuid,
+    instance_id: InstanceId,
 ) -> QueryResult<usize> {
     diesel::delete(
         jobs::table
@@ -101,11 +101,11 @@ pub async fn drop_unclaimed(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     /// The job's row id.
-    pub job_id: i64,
+    pub job_id: JobId,
     /// What it does.
     pub kind: JobKind,
     /// The instance it works on.
-    pub instance_id: Uuid,
+    pub instance_id: InstanceId,
     /// Which attempt this is, counting this one.
     pub attempts: i32,
     /// When it was enqueued.
@@ -138,7 +138,7 @@ pub async fn bury(conn: &mut AsyncPgConnection, lease: &Lease, error: &str) -> Q
 /// True while a `create` job for `instance_id` is leased by a live worker.
 pub async fn create_in_flight(
     conn: &mut AsyncPgConnection,
-    instance_id: Uuid,
+    instance_id: InstanceId,
 ) -> QueryResult<bool> {
     diesel::select(diesel::dsl::exists(
         jobs::table
@@ -230,7 +230,7 @@ impl Queue {
     }
 
     /// True while a `create` job for `instance_id` is leased by a live worker.
-    pub async fn create_in_flight(&self, instance_id: Uuid) -> anyhow::Result<bool> {
+    pub async fn create_in_flight(&self, instance_id: InstanceId) -> anyhow::Result<bool> {
         let mut conn = self.conn().await?;
         Ok(create_in_flight(&mut conn, instance_id).await?)
     }
@@ -282,11 +282,11 @@ impl Queue {
 #[derive(diesel::QueryableByName)]
 struct ClaimedRow {
     #[diesel(sql_type = diesel::sql_types::BigInt)]
-    id: i64,
+    id: JobId,
     #[diesel(sql_type = Text)]
     kind: JobKind,
     #[diesel(sql_type = diesel::sql_types::Uuid)]
-    instance_id: Uuid,
+    instance_id: InstanceId,
     #[diesel(sql_type = diesel::sql_types::Integer)]
     attempts: i32,
     #[diesel(sql_type = diesel::sql_types::Timestamptz)]
@@ -316,7 +316,7 @@ fn unlocked() -> Unlocked {
 fn held(
     lease: &Lease,
 ) -> diesel::dsl::Filter<
-    diesel::dsl::Find<jobs::table, i64>,
+    diesel::dsl::Find<jobs::table, JobId>,
     diesel::dsl::Eq<jobs::locked_by, String>,
 > {
     jobs::table

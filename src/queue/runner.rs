@@ -167,7 +167,7 @@ impl<H: Handler> Runner<H> {
             while running.join_next().await.is_some() {}
             for lease in held.values() {
                 if let Err(error) = self.queue.release(lease, Duration::ZERO).await {
-                    tracing::warn!(job.id = lease.job_id, error = %format!("{error:#}"), "could not hand back job {}", lease.job_id);
+                    tracing::warn!(job.id = %lease.job_id, error = %format!("{error:#}"), "could not hand back job {}", lease.job_id);
                 }
             }
         }
@@ -198,7 +198,7 @@ impl<H: Handler> Runner<H> {
     pub async fn run_job(&self, lease: Lease) -> Outcome {
         let span = tracing::info_span!(
             "job",
-            job.id = lease.job_id,
+            job.id = %lease.job_id,
             job.kind = lease.kind.as_str(),
             instance.id = %lease.instance_id,
             attempt = lease.attempts
@@ -244,11 +244,11 @@ impl<H: Handler> Runner<H> {
             match self.queue.renew(lease, self.settings.lease).await {
                 Ok(true) => {}
                 Ok(false) => tracing::warn!(
-                    job.id = id,
+                    job.id = %id,
                     "lost the lease on job {id}; another worker may run it too"
                 ),
                 Err(error) => {
-                    tracing::warn!(job.id = id, error = %format!("{error:#}"), "could not renew the lease on job {id}")
+                    tracing::warn!(job.id = %id, error = %format!("{error:#}"), "could not renew the lease on job {id}")
                 }
             }
         }
@@ -262,7 +262,7 @@ impl<H: Handler> Runner<H> {
             Ok(false) => Outcome::Lost,
             Err(error) => {
                 // The lease will run out and another attempt follow: nothing is lost.
-                tracing::error!(job.id = id, error = %format!("{error:#}"), "could not {doing} job {id}");
+                tracing::error!(job.id = %id, error = %format!("{error:#}"), "could not {doing} job {id}");
                 Outcome::Retried
             }
         };
@@ -275,7 +275,7 @@ impl<H: Handler> Runner<H> {
             Next::Retry { at_least, spread } => {
                 let delay = at_least + spread.mul_f64(rand::random::<f64>());
                 tracing::warn!(
-                    job.id = id,
+                    job.id = %id,
                     delay_ms = delay.as_millis() as u64,
                     error = %error,
                     "job {id} failed; retrying"

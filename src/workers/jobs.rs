@@ -82,7 +82,7 @@ impl CreateInstance<'_> {
             instance_type: instance.instance_type,
             public_ssh_key: instance.public_ssh_key,
         };
-        let machine = provider.create(instance.id, &spec).await?;
+        let machine = provider.create(instance.id.0, &spec).await?;
         ctx.broker
             .finish_with(lease, &lifecycle::launched(&machine))
             .await?;
@@ -113,8 +113,8 @@ impl RemoveInstance<'_> {
                 delay: Duration::from_secs(1),
             });
         }
-        provider.destroy(instance.id).await?;
-        let left = match provider.get(instance.id).await {
+        provider.destroy(instance.id.0).await?;
+        let left = match provider.get(instance.id.0).await {
             Ok(machine) => Some(machine.state),
             Err(ProviderError::NotFound) => None,
             Err(error) => return Err(error.into()),

@@ -125,12 +125,13 @@ impl RefreshWorker {
         };
         let mut owned = HashSet::new();
         for row in &rows {
-            owned.insert(row.id);
-            let machine = by_id.get(&row.id).copied();
+            owned.insert(row.id.0);
+            let machine = by_id.get(&row.id.0).copied();
             let decision = lifecycle::refresh(row, machine, &clock);
             self.broker.apply(row.id, &decision).await?;
             if decision.destroys_machine() && machine.is_some() {
-                self.destroy(provider, row.id, "its instance errored").await;
+                self.destroy(provider, row.id.0, "its instance errored")
+                    .await;
                 report.destroyed_errored += 1;
             }
         }

@@ -9,6 +9,7 @@ use cloudbrain::auth::store::{revoke_token, Revoked};
 use cloudbrain::auth::verifier::ScryptLimits;
 use cloudbrain::auth::Scope;
 use cloudbrain::config::TrustedProxies;
+use cloudbrain::ids::TokenId;
 use diesel_async::RunQueryDsl;
 use serde_json::Value;
 
@@ -42,7 +43,7 @@ async fn token_and_basic_headers_authenticate_and_every_failure_looks_the_same()
     let token = app.token(Scope::Client).await;
     let revoked = app.token(Scope::Client).await;
     let revoked_id: i32 = revoked.split('-').next().unwrap().parse().unwrap();
-    revoke_token(&mut db.conn().await, revoked_id)
+    revoke_token(&mut db.conn().await, TokenId(revoked_id))
         .await
         .unwrap();
 
@@ -277,7 +278,9 @@ async fn revoking_a_token_locks_it_out_of_every_server_within_a_second() {
     let id: i32 = token.split('-').next().unwrap().parse().unwrap();
     let revoked_at = Instant::now();
     assert_eq!(
-        revoke_token(&mut db.conn().await, id).await.unwrap(),
+        revoke_token(&mut db.conn().await, TokenId(id))
+            .await
+            .unwrap(),
         Revoked::Now
     );
     for app in [&first, &second] {
@@ -342,7 +345,7 @@ async fn last_used_is_written_once_a_minute_not_per_request() {
     let id: i32 = token.split('-').next().unwrap().parse().unwrap();
     let last_used = || async {
         let mut conn = db.conn().await;
-        cloudbrain::auth::store::find_token(&mut conn, id)
+        cloudbrain::auth::store::find_token(&mut conn, TokenId(id))
             .await
             .unwrap()
             .unwrap()

@@ -82,11 +82,14 @@ async fn tokens_are_made_listed_and_revoked_from_the_command_line() {
     assert!(listed.contains("\tadmin\t"), "{listed}");
     assert!(!listed.contains(secret), "list-tokens printed a secret");
     let mut conn = db.conn().await;
-    let hash = cloudbrain::auth::store::find_token(&mut conn, id.parse().unwrap())
-        .await
-        .unwrap()
-        .unwrap()
-        .token_hash;
+    let hash = cloudbrain::auth::store::find_token(
+        &mut conn,
+        cloudbrain::ids::TokenId(id.parse().unwrap()),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .token_hash;
     assert!(
         !listed.contains(&hex::encode(hash)),
         "list-tokens printed a hash"
