@@ -12,6 +12,25 @@ use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
+/// A small value stored in one column of SQL type `$sql`: copyable, comparable, and
+/// usable in diesel queries and rows. `text_enum!` and `id_type!` declare through it.
+#[macro_export]
+macro_rules! column_value {
+    ($sql:ty, $item:item) => {
+        #[derive(
+            Debug,
+            Clone,
+            Copy,
+            PartialEq,
+            Eq,
+            diesel::expression::AsExpression,
+            diesel::deserialize::FromSqlRow,
+        )]
+        #[diesel(sql_type = $sql)]
+        $item
+    };
+}
+
 /// Declares an enum whose values are stored by name in a `TEXT` column: the enum, `ALL`,
 /// `as_str`, `parse`, and its diesel mapping. An unknown stored value is an error when
 /// the row is loaded, never a guess.
@@ -35,19 +54,12 @@ macro_rules! text_enum {
             $( $(#[$variant_meta:meta])* $variant:ident => $text:literal ),+ $(,)?
         }
     ) => {
-        $(#[$meta])*
-        #[derive(
-            Debug,
-            Clone,
-            Copy,
-            PartialEq,
-            Eq,
-            diesel::expression::AsExpression,
-            diesel::deserialize::FromSqlRow,
-        )]
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        pub enum $name {
-            $( $(#[$variant_meta])* $variant ),+
+        $crate::column_value! {
+            diesel::sql_types::Text,
+            $(#[$meta])*
+            pub enum $name {
+                $( $(#[$variant_meta])* $variant ),+
+            }
         }
 
         impl $name {
@@ -100,24 +112,13 @@ macro_rules! id_type {
         $(#[$meta:meta])*
         pub struct $name:ident($inner:ty) as $sql:ty;
     ) => {
-        $(#[$meta])*
-        #[derive(
-            Debug,
-            Clone,
-            Copy,
-            PartialEq,
-            Eq,
-            Hash,
-            PartialOrd,
-            Ord,
-            serde::Serialize,
-            serde::Deserialize,
-            diesel::expression::AsExpression,
-            diesel::deserialize::FromSqlRow,
-        )]
-        #[serde(transparent)]
-        #[diesel(sql_type = $sql)]
-        pub struct $name(pub $inner);
+        $crate::column_value! {
+            $sql,
+            $(#[$meta])*
+            #[derive(Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+            #[serde(transparent)]
+            pub struct $name(pub $inner);
+        }
 
         impl std::fmt::Display for $name {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
