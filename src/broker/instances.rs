@@ -9,7 +9,8 @@ use super::lifecycle::{self, Decision};
 use super::model::{Instance, InstanceEvent, NewInstance};
 use super::providers::find_offer;
 use super::state::{apply, record_event, State};
-use super::{validate, Broker, BrokerError};
+use super::validate::{IdempotencyKey, ImageName, InstanceTypeName, ProviderName, SshPublicKey};
+use super::{Broker, BrokerError};
 use crate::auth::{Caller, Scope};
 use crate::db::schema::{instance_events, instances};
 use crate::ids::InstanceId;
@@ -97,42 +98,36 @@ impl Broker {
         request: CreateInstance,
         idempotency_key: Option<&str>,
     ) -> Result<Created, BrokerError> {
-        validate::required_text("provider", &request.provider, validate::MAX_PROVIDER_LEN)?;
-        validate::required_text("image", &request.image, validate::MAX_IMAGE_LEN)?;
+        let provider = ProviderName::parse(&request.provider)?;
+        let image = ImageName::parse(&request.image)?;
         // Travis CI's worker always sends the key, empty when it has none.
         let public_ssh_key = request
             .public_ssh_key
             .as_deref()
-            .filter(|key| !key.trim().is_empty());
-        if let Some(key) = public_ssh_key {
-            validate::ssh_public_key(key)?;
-        }
-        if let Some(key) = idempotency_key {
-            validate::idempotency_key(key)?;
-        }
+            .filter(|key| !key.trim().is_empty())
+            .map(SshPublicKey::parse)
+            .transpose()?;
+        let idempotency_key = idempotency_key.map(IdempotencyKey::parse).transpose()?;
 
         let mut conn = self.conn().await?;
-        let offered = find_offer(&mut conn, &self.key, &request.provider)
+        let offered = find_offer(&mut conn, &self.key, &provider)
             .await?
             .ok_or_else(|| {
                 BrokerError::invalid(
                     "provider",
-                    format!("provider {:?} does not exist", request.provider),
+                    format!("provider {:?} does not exist", provider.as_str()),
                 )
             })?;
         let instance_type = match request.instance_type.as_deref() {
             None | Some("") | Some(DEFAULT_TYPE_ALIAS) => offered.default_instance_type.clone(),
-            Some(named) => {
-                validate::required_text("instance_type", named, validate::MAX_INSTANCE_TYPE_LEN)?;
-                named.to_owned()
-            }
+            Some(named) => InstanceTypeName::parse(named)?.as_str().to_owned(),
         };
         if !offered.instance_types.contains(&instance_type) {
             return Err(BrokerError::invalid(
                 "instance_type",
                 format!(
                     "provider {:?} does not offer instance_type {:?}; it offers {}",
-                    request.provider,
+                    provider.as_str(),
                     instance_type,
                     offered.instance_types.join(", ")
                 ),
@@ -143,12 +138,12 @@ impl Broker {
         let new = NewInstance {
             id,
             owner_token_id: caller.token_id,
-            provider_name: &request.provider,
-            image: &request.image,
+            provider_name: provider.as_str(),
+            image: image.as_str(),
             instance_type: &instance_type,
-            public_ssh_key,
+            public_ssh_key: public_ssh_key.as_ref().map(SshPublicKey::as_str),
             state: State::Creating,
-            idempotency_key,
+            idempotency_key: idempotency_key.as_ref().map(IdempotencyKey::as_str),
         };
         let created = conn
             .transaction::<_, BrokerError, _>(async |conn| {
@@ -174,9 +169,9 @@ impl Broker {
         if !created.replayed {
             tracing::info!(
                 instance.id = %id,
-                provider = %request.provider,
+                provider = provider.as_str(),
                 token.id = %caller.token_id,
-                "instance {id} requested on {}", request.provider
+                "instance {id} requested on {}", provider.as_str()
             );
         }
         Ok(created)
@@ -249,8 +244,8 @@ impl Broker {
             query = query.filter(instances::state.eq(state));
         }
         if let Some(provider) = &filter.provider {
-            validate::required_text("provider", provider, validate::MAX_PROVIDER_LEN)?;
-            query = query.filter(instances::provider_name.eq(provider.clone()));
+            let provider = ProviderName::parse(provider)?;
+            query = query.filter(instances::provider_name.eq(provider.as_str().to_owned()));
         }
         if let Some(cursor) = &filter.cursor {
             let (at, id) = decode_cursor(cursor)?;

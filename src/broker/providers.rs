@@ -136,10 +136,10 @@ async fn offer_of(
 pub async fn find_offer(
     conn: &mut AsyncPgConnection,
     key: &SecretKey,
-    name: &str,
+    name: &super::validate::ProviderName,
 ) -> Result<Option<Offer>, BrokerError> {
     let Some(row) = providers::table
-        .filter(providers::name.eq(name))
+        .filter(providers::name.eq(name.as_str()))
         .select(ProviderRow::as_select())
         .first(conn)
         .await

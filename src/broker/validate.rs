@@ -144,8 +144,58 @@ pub fn ssh_public_key_pattern() -> String {
     )
 }
 
+/// Declares a validated input: a string that got in only through `parse`, which applies
+/// the check given, so a signature taking one cannot be handed an unchecked string.
+macro_rules! validated {
+    ($(#[$meta:meta])* $name:ident, $check:expr) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Checks `value`; the error names the request field.
+            pub fn parse(value: &str) -> Result<Self, BrokerError> {
+                let check: fn(&str) -> Result<(), BrokerError> = $check;
+                check(value)?;
+                Ok(Self(value.to_owned()))
+            }
+
+            /// The value, as checked.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+validated!(
+    /// A provider config's name as a request gives it.
+    ProviderName,
+    |v| required_text("provider", v, MAX_PROVIDER_LEN)
+);
+validated!(
+    /// An image name as a request gives it.
+    ImageName,
+    |v| required_text("image", v, MAX_IMAGE_LEN)
+);
+validated!(
+    /// An instance type name as a request gives it.
+    InstanceTypeName,
+    |v| required_text("instance_type", v, MAX_INSTANCE_TYPE_LEN)
+);
+validated!(
+    /// One OpenSSH public key line, checked by [`ssh_public_key`].
+    SshPublicKey,
+    ssh_public_key
+);
+validated!(
+    /// An `Idempotency-Key` header, checked by [`idempotency_key`].
+    IdempotencyKey,
+    idempotency_key
+);
+
 /// A required text field: present, not blank, not too long, no control characters.
-pub fn required_text(field: &'static str, value: &str, max: usize) -> Result<(), BrokerError> {
+fn required_text(field: &'static str, value: &str, max: usize) -> Result<(), BrokerError> {
     if value.trim().is_empty() {
         return Err(BrokerError::invalid(
             field,
@@ -168,7 +218,7 @@ pub fn required_text(field: &'static str, value: &str, max: usize) -> Result<(),
 }
 
 /// An `Idempotency-Key`: 1 to 255 printable ASCII characters.
-pub fn idempotency_key(value: &str) -> Result<(), BrokerError> {
+fn idempotency_key(value: &str) -> Result<(), BrokerError> {
     if value.is_empty()
         || value.len() > MAX_IDEMPOTENCY_KEY_LEN
         || !value.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
@@ -188,7 +238,7 @@ pub fn idempotency_key(value: &str) -> Result<(), BrokerError> {
 /// The key ends up in a cloud's metadata or cloud-init, so options (`command="…"`), extra
 /// lines and control characters are refused, and the blob must decode and name the same
 /// key type as the line does.
-pub fn ssh_public_key(value: &str) -> Result<(), BrokerError> {
+fn ssh_public_key(value: &str) -> Result<(), BrokerError> {
     let invalid = |why: &str| {
         BrokerError::invalid(
             "public_ssh_key",
