@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::common::fake_compute::FakeCompute;
-use crate::common::{fast_settings, machine_ids as ids, shared_store, CloudBroker, TestDb};
+use crate::common::{machine_ids as ids, shared_store, TestBroker, TestDb};
 use crate::ec2::Moto;
 
 /// One cloud under test, and what a provider config for it looks like.
@@ -67,8 +67,11 @@ impl Cloud {
     }
 
     /// The broker with this cloud registered as a provider named after its kind.
-    async fn broker(&self, config: &Value) -> CloudBroker {
-        CloudBroker::new(self.kind(), self.kind(), config.clone(), fast_settings()).await
+    async fn broker(&self, config: &Value) -> TestBroker {
+        TestBroker::new()
+            .provider(self.kind(), self.kind(), config.clone())
+            .start()
+            .await
     }
 
     fn spec(&self) -> InstanceSpec {

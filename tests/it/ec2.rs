@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{fast_settings, machine_ids, CloudBroker, ED25519};
+use crate::common::{machine_ids, TestBroker, ED25519};
 use aws_sdk_ec2::types::{Filter, InstanceStateName};
 use base64::Engine;
 use cloudbrain_provider::{InstanceSpec, Provider, ProviderError};
@@ -99,8 +99,12 @@ impl Moto {
     }
 
     /// The broker with an `ec2` provider config pointing at this server.
-    async fn broker(&self, extra: Value) -> CloudBroker {
-        CloudBroker::new("ec2", "ec2", self.config(extra).await, fast_settings()).await
+    async fn broker(&self, extra: Value) -> TestBroker {
+        let config = self.config(extra).await;
+        TestBroker::new()
+            .provider("ec2", "ec2", config)
+            .start()
+            .await
     }
 
     async fn provider(&self, name: &str, config: &Value) -> Ec2Provider {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use crate::common::fake_compute::{FakeCompute, Inject};
-use crate::common::{fast_settings, machine_ids, CloudBroker, ED25519};
+use crate::common::{machine_ids, TestBroker, ED25519};
 use cloudbrain_provider::{InstanceSpec, Provider, ProviderError};
 use cloudbrain_provider_gce::{GceConfig, GceProvider};
 use serde_json::{json, Value};
@@ -33,8 +33,12 @@ pub(crate) fn config(fake: &FakeCompute, extra: Value) -> Value {
 }
 
 /// The broker with a `gce` provider config pointing at `fake`.
-async fn broker(fake: &FakeCompute, extra: Value) -> CloudBroker {
-    CloudBroker::new("gce", "gce", config(fake, extra), fast_settings()).await
+async fn broker(fake: &FakeCompute, extra: Value) -> TestBroker {
+    let config = config(fake, extra);
+    TestBroker::new()
+        .provider("gce", "gce", config)
+        .start()
+        .await
 }
 
 async fn provider(fake: &FakeCompute, name: &str, extra: Value) -> GceProvider {

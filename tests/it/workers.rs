@@ -5,126 +5,27 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::{count, exec, fast_settings, shared_store, text, TestApp, TestDb, Workers};
+use crate::common::{count, exec, fast_settings, text, TestBroker, Workers};
 use async_trait::async_trait;
-use cloudbrain::auth::Scope;
 use cloudbrain::config::WorkerSettings;
 use cloudbrain_provider::{
     CallLimits, CloudInstance, CloudState, InstanceSpec, Provider, ProviderError,
 };
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
-use serde_json::{json, Value};
+use serde_json::json;
 use uuid::Uuid;
-
-struct Setup {
-    db: TestDb,
-    app: TestApp,
-    token: String,
-    workers: Workers,
-}
-
-async fn setup(fake: Value, settings: WorkerSettings) -> Setup {
-    let db = TestDb::new().await;
-    db.jobs_must_settle();
-    let app = TestApp::spawn(&db).await;
-    app.provider("fake", shared_store(fake, &db.url)).await;
-    let token = app.token(Scope::Client).await;
-    let workers = Workers::new(&db.url, settings);
-    Setup {
-        db,
-        app,
-        token,
-        workers,
-    }
-}
-
-impl Setup {
-    async fn create(&self, image: &str) -> String {
-        self.app.create(&self.token, image).await["id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    }
-
-    async fn instance(&self, id: &str) -> Value {
-        self.app.instance(&self.token, id).await.1
-    }
-
-    async fn assert_errored(&self, id: &str, why: &str) {
-        let instance = self.instance(id).await;
-        assert_eq!(instance["state"], "errored", "{instance}");
-        let reason = instance["error_reason"].as_str().unwrap_or_default();
-        assert!(reason.contains(why), "{instance}");
-    }
-
-    async fn status(&self, id: &str) -> u16 {
-        self.app.instance(&self.token, id).await.0
-    }
-
-    /// Brings every scheduled retry due now. Tests that look at a job between its attempts
-    /// use a backoff no run can outlast and call this, rather than racing a short backoff.
-    async fn make_jobs_due(&self) {
-        let mut conn = self.db.conn().await;
-        exec(&mut conn, "UPDATE jobs SET run_at = now()").await;
-    }
-
-    async fn machines(&self) -> i64 {
-        let mut conn = self.db.conn().await;
-        // The fake cloud makes its table on first use; no table, no machines.
-        if text(
-            &mut conn,
-            "SELECT to_regclass('fake_cloud.machines')::text AS v",
-        )
-        .await
-        .is_none()
-        {
-            return 0;
-        }
-        count(&mut conn, "SELECT count(*) AS n FROM fake_cloud.machines").await
-    }
-
-    async fn states(&self, id: &str) -> Vec<String> {
-        let events: Value = self
-            .app
-            .get(&format!("/instances/{id}/events"), &self.token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        events["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["to_state"].as_str().unwrap().to_owned())
-            .collect()
-    }
-
-    async fn job(&self, id: &str) -> (Option<String>, Option<String>, i64) {
-        let mut conn = self.db.conn().await;
-        let status = text(
-            &mut conn,
-            &format!("SELECT max(status) AS v FROM jobs WHERE instance_id = '{id}'"),
-        )
-        .await;
-        let error = text(
-            &mut conn,
-            &format!("SELECT max(last_error) AS v FROM jobs WHERE instance_id = '{id}'"),
-        )
-        .await;
-        let attempts = count(&mut conn, &format!("SELECT coalesce(sum(attempts), 0)::bigint AS n FROM jobs WHERE instance_id = '{id}'")).await;
-        (status, error, attempts)
-    }
-}
 
 #[tokio::test]
 async fn an_instance_goes_from_creating_to_running_to_terminated() {
-    let s = setup(json!({"boot_time_ms": 0}), fast_settings()).await;
+    let s = TestBroker::new()
+        .fake(json!({"boot_time_ms": 0}))
+        .settings(fast_settings())
+        .start()
+        .await;
     let id = s.create("ubuntu").await;
     assert_eq!(s.workers.run_pending_jobs().await, 1);
-    let running = s.instance(&id).await;
+    let running = s.body(&id).await;
     assert_eq!(running["state"], "running");
     assert!(running["upstream_id"]
         .as_str()
@@ -148,6 +49,7 @@ async fn an_instance_goes_from_creating_to_running_to_terminated() {
         s.states(&id).await,
         ["creating", "running", "terminating", "terminated"]
     );
+    assert!(s.row(&id).await.terminated_at.is_some());
     assert_eq!(
         count(&mut s.db.conn().await, "SELECT count(*) AS n FROM jobs").await,
         0
@@ -156,15 +58,19 @@ async fn an_instance_goes_from_creating_to_running_to_terminated() {
 
 #[tokio::test]
 async fn the_refresh_moves_a_booting_machine_to_running_and_then_writes_nothing() {
-    let s = setup(json!({"boot_time_ms": 2000}), fast_settings()).await;
+    let s = TestBroker::new()
+        .fake(json!({"boot_time_ms": 2000}))
+        .settings(fast_settings())
+        .start()
+        .await;
     let id = s.create("ubuntu").await;
     s.workers.run_pending_jobs().await;
-    assert_eq!(s.instance(&id).await["state"], "starting");
+    assert_eq!(s.body(&id).await["state"], "starting");
     s.workers.refresh.refresh_all().await;
-    assert_eq!(s.instance(&id).await["state"], "starting");
+    assert_eq!(s.body(&id).await["state"], "starting");
     tokio::time::sleep(Duration::from_millis(2100)).await;
     s.workers.refresh.refresh_all().await;
-    assert_eq!(s.instance(&id).await["state"], "running");
+    assert_eq!(s.body(&id).await["state"], "running");
 
     let mut conn = s.db.conn().await;
     let snapshot = "SELECT string_agg(xmin::text || updated_at::text, ',') AS v FROM instances";
@@ -187,7 +93,11 @@ async fn the_refresh_moves_a_booting_machine_to_running_and_then_writes_nothing(
 
 #[tokio::test]
 async fn a_late_refresh_never_moves_a_deleted_instance_back() {
-    let s = setup(json!({"boot_time_ms": 0}), fast_settings()).await;
+    let s = TestBroker::new()
+        .fake(json!({"boot_time_ms": 0}))
+        .settings(fast_settings())
+        .start()
+        .await;
     let id = s.create("ubuntu").await;
     s.workers.run_pending_jobs().await;
     s.app
@@ -197,7 +107,7 @@ async fn a_late_refresh_never_moves_a_deleted_instance_back() {
         .unwrap();
     // The machine still runs (the remove job has not run): the cloud says "running".
     s.workers.refresh.refresh_all().await;
-    assert_eq!(s.instance(&id).await["state"], "terminating");
+    assert_eq!(s.body(&id).await["state"], "terminating");
     s.workers.run_pending_jobs().await;
     s.workers.refresh.refresh_all().await;
     assert_eq!(
@@ -208,7 +118,11 @@ async fn a_late_refresh_never_moves_a_deleted_instance_back() {
 
 #[tokio::test]
 async fn a_vanished_machine_errors_its_instance() {
-    let s = setup(json!({"boot_time_ms": 0}), fast_settings()).await;
+    let s = TestBroker::new()
+        .fake(json!({"boot_time_ms": 0}))
+        .settings(fast_settings())
+        .start()
+        .await;
     let id = s.create("ubuntu").await;
     s.workers.run_pending_jobs().await;
     exec(&mut s.db.conn().await, "DELETE FROM fake_cloud.machines").await;
@@ -230,7 +144,11 @@ async fn a_stuck_launch_is_errored_and_its_machine_destroyed() {
         launch_timeout: Duration::from_millis(200),
         ..fast_settings()
     };
-    let s = setup(json!({"boot_time_ms": 3_600_000}), settings).await;
+    let s = TestBroker::new()
+        .fake(json!({"boot_time_ms": 3_600_000}))
+        .settings(settings)
+        .start()
+        .await;
     // One never got a worker; one got a machine that never boots.
     let never_made = s.create("ubuntu").await;
     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -244,17 +162,21 @@ async fn a_stuck_launch_is_errored_and_its_machine_destroyed() {
 
     let never_booted = s.create("ubuntu").await;
     s.workers.run_pending_jobs().await;
-    assert_eq!(s.instance(&never_booted).await["state"], "starting");
+    assert_eq!(s.body(&never_booted).await["state"], "starting");
     assert_eq!(s.machines().await, 1);
     tokio::time::sleep(Duration::from_millis(250)).await;
     s.workers.refresh.refresh_all().await;
-    assert_eq!(s.instance(&never_booted).await["state"], "errored");
+    assert_eq!(s.body(&never_booted).await["state"], "errored");
     assert_eq!(s.machines().await, 0, "the stuck machine leaked");
 }
 
 #[tokio::test]
 async fn orphans_are_destroyed_after_the_grace_period_only() {
-    let s = setup(json!({"boot_time_ms": 0}), fast_settings()).await;
+    let s = TestBroker::new()
+        .fake(json!({"boot_time_ms": 0}))
+        .settings(fast_settings())
+        .start()
+        .await;
     let ours = s.create("ubuntu").await;
     s.workers.run_pending_jobs().await;
     let shared = || cloudbrain_provider_fake::FakeConfig {
@@ -290,16 +212,16 @@ async fn orphans_are_destroyed_after_the_grace_period_only() {
     let reports = s.workers.refresh.refresh_all().await;
     assert_eq!(reports[0].1.destroyed_orphans, 1);
     assert_eq!(s.machines().await, 2);
-    assert_eq!(s.instance(&ours).await["state"], "running");
+    assert_eq!(s.body(&ours).await["state"], "running");
 }
 
 #[tokio::test]
 async fn an_invalid_request_errors_the_instance_at_once() {
-    let s = setup(
-        json!({"invalid_images": ["no-such-image"]}),
-        fast_settings(),
-    )
-    .await;
+    let s = TestBroker::new()
+        .fake(json!({"invalid_images": ["no-such-image"]}))
+        .settings(fast_settings())
+        .start()
+        .await;
     s.db.ends_with_jobs(&["create dead"]);
     let id = s.create("no-such-image").await;
     s.workers.run_pending_jobs().await;
@@ -310,17 +232,21 @@ async fn an_invalid_request_errors_the_instance_at_once() {
 
 #[tokio::test]
 async fn transient_errors_retry_with_backoff_until_the_last_attempt() {
-    let s = setup(json!({"transient_error_rate": 1.0}), fast_settings()).await;
+    let s = TestBroker::new()
+        .fake(json!({"transient_error_rate": 1.0}))
+        .settings(fast_settings())
+        .start()
+        .await;
     s.db.ends_with_jobs(&["create dead"]);
     let id = s.create("ubuntu").await;
     for _ in 0..100 {
         s.workers.run_pending_jobs().await;
-        if s.instance(&id).await["state"] == "errored" {
+        if s.body(&id).await["state"] == "errored" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let instance = s.instance(&id).await;
+    let instance = s.body(&id).await;
     assert_eq!(instance["state"], "errored");
     let reason = instance["error_reason"].as_str().unwrap();
     assert!(
@@ -335,11 +261,11 @@ async fn transient_errors_retry_with_backoff_until_the_last_attempt() {
 
 #[tokio::test]
 async fn throttling_waits_as_long_as_the_cloud_asks() {
-    let s = setup(
-        json!({"throttle_rate": 1.0, "throttle_retry_after_ms": 30000}),
-        fast_settings(),
-    )
-    .await;
+    let s = TestBroker::new()
+        .fake(json!({"throttle_rate": 1.0, "throttle_retry_after_ms": 30000}))
+        .settings(fast_settings())
+        .start()
+        .await;
     s.db.ends_with_jobs(&["create queued"]);
     let id = s.create("ubuntu").await;
     assert_eq!(
@@ -350,27 +276,27 @@ async fn throttling_waits_as_long_as_the_cloud_asks() {
     let mut conn = s.db.conn().await;
     let wait = count(&mut conn, &format!("SELECT extract(epoch FROM run_at - now())::bigint AS n FROM jobs WHERE instance_id = '{id}'")).await;
     assert!((25..=34).contains(&wait), "rescheduled {wait} s ahead");
-    assert_eq!(s.instance(&id).await["state"], "creating");
+    assert_eq!(s.body(&id).await["state"], "creating");
     assert!(s.job(&id).await.1.unwrap().contains("throttled"));
 }
 
 #[tokio::test]
 async fn capacity_errors_are_retried_not_fatal() {
-    let s = setup(
-        json!({"capacity_error_rate": 1.0}),
-        WorkerSettings {
+    let s = TestBroker::new()
+        .fake(json!({"capacity_error_rate": 1.0}))
+        .settings(WorkerSettings {
             backoff_base: Duration::from_secs(60),
             ..fast_settings()
-        },
-    )
-    .await;
+        })
+        .start()
+        .await;
     s.db.ends_with_jobs(&["create queued"]);
     let id = s.create("ubuntu").await;
     s.workers.run_pending_jobs().await;
     let (status, error, attempts) = s.job(&id).await;
     assert_eq!((status.as_deref(), attempts), (Some("queued"), 1));
     assert!(error.unwrap().contains("capacity"));
-    assert_eq!(s.instance(&id).await["state"], "creating");
+    assert_eq!(s.body(&id).await["state"], "creating");
 }
 
 type CreateFn =
@@ -408,15 +334,15 @@ fn running(id: Uuid) -> CloudInstance {
 
 #[tokio::test]
 async fn a_panic_in_a_job_is_a_failure_not_a_dead_worker() {
-    let s = setup(
-        json!(null),
-        WorkerSettings {
+    let s = TestBroker::new()
+        .fake(json!(null))
+        .settings(WorkerSettings {
             backoff_base: Duration::from_secs(3600),
             backoff_max: Duration::from_secs(3600),
             ..fast_settings()
-        },
-    )
-    .await;
+        })
+        .start()
+        .await;
     let calls = Arc::new(AtomicUsize::new(0));
     let panics_once = Stub(Box::new(move |id| {
         let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
@@ -438,12 +364,16 @@ async fn a_panic_in_a_job_is_a_failure_not_a_dead_worker() {
     assert!(error.unwrap().contains("job panicked: provider bug"));
     s.make_jobs_due().await;
     s.workers.run_pending_jobs().await;
-    assert_eq!(s.instance(&id).await["state"], "running");
+    assert_eq!(s.body(&id).await["state"], "running");
 }
 
 #[tokio::test]
 async fn a_burst_of_requests_never_becomes_a_burst_against_the_cloud() {
-    let s = setup(json!(null), fast_settings()).await;
+    let s = TestBroker::new()
+        .fake(json!(null))
+        .settings(fast_settings())
+        .start()
+        .await;
     // Counts how many creates run at once.
     let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let (n, p) = (now.clone(), peak.clone());
@@ -471,7 +401,7 @@ async fn a_burst_of_requests_never_becomes_a_burst_against_the_cloud() {
     }
     s.workers.run_pending_jobs().await;
     for id in &ids {
-        assert_eq!(s.instance(id).await["state"], "running");
+        assert_eq!(s.body(id).await["state"], "running");
     }
     assert_eq!(
         peak.load(Ordering::SeqCst),
@@ -482,7 +412,11 @@ async fn a_burst_of_requests_never_becomes_a_burst_against_the_cloud() {
 
 #[tokio::test]
 async fn a_refresh_skips_a_provider_another_refresh_worker_holds() {
-    let s = setup(json!(null), fast_settings()).await;
+    let s = TestBroker::new()
+        .fake(json!(null))
+        .settings(fast_settings())
+        .start()
+        .await;
     let mut holder = s.db.conn().await;
     let refresh_lock = cloudbrain::db::locks::REFRESH;
     exec(
@@ -503,11 +437,11 @@ async fn a_refresh_skips_a_provider_another_refresh_worker_holds() {
 
 #[tokio::test]
 async fn delete_while_the_create_call_runs_leaves_no_machine() {
-    let s = setup(
-        json!({"create_latency_ms": 400, "boot_time_ms": 0}),
-        fast_settings(),
-    )
-    .await;
+    let s = TestBroker::new()
+        .fake(json!({"create_latency_ms": 400, "boot_time_ms": 0}))
+        .settings(fast_settings())
+        .start()
+        .await;
     let id = s.create("ubuntu").await;
     let jobs = s.workers.jobs.clone();
     let creating = tokio::spawn(async move { jobs.run_until_idle().await.unwrap() });
@@ -532,11 +466,11 @@ async fn delete_while_the_create_call_runs_leaves_no_machine() {
 
 #[tokio::test]
 async fn metrics_report_instances_jobs_provider_calls_and_auth() {
-    let s = setup(
-        json!({"boot_time_ms": 0, "invalid_images": ["bad"]}),
-        fast_settings(),
-    )
-    .await;
+    let s = TestBroker::new()
+        .fake(json!({"boot_time_ms": 0, "invalid_images": ["bad"]}))
+        .settings(fast_settings())
+        .start()
+        .await;
     s.db.ends_with_jobs(&["create dead"]);
     s.create("ubuntu").await;
     s.create("bad").await;
@@ -584,9 +518,12 @@ async fn metrics_report_instances_jobs_provider_calls_and_auth() {
 #[tokio::test]
 async fn a_worker_that_lost_its_lease_cannot_finish_requeue_or_bury_the_job() {
     use cloudbrain::queue::{JobKind, Queue};
-    let s = setup(json!(null), fast_settings()).await;
+    let s = TestBroker::new()
+        .fake(json!(null))
+        .settings(fast_settings())
+        .start()
+        .await;
     let id = s.create("ubuntu").await;
-    let mut conn = s.db.conn().await;
     let queue = Queue::new(cloudbrain::db::pool(&s.db.url, 2).unwrap());
     let kinds = [JobKind::CreateInstance];
     let stale = queue
@@ -614,26 +551,18 @@ async fn a_worker_that_lost_its_lease_cannot_finish_requeue_or_bury_the_job() {
     assert!(!queue.renew(stale, Duration::from_secs(60)).await.unwrap());
 
     // The job is still worker B's, untouched, and its instance was not errored.
-    let row =
-        |column: &str| format!("SELECT {column}::text AS v FROM jobs WHERE instance_id = '{id}'");
-    assert_eq!(
-        text(&mut conn, &row("locked_by")).await.as_deref(),
-        Some("worker-b")
-    );
-    assert_eq!(
-        text(&mut conn, &row("status")).await.as_deref(),
-        Some("queued")
-    );
-    assert_eq!(text(&mut conn, &row("last_error")).await, None);
-    assert_eq!(
-        text(&mut conn, &row("attempts")).await.as_deref(),
-        Some("2")
-    );
-    assert_eq!(s.instance(&id).await["state"], "creating");
+    let jobs = s.jobs(&id).await;
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    let job = &jobs[0];
+    assert_eq!(job.kind, "create");
+    assert_eq!(job.locked_by.as_deref(), Some("worker-b"));
+    assert_eq!(job.status, "queued");
+    assert_eq!(job.last_error, None);
+    assert_eq!(job.attempts, 2);
+    assert_eq!(s.body(&id).await["state"], "creating");
     // Worker B, which holds it, can.
     assert!(queue.finish(&held[0]).await.unwrap());
-    let left = format!("SELECT count(*) AS n FROM jobs WHERE instance_id = '{id}'");
-    assert_eq!(count(&mut conn, &left).await, 0);
+    assert!(s.jobs(&id).await.is_empty());
 }
 
 /// The fake cloud, whose first listing waits, once listed, until the test says go: what
@@ -668,7 +597,11 @@ impl Provider for PausedListing {
 
 #[tokio::test]
 async fn a_create_recorded_while_the_refresh_lists_the_cloud_is_not_taken_for_vanished() {
-    let s = setup(json!({"boot_time_ms": 60000}), fast_settings()).await;
+    let s = TestBroker::new()
+        .fake(json!({"boot_time_ms": 60000}))
+        .settings(fast_settings())
+        .start()
+        .await;
     let (listed, go) = (
         Arc::new(tokio::sync::Notify::new()),
         Arc::new(tokio::sync::Notify::new()),
@@ -695,14 +628,14 @@ async fn a_create_recorded_while_the_refresh_lists_the_cloud_is_not_taken_for_va
     // ... a request comes in and its machine is made and recorded ...
     let id = s.create("ubuntu").await;
     s.workers.run_pending_jobs().await;
-    assert_eq!(s.instance(&id).await["state"], "starting");
+    assert_eq!(s.body(&id).await["state"], "starting");
     // ... and then the refresh reads the rows.
     go.notify_one();
     let reports = cycle.await.unwrap();
     assert_eq!(reports[0].1.destroyed_errored, 0, "{reports:?}");
-    assert_eq!(s.instance(&id).await["state"], "starting");
+    assert_eq!(s.body(&id).await["state"], "starting");
     assert_eq!(s.machines().await, 1);
     // The next cycle sees the machine and has nothing to say.
     s.workers.refresh.refresh_all().await;
-    assert_eq!(s.instance(&id).await["state"], "starting");
+    assert_eq!(s.body(&id).await["state"], "starting");
 }

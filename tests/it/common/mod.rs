@@ -15,6 +15,7 @@ use cloudbrain::broker::Broker;
 use cloudbrain::config::TrustedProxies;
 use cloudbrain::crypto::SecretKey;
 use cloudbrain::db;
+use diesel::{ExpressionMethods, QueryDsl, SelectableHelper};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use sha2::{Digest, Sha256};
 
@@ -560,34 +561,186 @@ pub async fn exec(conn: &mut AsyncPgConnection, sql: &str) {
         .unwrap();
 }
 
-/// The broker (API, database, workers) with one provider config registered.
-pub struct CloudBroker {
-    /// Kept so the database lives as long as the broker.
-    _db: TestDb,
+/// The broker under test: its own database, the API on loopback, the workers in this
+/// process, the provider configs asked for and a client token. Made by [`TestBroker::new`].
+pub struct TestBroker {
+    pub db: TestDb,
     pub app: TestApp,
     pub token: String,
     pub workers: Workers,
 }
 
-impl CloudBroker {
-    pub async fn new(
-        kind: &str,
-        name: &str,
-        config: serde_json::Value,
-        settings: cloudbrain::config::WorkerSettings,
-    ) -> Self {
+/// What a [`TestBroker`] starts with.
+pub struct TestBrokerBuilder {
+    providers: Vec<(String, String, serde_json::Value)>,
+    fake: Option<serde_json::Value>,
+    settings: cloudbrain::config::WorkerSettings,
+}
+
+impl TestBrokerBuilder {
+    /// A provider config of `kind` named `name`.
+    pub fn provider(mut self, kind: &str, name: &str, config: serde_json::Value) -> Self {
+        self.providers.push((kind.into(), name.into(), config));
+        self
+    }
+
+    /// The fake cloud as provider `fake`, its machines in the test's database so that every
+    /// part of the test sees one cloud and [`TestBroker::machines`] can count them.
+    pub fn fake(mut self, config: serde_json::Value) -> Self {
+        self.fake = Some(config);
+        self
+    }
+
+    /// The workers' settings (default: [`fast_settings`]).
+    pub fn settings(mut self, settings: cloudbrain::config::WorkerSettings) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    /// Starts it all; the test fails if it ends with a job queued or dead that it did not
+    /// name with [`TestDb::ends_with_jobs`].
+    pub async fn start(self) -> TestBroker {
         let db = TestDb::new().await;
         db.jobs_must_settle();
         let app = TestApp::spawn(&db).await;
-        app.provider_of(kind, name, config).await;
+        if let Some(config) = self.fake {
+            app.provider("fake", shared_store(config, &db.url)).await;
+        }
+        for (kind, name, config) in self.providers {
+            app.provider_of(&kind, &name, config).await;
+        }
         let token = app.token(Scope::Client).await;
-        let workers = Workers::new(&db.url, settings);
-        Self {
-            _db: db,
+        let workers = Workers::new(&db.url, self.settings);
+        TestBroker {
+            db,
             app,
             token,
             workers,
         }
+    }
+}
+
+/// One job as the queue holds it.
+#[derive(Debug, diesel::Queryable)]
+pub struct JobRow {
+    pub kind: String,
+    pub status: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub locked_by: Option<String>,
+}
+
+impl TestBroker {
+    /// A broker to be started with what the builder is given.
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new() -> TestBrokerBuilder {
+        TestBrokerBuilder {
+            providers: Vec::new(),
+            fake: None,
+            settings: fast_settings(),
+        }
+    }
+
+    /// Asks for an instance of `image` on provider `fake`; its id.
+    pub async fn create(&self, image: &str) -> String {
+        let created = self.app.create(&self.token, image).await;
+        created["id"].as_str().unwrap().to_owned()
+    }
+
+    /// GET /instances/<id>: the body.
+    pub async fn body(&self, id: &str) -> serde_json::Value {
+        self.instance(id).await.1
+    }
+
+    /// GET /instances/<id>: the status.
+    pub async fn status(&self, id: &str) -> u16 {
+        self.instance(id).await.0
+    }
+
+    /// The instance's jobs, oldest first, as the queue holds them.
+    pub async fn jobs(&self, id: &str) -> Vec<JobRow> {
+        use cloudbrain::db::schema::jobs;
+        let id = cloudbrain::ids::InstanceId::parse(id).unwrap();
+        let mut conn = self.db.conn().await;
+        jobs::table
+            .filter(jobs::instance_id.eq(id))
+            .order(jobs::id)
+            .select((
+                jobs::kind,
+                jobs::status,
+                jobs::attempts,
+                jobs::last_error,
+                jobs::locked_by,
+            ))
+            .load(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    /// The instance's job as one line: its status, last error and the attempts made (for
+    /// an instance with one job).
+    pub async fn job(&self, id: &str) -> (Option<String>, Option<String>, i64) {
+        let jobs = self.jobs(id).await;
+        let status = jobs.iter().map(|j| j.status.clone()).max();
+        let error = jobs.iter().filter_map(|j| j.last_error.clone()).max();
+        let attempts = jobs.iter().map(|j| i64::from(j.attempts)).sum();
+        (status, error, attempts)
+    }
+
+    /// The instance's row.
+    pub async fn row(&self, id: &str) -> cloudbrain::broker::model::Instance {
+        use cloudbrain::db::schema::instances;
+        let id = cloudbrain::ids::InstanceId::parse(id).unwrap();
+        let mut conn = self.db.conn().await;
+        instances::table
+            .find(id)
+            .select(cloudbrain::broker::model::Instance::as_select())
+            .first(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    /// The states the instance went through, from its events.
+    pub async fn states(&self, id: &str) -> Vec<String> {
+        let path = format!("/instances/{id}/events");
+        let events = self.app.get_json(&path, &self.token).await;
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["to_state"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Asserts the instance errored, its reason saying `why`.
+    pub async fn assert_errored(&self, id: &str, why: &str) {
+        let instance = self.body(id).await;
+        assert_eq!(instance["state"], "errored", "{instance}");
+        let reason = instance["error_reason"].as_str().unwrap_or_default();
+        assert!(reason.contains(why), "{instance}");
+    }
+
+    /// Brings every scheduled retry due now. Tests that look at a job between its attempts
+    /// use a backoff no run can outlast and call this, rather than racing a short backoff.
+    pub async fn make_jobs_due(&self) {
+        use cloudbrain::db::schema::jobs;
+        let mut conn = self.db.conn().await;
+        diesel::update(jobs::table)
+            .set(jobs::run_at.eq(diesel::dsl::now))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+
+    /// How many machines the fake cloud holds, for every provider name.
+    pub async fn machines(&self) -> i64 {
+        let mut conn = self.db.conn().await;
+        // The fake cloud makes its table on first use; no table, no machines.
+        let table = "SELECT to_regclass('fake_cloud.machines')::text AS v";
+        if text(&mut conn, table).await.is_none() {
+            return 0;
+        }
+        count(&mut conn, "SELECT count(*) AS n FROM fake_cloud.machines").await
     }
 
     /// GET /instances/<id>: the status and the body.
