@@ -452,8 +452,21 @@ impl TokenVerifier {
     }
 }
 
-/// The token store could not answer: logged here, refused as unavailable (503).
+/// The token store could not answer: refused as unavailable (503), and logged at most once
+/// a second with how many went unlogged since, so a storm of requests during an outage
+/// cannot flood the log.
 fn unavailable(error: impl std::fmt::Display) -> AuthError {
-    tracing::warn!(%error, "the token store is unavailable");
+    static LAST_SECOND: AtomicU64 = AtomicU64::new(0);
+    static UNLOGGED: AtomicU64 = AtomicU64::new(0);
+    let second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    if LAST_SECOND.swap(second, Ordering::AcqRel) == second {
+        UNLOGGED.fetch_add(1, Ordering::AcqRel);
+    } else {
+        let unlogged = UNLOGGED.swap(0, Ordering::AcqRel);
+        tracing::warn!(%error, unlogged, "the token store is unavailable");
+    }
     AuthError::Unavailable
 }
