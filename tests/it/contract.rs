@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use cloudbrain::auth::Scope;
 use cloudbrain::providers::catalog;
 use cloudbrain_provider::{InstanceSpec, Provider, ProviderError};
 use serde_json::{json, Value};
@@ -132,15 +133,25 @@ async fn an_instance_runs_and_is_gone_after_delete(cloud: Cloud) {
     let config = cloud.config().await;
     let b = cloud.broker(&config).await;
     let asked = json!({"provider": cloud.kind(), "image": cloud.image(), "instance_type": "default", "public_ssh_key": crate::common::ED25519});
-    let created = b.app.post_json("/instances", &b.token, &asked).await;
+    let client = b.client();
+    let created = client.post("/instances", &asked).await.expect(200);
     let id = created["id"].as_str().unwrap().to_owned();
     let running = b.settle(&id, "running").await;
     assert_eq!(running["instance_type"], "standard", "{running}");
     assert!(running["ip_address"].is_string(), "{running}");
     assert!(running["upstream_id"].is_string(), "{running}");
+    let path = format!("/instances/{id}");
+    let admin = b.client_with(Scope::Admin).await;
+    assert_eq!(
+        admin.get(&path).await.expect(200),
+        running,
+        "admins see it too"
+    );
 
-    let (status, gone) = b.delete_and_run_jobs(&id).await;
-    assert_eq!(status, 410, "{gone}");
+    let terminating = client.delete(&path).await.expect(200);
+    assert_eq!(terminating["state"], "terminating");
+    b.workers.run_pending_jobs().await;
+    let gone = client.get(&path).await.expect(410);
     assert_eq!(gone["state"], "terminated");
     let provider = cloud.provider(cloud.kind(), &config).await;
     assert!(ids(provider.as_ref()).await.is_empty(), "a machine is left");

@@ -4,7 +4,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{count, shared_store, text, TestApp, TestDb, KEY_HEX};
+use crate::common::{count, shared_store, text, wait_for, TestApp, TestDb, KEY_HEX};
 use cloudbrain::auth::Scope;
 use serde_json::json;
 
@@ -25,14 +25,6 @@ fn worker_with(db: &TestDb, lease: &str, poll: &str, env: &[(&str, String)]) -> 
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
-}
-
-async fn wait_for(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn setup(fake: serde_json::Value) -> (TestDb, TestApp, String) {

@@ -279,6 +279,65 @@ pub async fn machine_ids(provider: &dyn cloudbrain_provider::Provider) -> Vec<uu
     ids
 }
 
+/// Waits until `check` holds, looking every 50 ms; fails the test after `limit`, naming
+/// `what` it waited for.
+pub async fn wait_for(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An answer as a client sees it: the status and the body (JSON, or null).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: serde_json::Value,
+}
+
+impl Answer {
+    /// Asserts the status and hands back the body.
+    pub fn expect(self, status: u16) -> serde_json::Value {
+        assert_eq!(self.status, status, "{}", self.body);
+        self.body
+    }
+}
+
+/// A client of the API with one token.
+pub struct Client<'a> {
+    app: &'a TestApp,
+    pub token: String,
+}
+
+impl Client<'_> {
+    async fn answer(request: reqwest::RequestBuilder) -> Answer {
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+        Answer { status, body }
+    }
+
+    /// GET `path`.
+    pub async fn get(&self, path: &str) -> Answer {
+        Self::answer(self.app.get(path, &self.token)).await
+    }
+
+    /// POST `body` as JSON to `path`.
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> Answer {
+        Self::answer(self.app.post(path, &self.token).json(body)).await
+    }
+
+    /// DELETE `path`.
+    pub async fn delete(&self, path: &str) -> Answer {
+        Self::answer(self.app.delete(path, &self.token)).await
+    }
+}
+
 /// An OpenSSH public key line for tests.
 pub const ED25519: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ci@example";
@@ -388,17 +447,6 @@ impl TestApp {
         self.client
             .get(self.url(path))
             .header("Authorization", format!("token {token}"))
-    }
-
-    /// POST `body` to `path` as `token`: the answer's body as JSON, whatever the status.
-    pub async fn post_json(
-        &self,
-        path: &str,
-        token: &str,
-        body: &serde_json::Value,
-    ) -> serde_json::Value {
-        let response = self.post(path, token).json(body).send().await.unwrap();
-        response.json().await.unwrap()
     }
 
     /// GET `path` as `token`: the body as JSON, whatever the status.
@@ -638,6 +686,22 @@ impl TestBroker {
             providers: Vec::new(),
             fake: None,
             settings: fast_settings(),
+        }
+    }
+
+    /// A client with the broker's client token.
+    pub fn client(&self) -> Client<'_> {
+        Client {
+            app: &self.app,
+            token: self.token.clone(),
+        }
+    }
+
+    /// A client with a new token of `scope`.
+    pub async fn client_with(&self, scope: Scope) -> Client<'_> {
+        Client {
+            app: &self.app,
+            token: self.app.token(scope).await,
         }
     }
 
