@@ -68,7 +68,7 @@ impl From<Instance> for InstanceBody {
                 .details
                 .as_ref()
                 .and_then(|d| d.get("ecs"))
-                .and_then(|v| serde_json::from_value(v.clone()).ok()),
+                .and_then(|v| EcsBody::deserialize(v).ok()),
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::model::{NewProvider, ProviderRow};
 use super::{Broker, BrokerError};
@@ -112,11 +112,7 @@ async fn offer_of(
     key: &SecretKey,
     row: ProviderRow,
 ) -> Result<Offer, BrokerError> {
-    if let Some(offer) = row
-        .offer
-        .as_ref()
-        .and_then(|o| serde_json::from_value(o.clone()).ok())
-    {
+    if let Some(offer) = row.offer.as_ref().and_then(|o| Offer::deserialize(o).ok()) {
         return Ok(offer);
     }
     let id = row.id;

@@ -169,16 +169,8 @@ fn spec(image: &str) -> InstanceSpec {
 async fn an_ec2_instance_goes_from_request_to_running_to_terminated() {
     let moto = Moto::start(&[]);
     let b = moto.broker(json!({})).await;
-    let created: Value = b
-        .app
-        .post("/instances", &b.token)
-        .json(&json!({"provider": "ec2", "image": "ami-12c6146b", "instance_type": "default", "public_ssh_key": ED25519}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let asked = json!({"provider": "ec2", "image": "ami-12c6146b", "instance_type": "default", "public_ssh_key": ED25519});
+    let created = b.client().post("/instances", &asked).await.expect(200);
     let id = created["id"].as_str().unwrap().to_owned();
     b.workers.run_pending_jobs().await;
     b.workers.refresh.refresh_all().await;

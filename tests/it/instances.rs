@@ -44,15 +44,7 @@ async fn create_records_the_instance_and_its_job_at_once() {
     .await;
     assert_eq!(jobs, 1);
 
-    let fetched: Value = app
-        .get(&location, &token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(fetched, body);
+    assert_eq!(app.get_json(&location, &token).await, body);
 }
 
 #[tokio::test]

@@ -20,7 +20,6 @@ use uuid::Uuid;
 async fn an_instance_goes_from_creating_to_running_to_terminated() {
     let s = TestBroker::new()
         .fake(json!({"boot_time_ms": 0}))
-        .settings(fast_settings())
         .start()
         .await;
     let id = s.create("ubuntu").await;
@@ -37,11 +36,7 @@ async fn an_instance_goes_from_creating_to_running_to_terminated() {
         .starts_with("192.0.2."));
     assert_eq!(s.machines().await, 1);
 
-    s.app
-        .delete(&format!("/instances/{id}"), &s.token)
-        .send()
-        .await
-        .unwrap();
+    s.delete(&id).await.expect(200);
     assert_eq!(s.workers.run_pending_jobs().await, 1);
     assert_eq!(s.status(&id).await, 410);
     assert_eq!(s.machines().await, 0);
@@ -60,7 +55,6 @@ async fn an_instance_goes_from_creating_to_running_to_terminated() {
 async fn the_refresh_moves_a_booting_machine_to_running_and_then_writes_nothing() {
     let s = TestBroker::new()
         .fake(json!({"boot_time_ms": 2000}))
-        .settings(fast_settings())
         .start()
         .await;
     let id = s.create("ubuntu").await;
@@ -95,16 +89,11 @@ async fn the_refresh_moves_a_booting_machine_to_running_and_then_writes_nothing(
 async fn a_late_refresh_never_moves_a_deleted_instance_back() {
     let s = TestBroker::new()
         .fake(json!({"boot_time_ms": 0}))
-        .settings(fast_settings())
         .start()
         .await;
     let id = s.create("ubuntu").await;
     s.workers.run_pending_jobs().await;
-    s.app
-        .delete(&format!("/instances/{id}"), &s.token)
-        .send()
-        .await
-        .unwrap();
+    s.delete(&id).await.expect(200);
     // The machine still runs (the remove job has not run): the cloud says "running".
     s.workers.refresh.refresh_all().await;
     assert_eq!(s.body(&id).await["state"], "terminating");
@@ -120,7 +109,6 @@ async fn a_late_refresh_never_moves_a_deleted_instance_back() {
 async fn a_vanished_machine_errors_its_instance() {
     let s = TestBroker::new()
         .fake(json!({"boot_time_ms": 0}))
-        .settings(fast_settings())
         .start()
         .await;
     let id = s.create("ubuntu").await;
@@ -129,11 +117,7 @@ async fn a_vanished_machine_errors_its_instance() {
     s.workers.refresh.refresh_all().await;
     s.assert_errored(&id, "vanished").await;
     // Deleting an errored instance still ends in terminated.
-    s.app
-        .delete(&format!("/instances/{id}"), &s.token)
-        .send()
-        .await
-        .unwrap();
+    s.delete(&id).await.expect(200);
     s.workers.run_pending_jobs().await;
     assert_eq!(s.status(&id).await, 410);
 }
@@ -174,7 +158,6 @@ async fn a_stuck_launch_is_errored_and_its_machine_destroyed() {
 async fn orphans_are_destroyed_after_the_grace_period_only() {
     let s = TestBroker::new()
         .fake(json!({"boot_time_ms": 0}))
-        .settings(fast_settings())
         .start()
         .await;
     let ours = s.create("ubuntu").await;
@@ -219,7 +202,6 @@ async fn orphans_are_destroyed_after_the_grace_period_only() {
 async fn an_invalid_request_errors_the_instance_at_once() {
     let s = TestBroker::new()
         .fake(json!({"invalid_images": ["no-such-image"]}))
-        .settings(fast_settings())
         .start()
         .await;
     s.db.ends_with_jobs(&["create dead"]);
@@ -234,7 +216,6 @@ async fn an_invalid_request_errors_the_instance_at_once() {
 async fn transient_errors_retry_with_backoff_until_the_last_attempt() {
     let s = TestBroker::new()
         .fake(json!({"transient_error_rate": 1.0}))
-        .settings(fast_settings())
         .start()
         .await;
     s.db.ends_with_jobs(&["create dead"]);
@@ -263,7 +244,6 @@ async fn transient_errors_retry_with_backoff_until_the_last_attempt() {
 async fn throttling_waits_as_long_as_the_cloud_asks() {
     let s = TestBroker::new()
         .fake(json!({"throttle_rate": 1.0, "throttle_retry_after_ms": 30000}))
-        .settings(fast_settings())
         .start()
         .await;
     s.db.ends_with_jobs(&["create queued"]);
@@ -369,11 +349,7 @@ async fn a_panic_in_a_job_is_a_failure_not_a_dead_worker() {
 
 #[tokio::test]
 async fn a_burst_of_requests_never_becomes_a_burst_against_the_cloud() {
-    let s = TestBroker::new()
-        .fake(json!(null))
-        .settings(fast_settings())
-        .start()
-        .await;
+    let s = TestBroker::new().fake(json!(null)).start().await;
     // Counts how many creates run at once.
     let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let (n, p) = (now.clone(), peak.clone());
@@ -412,11 +388,7 @@ async fn a_burst_of_requests_never_becomes_a_burst_against_the_cloud() {
 
 #[tokio::test]
 async fn a_refresh_skips_a_provider_another_refresh_worker_holds() {
-    let s = TestBroker::new()
-        .fake(json!(null))
-        .settings(fast_settings())
-        .start()
-        .await;
+    let s = TestBroker::new().fake(json!(null)).start().await;
     let mut holder = s.db.conn().await;
     let refresh_lock = cloudbrain::db::locks::REFRESH;
     exec(
@@ -439,7 +411,6 @@ async fn a_refresh_skips_a_provider_another_refresh_worker_holds() {
 async fn delete_while_the_create_call_runs_leaves_no_machine() {
     let s = TestBroker::new()
         .fake(json!({"create_latency_ms": 400, "boot_time_ms": 0}))
-        .settings(fast_settings())
         .start()
         .await;
     let id = s.create("ubuntu").await;
@@ -447,11 +418,7 @@ async fn delete_while_the_create_call_runs_leaves_no_machine() {
     let creating = tokio::spawn(async move { jobs.run_until_idle().await.unwrap() });
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert_eq!(s.machines().await, 1, "the create call should be in flight");
-    s.app
-        .delete(&format!("/instances/{id}"), &s.token)
-        .send()
-        .await
-        .unwrap();
+    s.delete(&id).await.expect(200);
     creating.await.unwrap();
     for _ in 0..50 {
         s.workers.run_pending_jobs().await;
@@ -468,7 +435,6 @@ async fn delete_while_the_create_call_runs_leaves_no_machine() {
 async fn metrics_report_instances_jobs_provider_calls_and_auth() {
     let s = TestBroker::new()
         .fake(json!({"boot_time_ms": 0, "invalid_images": ["bad"]}))
-        .settings(fast_settings())
         .start()
         .await;
     s.db.ends_with_jobs(&["create dead"]);
@@ -518,11 +484,7 @@ async fn metrics_report_instances_jobs_provider_calls_and_auth() {
 #[tokio::test]
 async fn a_worker_that_lost_its_lease_cannot_finish_requeue_or_bury_the_job() {
     use cloudbrain::queue::{JobKind, Queue};
-    let s = TestBroker::new()
-        .fake(json!(null))
-        .settings(fast_settings())
-        .start()
-        .await;
+    let s = TestBroker::new().fake(json!(null)).start().await;
     let id = s.create("ubuntu").await;
     let queue = Queue::new(cloudbrain::db::pool(&s.db.url, 2).unwrap());
     let kinds = [JobKind::CreateInstance];
@@ -599,7 +561,6 @@ impl Provider for PausedListing {
 async fn a_create_recorded_while_the_refresh_lists_the_cloud_is_not_taken_for_vanished() {
     let s = TestBroker::new()
         .fake(json!({"boot_time_ms": 60000}))
-        .settings(fast_settings())
         .start()
         .await;
     let (listed, go) = (

@@ -812,10 +812,14 @@ impl TestBroker {
         self.app.instance(&self.token, id).await
     }
 
+    /// DELETE /instances/<id> with the broker's client token.
+    pub async fn delete(&self, id: &str) -> Answer {
+        self.client().delete(&format!("/instances/{id}")).await
+    }
+
     /// Gives the instance back and runs the jobs: the status and body of a GET after.
     pub async fn delete_and_run_jobs(&self, id: &str) -> (u16, serde_json::Value) {
-        let path = format!("/instances/{id}");
-        self.app.delete(&path, &self.token).send().await.unwrap();
+        self.delete(id).await.expect(200);
         self.workers.run_pending_jobs().await;
         self.instance(id).await
     }
