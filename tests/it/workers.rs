@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::{count, exec, fast_settings, text, TestBroker, Workers};
+use crate::common::{exec, fast_settings, text, Jobs, TestBroker, Workers};
 use async_trait::async_trait;
 use cloudbrain::config::WorkerSettings;
 use cloudbrain_provider::{
@@ -45,10 +45,7 @@ async fn an_instance_goes_from_creating_to_running_to_terminated() {
         ["creating", "running", "terminating", "terminated"]
     );
     assert!(s.row(&id).await.terminated_at.is_some());
-    assert_eq!(
-        count(&mut s.db.conn().await, "SELECT count(*) AS n FROM jobs").await,
-        0
-    );
+    assert_eq!(s.db.count_jobs(Jobs::All).await, 0);
 }
 
 #[tokio::test]
@@ -69,7 +66,7 @@ async fn the_refresh_moves_a_booting_machine_to_running_and_then_writes_nothing(
     let mut conn = s.db.conn().await;
     let snapshot = "SELECT string_agg(xmin::text || updated_at::text, ',') AS v FROM instances";
     let before = text(&mut conn, snapshot).await;
-    let events = count(&mut conn, "SELECT count(*) AS n FROM instance_events").await;
+    let events = s.db.count_events().await;
     for _ in 0..3 {
         let reports = s.workers.refresh.refresh_all().await;
         assert_eq!(reports[0].1.machines, 1);
@@ -79,10 +76,7 @@ async fn the_refresh_moves_a_booting_machine_to_running_and_then_writes_nothing(
         before,
         "a refresh of an unchanged fleet wrote"
     );
-    assert_eq!(
-        count(&mut conn, "SELECT count(*) AS n FROM instance_events").await,
-        events
-    );
+    assert_eq!(s.db.count_events().await, events);
 }
 
 #[tokio::test]
@@ -253,8 +247,7 @@ async fn throttling_waits_as_long_as_the_cloud_asks() {
         1,
         "the retry must not be runnable yet"
     );
-    let mut conn = s.db.conn().await;
-    let wait = count(&mut conn, &format!("SELECT extract(epoch FROM run_at - now())::bigint AS n FROM jobs WHERE instance_id = '{id}'")).await;
+    let wait = s.db.job_due_in(&id).await;
     assert!((25..=34).contains(&wait), "rescheduled {wait} s ahead");
     assert_eq!(s.body(&id).await["state"], "creating");
     assert!(s.job(&id).await.1.unwrap().contains("throttled"));
@@ -389,20 +382,11 @@ async fn a_burst_of_requests_never_becomes_a_burst_against_the_cloud() {
 #[tokio::test]
 async fn a_refresh_skips_a_provider_another_refresh_worker_holds() {
     let s = TestBroker::new().fake(json!(null)).start().await;
-    let mut holder = s.db.conn().await;
-    let refresh_lock = cloudbrain::db::locks::REFRESH;
-    exec(
-        &mut holder,
-        &format!("SELECT pg_advisory_lock({refresh_lock}, hashtext('fake'))"),
-    )
-    .await;
+    let holder = cloudbrain::db::locks::Session::new(s.db.url.clone());
+    assert!(holder.try_lock_refresh("fake").await.unwrap());
     let reports = s.workers.refresh.refresh_all().await;
     assert!(reports[0].1.skipped, "{reports:?}");
-    exec(
-        &mut holder,
-        &format!("SELECT pg_advisory_unlock({refresh_lock}, hashtext('fake'))"),
-    )
-    .await;
+    assert!(holder.unlock_refresh("fake").await.unwrap());
     let reports = s.workers.refresh.refresh_all().await;
     assert!(!reports[0].1.skipped);
 }
