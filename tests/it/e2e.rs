@@ -7,7 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::TempDir;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncConnection, AsyncPgConnection};
 use serde_json::Value;
 
 struct Dev {
@@ -157,18 +157,8 @@ async fn dev_and_the_httpie_helper_take_an_instance_from_request_to_terminated()
         output.status.code() == Some(4) && body["state"] == "terminated"
     });
 
-    let mut conn = AsyncPgConnection::establish(&dev.database).await.unwrap();
-    #[derive(diesel::QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-    }
-    let machines: Count = diesel::sql_query("SELECT count(*) AS n FROM fake_cloud.machines")
-        .get_result(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(machines.n, 0, "the fake cloud still holds a machine");
-    drop(conn);
+    let machines = crate::common::fake_machines(&dev.database).await;
+    assert_eq!(machines, 0, "the fake cloud still holds a machine");
 
     // The requests it prints work as pasted into a shell that has only the system's PATH.
     for line in [&dev.try_httpie, &dev.try_curl] {

@@ -288,14 +288,19 @@ impl TestDb {
 
     /// How many machines the fake cloud holds in this database, for every provider name.
     pub async fn machines(&self) -> i64 {
-        let mut conn = self.conn().await;
-        // The fake cloud makes its table on first use; no table, no machines.
-        let table = "SELECT to_regclass('fake_cloud.machines')::text AS v";
-        if text(&mut conn, table).await.is_none() {
-            return 0;
-        }
-        count(&mut conn, "SELECT count(*) AS n FROM fake_cloud.machines").await
+        fake_machines(&self.url).await
     }
+}
+
+/// How many machines the fake cloud whose store is the database at `url` holds.
+pub async fn fake_machines(url: &str) -> i64 {
+    let mut conn = AsyncPgConnection::establish(url).await.unwrap();
+    // The fake cloud makes its table on first use; no table, no machines.
+    let table = "SELECT to_regclass('fake_cloud.machines')::text AS v";
+    if text(&mut conn, table).await.is_none() {
+        return 0;
+    }
+    count(&mut conn, "SELECT count(*) AS n FROM fake_cloud.machines").await
 }
 
 fn instance_id(id: &str) -> InstanceId {
