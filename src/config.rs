@@ -33,9 +33,16 @@ pub struct Config {
     pub log_json: bool,
     /// Where a worker process serves `/metrics` (`CLOUDBRAIN_METRICS_ADDR`), if anywhere.
     pub metrics_addr: Option<SocketAddr>,
+    /// The longest an instance lives, and how long it lives when its request does not say
+    /// (`CLOUDBRAIN_DEFAULT_MAX_LIFETIME`, seconds, 3 h; 0: until given back).
+    pub max_lifetime: Option<Duration>,
     /// How the workers run jobs and reconcile.
     pub workers: WorkerSettings,
 }
+
+/// How long an instance lives unless its request asks for less: 3 h, what Cloud Brain's
+/// sweeper of old machines allowed.
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(3 * 3600);
 
 /// Networks (`10.0.0.0/8`, `::1`, …) whose `X-Forwarded-For` header is believed: the
 /// client of a request is then the last address it lists that is not itself one of them.
@@ -233,6 +240,12 @@ impl Config {
             metrics_addr: get("CLOUDBRAIN_METRICS_ADDR")
                 .map(|a| parse_addr("CLOUDBRAIN_METRICS_ADDR", &a))
                 .transpose()?,
+            max_lifetime: Some(parse_seconds(
+                &get,
+                "CLOUDBRAIN_DEFAULT_MAX_LIFETIME",
+                DEFAULT_MAX_LIFETIME,
+            )?)
+            .filter(|lifetime| !lifetime.is_zero()),
             workers: {
                 let d = WorkerSettings::default();
                 WorkerSettings {
@@ -399,5 +412,20 @@ mod tests {
         assert!(err.to_string().contains("PORT"), "{err}");
         let err = config(&[]).unwrap_err();
         assert_eq!(err.to_string(), "DATABASE_URL is not set");
+    }
+
+    #[test]
+    fn instances_live_three_hours_unless_told_and_zero_means_until_given_back() {
+        let db = ("DATABASE_URL", "x");
+        let lifetime = |vars: &[(&str, &str)]| config(vars).unwrap().max_lifetime;
+        assert_eq!(lifetime(&[db]), Some(Duration::from_secs(10_800)));
+        let day = [db, ("CLOUDBRAIN_DEFAULT_MAX_LIFETIME", "86400")];
+        assert_eq!(lifetime(&day), Some(Duration::from_secs(86_400)));
+        assert_eq!(
+            lifetime(&[db, ("CLOUDBRAIN_DEFAULT_MAX_LIFETIME", "0")]),
+            None
+        );
+        let err = config(&[db, ("CLOUDBRAIN_DEFAULT_MAX_LIFETIME", "3h")]).unwrap_err();
+        assert!(err.to_string().contains("CLOUDBRAIN_DEFAULT_MAX_LIFETIME"));
     }
 }

@@ -41,7 +41,7 @@ impl Services {
         let metrics = Arc::new(Metrics::default());
         let registry = Arc::new(Registry::new(metrics.clone()));
         Ok(Self {
-            broker: Broker::new(pool.clone(), key),
+            broker: Broker::new(pool.clone(), key).with_max_lifetime(config.max_lifetime),
             config,
             pool,
             metrics,

@@ -170,7 +170,7 @@ fn parse_create(body: &[u8]) -> Result<CreateInstance, ApiError> {
             Some(field) if message.starts_with("invalid type: null") || path != field => {
                 ApiError::invalid(field, format!("{field} is required"))
             }
-            Some(field) => ApiError::invalid(field, format!("{field} must be a string")),
+            Some(field) => ApiError::invalid(field, CreateInstanceBody::expected(field)),
             None => ApiError::BadRequest(format!("request body: {message}")),
         }
     })?;

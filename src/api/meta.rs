@@ -8,6 +8,7 @@ use super::wire::ErrorBody;
 use super::AppState;
 use crate::auth::Caller;
 use crate::broker::providers::ProviderSummary;
+use crate::broker::validate::Lifetime;
 
 /// A health answer.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -71,14 +72,16 @@ pub async fn list_providers(
     Ok(HttpResponse::Ok().json(ProviderList { providers }))
 }
 
-/// This API's OpenAPI 3.1 document, naming the registered providers and their types.
+/// This API's OpenAPI 3.1 document, naming the registered providers and their types and
+/// the longest lifetime a request may ask for.
 #[utoipa::path(get, path = "/openapi.json", tag = "service", responses(
     (status = 200, description = "OpenAPI 3.1 document"),
     (status = 503, description = "Database unreachable", body = ErrorBody),
 ))]
 pub async fn openapi(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let offered = state.broker.offered_instance_types().await?;
-    Ok(HttpResponse::Ok().json(super::openapi::document(&offered)?))
+    let most_ttl = Lifetime::most_seconds(state.broker.max_lifetime());
+    Ok(HttpResponse::Ok().json(super::openapi::document(&offered, most_ttl)?))
 }
 
 async fn render(

@@ -32,6 +32,8 @@ pub struct InstanceBody {
     pub created_at: DateTime<Utc>,
     /// When it last changed.
     pub updated_at: DateTime<Utc>,
+    /// When its machine is destroyed whether or not it was given back; null: never.
+    pub expires_at: Option<DateTime<Utc>>,
     /// Its machine's ECS container instance, for providers whose machines join a cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ecs: Option<EcsBody>,
@@ -54,7 +56,6 @@ impl From<Instance> for InstanceBody {
     fn from(i: Instance) -> Self {
         Self {
             id: i.id.0,
-            // A row's state is checked by the database; `errored` is the honest fallback.
             state: i.state,
             provider: i.provider_name,
             image: i.image,
@@ -64,6 +65,7 @@ impl From<Instance> for InstanceBody {
             error_reason: i.error_reason,
             created_at: i.created_at,
             updated_at: i.updated_at,
+            expires_at: i.expires_at,
             ecs: i
                 .details
                 .as_ref()
@@ -85,11 +87,32 @@ pub struct CreateInstanceBody {
     pub instance_type: Option<String>,
     /// One OpenSSH public key line to authorise on the machine; absent or empty means none.
     pub public_ssh_key: Option<String>,
+    /// Seconds until the machine is destroyed whether or not it was given back; absent
+    /// means the longest lifetime the broker gives (`expires_at` shows when).
+    #[schema(minimum = 1)]
+    pub ttl_seconds: Option<u64>,
 }
 
 impl CreateInstanceBody {
     /// Every field, by the name a client writes.
-    pub const FIELDS: [&'static str; 4] = ["provider", "image", "instance_type", "public_ssh_key"];
+    pub const FIELDS: [&'static str; 5] = [
+        "provider",
+        "image",
+        "instance_type",
+        "public_ssh_key",
+        "ttl_seconds",
+    ];
+
+    /// What `field` must hold, for a refusal of a value of another type.
+    pub fn expected(field: &str) -> String {
+        match field {
+            "ttl_seconds" => format!(
+                "ttl_seconds must be a whole number of seconds from 1 to {}",
+                crate::broker::validate::MAX_TTL_SECONDS
+            ),
+            other => format!("{other} must be a string"),
+        }
+    }
 }
 
 impl From<CreateInstanceBody> for crate::broker::CreateInstance {
@@ -99,6 +122,7 @@ impl From<CreateInstanceBody> for crate::broker::CreateInstance {
             image: body.image,
             instance_type: body.instance_type,
             public_ssh_key: body.public_ssh_key,
+            ttl_seconds: body.ttl_seconds,
         }
     }
 }

@@ -9,7 +9,9 @@ use super::lifecycle::{self, Decision};
 use super::model::{Instance, InstanceEvent, NewInstance};
 use super::providers::find_offer;
 use super::state::{apply, record_event, State};
-use super::validate::{IdempotencyKey, ImageName, InstanceTypeName, ProviderName, SshPublicKey};
+use super::validate::{
+    IdempotencyKey, ImageName, InstanceTypeName, Lifetime, ProviderName, SshPublicKey,
+};
 use super::{Broker, BrokerError};
 use crate::auth::{Caller, Scope};
 use crate::db::schema::{instance_events, instances};
@@ -33,6 +35,8 @@ pub struct CreateInstance {
     pub instance_type: Option<String>,
     /// One OpenSSH public key line; absent or empty means none.
     pub public_ssh_key: Option<String>,
+    /// How long the machine may live, in seconds; absent means the longest the broker gives.
+    pub ttl_seconds: Option<u64>,
 }
 
 /// What the broker did with a [`CreateInstance`].
@@ -108,6 +112,7 @@ impl Broker {
             .map(SshPublicKey::parse)
             .transpose()?;
         let idempotency_key = idempotency_key.map(IdempotencyKey::parse).transpose()?;
+        let lifetime = Lifetime::parse(request.ttl_seconds, self.max_lifetime)?;
 
         let mut conn = self.conn().await?;
         let offered = find_offer(&mut conn, &self.key, &provider)
@@ -145,10 +150,17 @@ impl Broker {
             state: State::Creating,
             idempotency_key: idempotency_key.as_ref().map(IdempotencyKey::as_str),
         };
+        // The lifetime counts from the row's own creation time, on the database's clock.
+        let expires_at = instances::expires_at.eq(diesel::dsl::now
+            .into_sql::<diesel::sql_types::Timestamptz>()
+            .nullable()
+            + lifetime
+                .map(Lifetime::interval)
+                .into_sql::<diesel::sql_types::Nullable<diesel::sql_types::Interval>>());
         let created = conn
             .transaction::<_, BrokerError, _>(async |conn| {
                 let inserted: Option<Instance> = diesel::insert_into(instances::table)
-                    .values(&new)
+                    .values((&new, expires_at))
                     .on_conflict((instances::owner_token_id, instances::idempotency_key))
                     .do_nothing()
                     .returning(Instance::as_returning())

@@ -112,6 +112,9 @@ pub struct RefreshClock {
     pub launch_timeout: Duration,
 }
 
+/// The reason of the event that ends an instance whose lifetime is over.
+pub const EXPIRED: &str = "expired";
+
 /// What a refresh does with a live row and its machine as the listing showed it (`None`:
 /// the listing had none).
 ///
@@ -119,6 +122,15 @@ pub struct RefreshClock {
 /// recorded meanwhile may be missing from it, so its absence proves nothing, and the row
 /// waits for the next refresh.
 pub fn refresh(row: &Instance, machine: Option<&CloudInstance>, clock: &RefreshClock) -> Decision {
+    let live = matches!(
+        row.state,
+        State::Creating | State::Starting | State::Running
+    );
+    if live && row.expires_at.is_some_and(|at| at <= clock.now) {
+        return Decision::BeginTermination {
+            reason: EXPIRED.to_owned(),
+        };
+    }
     if machine.is_none() && row.updated_at >= clock.listed_at {
         return Decision::Keep;
     }
@@ -248,6 +260,7 @@ mod tests {
             updated_at: at(1),
             terminated_at: None,
             details: None,
+            expires_at: None,
         }
     }
 
@@ -393,6 +406,39 @@ mod tests {
             ..late
         };
         assert_eq!(refresh(&row(State::Creating), None, &edge), Decision::Keep);
+    }
+
+    #[test]
+    fn a_live_instance_past_its_lifetime_is_ended_whatever_the_cloud_says() {
+        use CloudState as C;
+        use State as S;
+        let expired = Decision::BeginTermination {
+            reason: EXPIRED.to_owned(),
+        };
+        // Now is minute 3: expiring at minute 3 is expired, at minute 4 not yet.
+        for state in [S::Creating, S::Starting, S::Running] {
+            for cloud in [None, Some(C::Running), Some(C::Starting)] {
+                let mut old = row(state);
+                old.expires_at = Some(at(3));
+                let machine = cloud.clone().map(machine);
+                let decision = refresh(&old, machine.as_ref(), &clock(60));
+                assert_eq!(decision, expired, "{state:?} with {cloud:?}");
+                old.expires_at = Some(at(4));
+                let decision = refresh(&old, machine.as_ref(), &clock(60));
+                assert_ne!(decision, expired, "{state:?} with {cloud:?}");
+            }
+        }
+        // Rows on their way out, or out, are left to the rules of their state.
+        for (state, cloud, then) in [
+            (S::Terminating, Some(C::Running), Decision::Keep),
+            (S::Terminated, None, Decision::Keep),
+            (S::Errored, Some(C::Running), Decision::Destroy),
+        ] {
+            let mut old = row(state);
+            old.expires_at = Some(at(0));
+            let machine = cloud.map(machine);
+            assert_eq!(refresh(&old, machine.as_ref(), &clock(60)), then);
+        }
     }
 
     #[test]

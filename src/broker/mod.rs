@@ -72,12 +72,30 @@ impl From<diesel::result::Error> for BrokerError {
 pub struct Broker {
     pool: Pool,
     key: SecretKey,
+    max_lifetime: Option<std::time::Duration>,
 }
 
 impl Broker {
-    /// A broker over `pool`, opening provider configs with `key`.
+    /// A broker over `pool`, opening provider configs with `key`, giving instances at most
+    /// [`crate::config::DEFAULT_MAX_LIFETIME`].
     pub fn new(pool: Pool, key: SecretKey) -> Self {
-        Self { pool, key }
+        Self {
+            pool,
+            key,
+            max_lifetime: Some(crate::config::DEFAULT_MAX_LIFETIME),
+        }
+    }
+
+    /// The same broker giving instances at most `max_lifetime`, and that when a request
+    /// asks for no lifetime (`None`: instances live until given back).
+    pub fn with_max_lifetime(mut self, max_lifetime: Option<std::time::Duration>) -> Self {
+        self.max_lifetime = max_lifetime;
+        self
+    }
+
+    /// The longest an instance lives, and how long when its request does not say.
+    pub fn max_lifetime(&self) -> Option<std::time::Duration> {
+        self.max_lifetime
     }
 
     async fn conn(&self) -> Result<PooledConnection, BrokerError> {

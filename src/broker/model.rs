@@ -77,6 +77,8 @@ pub struct Instance {
     pub terminated_at: Option<DateTime<Utc>>,
     /// What its provider says of the machine beyond the contract, by name (`ecs`, …).
     pub details: Option<serde_json::Value>,
+    /// When its machine is destroyed whether or not it was given back (`None`: never).
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// A new row of `instances`.

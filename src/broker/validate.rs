@@ -194,6 +194,52 @@ validated!(
     idempotency_key
 );
 
+/// The longest lifetime a request may ask for when the broker sets no bound: a year.
+pub const MAX_TTL_SECONDS: u64 = 366 * 24 * 3600;
+
+/// How long an instance lives: what its request asked for (`ttl_seconds`), within the
+/// longest lifetime the broker gives, or that longest lifetime when it asked for none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetime(std::time::Duration);
+
+impl Lifetime {
+    /// The lifetime of a request asking for `ttl_seconds` where the longest is `longest`
+    /// (`None`: no bound and no default); `None` when the instance never expires.
+    pub fn parse(
+        ttl_seconds: Option<u64>,
+        longest: Option<std::time::Duration>,
+    ) -> Result<Option<Self>, BrokerError> {
+        let Some(asked) = ttl_seconds else {
+            return Ok(longest.map(Self));
+        };
+        let most = Self::most_seconds(longest);
+        if !(1..=most).contains(&asked) {
+            let why = if longest.is_some() {
+                "the longest lifetime this broker gives"
+            } else {
+                "a year"
+            };
+            return Err(BrokerError::invalid(
+                "ttl_seconds",
+                format!("ttl_seconds must be from 1 to {most} ({why})"),
+            ));
+        }
+        Ok(Some(Self(std::time::Duration::from_secs(asked))))
+    }
+
+    /// The largest `ttl_seconds` a request may ask for where the longest lifetime is
+    /// `longest`.
+    pub fn most_seconds(longest: Option<std::time::Duration>) -> u64 {
+        longest.map_or(MAX_TTL_SECONDS, |l| l.as_secs().clamp(1, MAX_TTL_SECONDS))
+    }
+
+    /// The lifetime as a Postgres interval, to add to a row's creation time.
+    pub fn interval(self) -> diesel::pg::data_types::PgInterval {
+        let micros = i64::try_from(self.0.as_micros()).unwrap_or(i64::MAX);
+        diesel::pg::data_types::PgInterval::from_microseconds(micros)
+    }
+}
+
 /// A required text field: present, not blank, not too long, no control characters.
 fn required_text(field: &'static str, value: &str, max: usize) -> Result<(), BrokerError> {
     if value.trim().is_empty() {
@@ -277,6 +323,40 @@ fn ssh_public_key(value: &str) -> Result<(), BrokerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lifetime_is_what_was_asked_within_the_longest_or_the_longest() {
+        let hours = |h: u64| Some(std::time::Duration::from_secs(h * 3600));
+        let asked = |s: u64| Some(Lifetime(std::time::Duration::from_secs(s)));
+        assert_eq!(Lifetime::parse(None, hours(3)).unwrap(), asked(3 * 3600));
+        assert_eq!(Lifetime::parse(Some(60), hours(3)).unwrap(), asked(60));
+        assert_eq!(
+            Lifetime::parse(Some(3 * 3600), hours(3)).unwrap(),
+            asked(3 * 3600)
+        );
+        assert_eq!(Lifetime::parse(None, None).unwrap(), None);
+        assert_eq!(Lifetime::parse(Some(86_400), None).unwrap(), asked(86_400));
+        for (ttl, longest) in [
+            (0, hours(3)),
+            (3 * 3600 + 1, hours(3)),
+            (MAX_TTL_SECONDS + 1, None),
+            (u64::MAX, None),
+        ] {
+            let err = Lifetime::parse(Some(ttl), longest).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    BrokerError::Invalid {
+                        field: "ttl_seconds",
+                        ..
+                    }
+                ),
+                "{ttl}: {err}"
+            );
+        }
+        let minute = Lifetime::parse(Some(60), None).unwrap().unwrap();
+        assert_eq!(minute.interval().microseconds, 60_000_000);
+    }
 
     /// The patterns the OpenAPI document states say yes and no exactly where the checks do.
     #[test]

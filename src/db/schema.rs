@@ -41,6 +41,7 @@ diesel::table! {
         updated_at -> Timestamptz,
         terminated_at -> Nullable<Timestamptz>,
         details -> Nullable<Jsonb>,
+        expires_at -> Nullable<Timestamptz>,
     }
 }
 

@@ -693,3 +693,30 @@ async fn every_refusal_says_what_is_wrong_in_cloud_brains_envelope() {
     .await;
     insta::assert_snapshot!(seen);
 }
+
+#[tokio::test]
+async fn an_instance_expires_when_asked_or_after_the_longest_lifetime() {
+    let s = setup().await;
+    let client = s.client();
+    let ask = async |ttl: Value| {
+        let body = json!({"provider": "fake", "image": "ubuntu", "ttl_seconds": ttl});
+        client.post("/instances", &body).await
+    };
+    let lifetime = |body: &Value| {
+        let at = |field: &str| {
+            chrono::DateTime::parse_from_rfc3339(body[field].as_str().unwrap()).unwrap()
+        };
+        (at("expires_at") - at("created_at")).num_seconds()
+    };
+    assert_eq!(lifetime(&ask(json!(600)).await.expect(200)), 600);
+    assert_eq!(lifetime(&ask(json!(10_800)).await.expect(200)), 10_800);
+    // Travis CI's worker asks for no lifetime: the broker's longest, 3 h by default.
+    assert_eq!(lifetime(&ask(Value::Null).await.expect(200)), 10_800);
+    for ttl in [json!(0), json!(10_801), json!(-5), json!(1.5), json!("600")] {
+        let refused = ask(ttl.clone()).await.expect(422);
+        assert_eq!(refused["field"], "ttl_seconds", "{ttl}: {refused}");
+    }
+    let doc = client.get("/openapi.json").await.expect(200);
+    let ttl = &doc["components"]["schemas"]["CreateInstanceBody"]["properties"]["ttl_seconds"];
+    assert_eq!(ttl["anyOf"][1]["maximum"], 10_800, "{ttl}");
+}

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::{exec, fast_settings, text, Jobs, TestBroker, Workers};
+use crate::common::{exec, fast_settings, text, wait_for, Jobs, TestBroker, Workers};
 use async_trait::async_trait;
 use cloudbrain::config::WorkerSettings;
 use cloudbrain_provider::{
@@ -583,4 +583,34 @@ async fn a_create_recorded_while_the_refresh_lists_the_cloud_is_not_taken_for_va
     // The next cycle sees the machine and has nothing to say.
     s.workers.refresh.refresh_all().await;
     assert_eq!(s.body(&id).await["state"], "starting");
+}
+
+#[tokio::test]
+async fn an_instance_past_its_lifetime_is_ended_with_an_expired_event() {
+    let s = TestBroker::new()
+        .fake(json!({"boot_time_ms": 0}))
+        .start()
+        .await;
+    let body = json!({"provider": "fake", "image": "ubuntu", "ttl_seconds": 1});
+    let made = s.client().post("/instances", &body).await.expect(200);
+    let id = made["id"].as_str().unwrap();
+    let kept = s.create("ubuntu").await;
+    s.settle(id, "running").await;
+    wait_for("the lifetime to end", Duration::from_secs(10), async || {
+        s.workers.refresh.refresh_all().await;
+        s.body(id).await["state"] == "terminating"
+    })
+    .await;
+    s.workers.run_pending_jobs().await;
+    assert_eq!(s.status(id).await, 410);
+    let events = s.client().get(&format!("/instances/{id}/events")).await;
+    let events = events.expect(200)["events"].as_array().unwrap().clone();
+    let ended = events
+        .iter()
+        .find(|e| e["to_state"] == "terminating")
+        .unwrap();
+    assert_eq!(ended["reason"], "expired", "{events:?}");
+    // The other instance, with the 3 h default, runs on.
+    assert_eq!(s.body(&kept).await["state"], "running");
+    assert_eq!(s.machines().await, 1);
 }
