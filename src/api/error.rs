@@ -21,6 +21,9 @@ pub enum ApiError {
     /// Missing, malformed, unknown, wrong or revoked token: all alike (401).
     #[error("authentication required: send `Authorization: token <id>-<secret>`, or HTTP Basic with user \"token\" and the token as password")]
     Unauthorized,
+    /// The token may not do this (403).
+    #[error("{0}")]
+    Forbidden(String),
     /// No such resource, or none the caller may see (404).
     #[error("{0}")]
     NotFound(String),
@@ -73,6 +76,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::RequestTimeout(_) => "request_timeout",
@@ -100,6 +104,7 @@ impl ResponseError for ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -162,6 +167,8 @@ impl From<BrokerError> for ApiError {
                 message: err.to_string(),
             },
             BrokerError::NotFound => ApiError::NotFound("instance not found".to_owned()),
+            BrokerError::NoSuchPool(_) => ApiError::NotFound(err.to_string()),
+            BrokerError::Forbidden(message) => ApiError::Forbidden(message),
             BrokerError::Unavailable => {
                 ApiError::Unavailable("database unavailable, try again shortly".to_owned())
             }

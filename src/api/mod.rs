@@ -3,10 +3,12 @@
 //! Handlers only do HTTP: read the request, call the broker, write the answer.
 
 pub mod auth;
+pub mod body;
 pub mod error;
 pub mod instances;
 pub mod meta;
 pub mod openapi;
+pub mod pools;
 pub mod wire;
 
 use std::net::TcpListener;
@@ -51,6 +53,11 @@ pub struct AppState {
         instances::get_instance,
         instances::delete_instance,
         instances::instance_events,
+        pools::list_pools,
+        pools::get_pool,
+        pools::put_pool,
+        pools::scale_pool,
+        pools::delete_pool,
         meta::list_providers,
         meta::healthz,
         meta::readyz,
@@ -183,6 +190,19 @@ pub fn app(
             web::resource("/instances/{id}/events")
                 .route(web::get().to(instances::instance_events))
                 .default_service(method_not_allowed("GET")),
+        )
+        .service(read_only("/pools", pools::list_pools))
+        .service(
+            web::resource("/pools/{name}")
+                .route(web::get().to(pools::get_pool))
+                .route(web::put().to(pools::put_pool))
+                .route(web::delete().to(pools::delete_pool))
+                .default_service(method_not_allowed("GET, PUT, DELETE")),
+        )
+        .service(
+            web::resource("/pools/{name}/scale")
+                .route(web::post().to(pools::scale_pool))
+                .default_service(method_not_allowed("POST")),
         )
         .service(read_only("/providers", meta::list_providers))
         .service(read_only("/metrics", meta::metrics))

@@ -93,9 +93,17 @@ pub struct CreateInstanceBody {
     pub ttl_seconds: Option<u64>,
 }
 
-impl CreateInstanceBody {
+/// A body a request sends, read by `api::body::read_json`.
+pub trait RequestBody: serde::de::DeserializeOwned {
     /// Every field, by the name a client writes.
-    pub const FIELDS: [&'static str; 5] = [
+    const FIELDS: &'static [&'static str];
+
+    /// What `field` must hold, for a refusal of a value of another type.
+    fn expected(field: &str) -> String;
+}
+
+impl RequestBody for CreateInstanceBody {
+    const FIELDS: &'static [&'static str] = &[
         "provider",
         "image",
         "instance_type",
@@ -103,8 +111,7 @@ impl CreateInstanceBody {
         "ttl_seconds",
     ];
 
-    /// What `field` must hold, for a refusal of a value of another type.
-    pub fn expected(field: &str) -> String {
+    fn expected(field: &str) -> String {
         match field {
             "ttl_seconds" => format!(
                 "ttl_seconds must be a whole number of seconds from 1 to {}",
@@ -191,4 +198,144 @@ pub struct ErrorBody {
     /// The request field at fault, for validation errors.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<&'static str>,
+}
+
+/// A pool's shape and size, as `PUT /pools/<name>` sends it.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct PoolSpecBody {
+    /// The provider config its machines run on.
+    pub provider: String,
+    /// The image they boot.
+    pub image: String,
+    /// One of the provider's instance types; absent, empty or `default` is its default.
+    pub instance_type: Option<String>,
+    /// Machines kept booted and unassigned (default 0).
+    #[serde(default)]
+    pub min_idle: u32,
+    /// Most live instances of the pool, idle, busy and booting.
+    #[schema(minimum = 1)]
+    pub max_size: u32,
+    /// The longest one of its machines lives, in seconds; absent: the broker's longest.
+    #[schema(minimum = 1)]
+    pub max_lifetime_secs: Option<u64>,
+}
+
+impl RequestBody for PoolSpecBody {
+    const FIELDS: &'static [&'static str] = &[
+        "provider",
+        "image",
+        "instance_type",
+        "min_idle",
+        "max_size",
+        "max_lifetime_secs",
+    ];
+
+    fn expected(field: &str) -> String {
+        match field {
+            "provider" | "image" | "instance_type" => format!("{field} must be a string"),
+            other => format!("{other} must be a whole number"),
+        }
+    }
+}
+
+impl From<PoolSpecBody> for crate::broker::pools::PoolSpec {
+    fn from(body: PoolSpecBody) -> Self {
+        Self {
+            provider: body.provider,
+            image: body.image,
+            instance_type: body.instance_type,
+            min_idle: body.min_idle,
+            max_size: body.max_size,
+            max_lifetime_secs: body.max_lifetime_secs,
+        }
+    }
+}
+
+/// `POST /pools/<name>/scale`: how many idle machines to keep.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct ScaleBody {
+    /// Machines kept booted and unassigned, at most the pool's `max_size`.
+    pub min_idle: u32,
+}
+
+impl RequestBody for ScaleBody {
+    const FIELDS: &'static [&'static str] = &["min_idle"];
+
+    fn expected(field: &str) -> String {
+        format!("{field} must be a whole number")
+    }
+}
+
+/// How a pool's live instances stand.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PoolCountsBody {
+    /// Running and unassigned: what a request can take at once.
+    pub idle: u32,
+    /// Assigned to a client and not yet given back.
+    pub busy: u32,
+    /// Unassigned and still booting.
+    pub starting: u32,
+    /// Errored, their machines being cleaned up.
+    pub errored: u32,
+    /// Being destroyed: given back, expired or scaled in.
+    pub expiring: u32,
+}
+
+/// A pool as clients see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PoolBody {
+    /// Its name, what a request puts in `pool`.
+    pub name: String,
+    /// The provider config its machines run on.
+    pub provider: String,
+    /// The image they boot.
+    pub image: String,
+    /// Their instance type.
+    pub instance_type: String,
+    /// Machines kept booted and unassigned.
+    pub min_idle: u32,
+    /// Most live instances of the pool.
+    pub max_size: u32,
+    /// The longest one of its machines lives, in seconds; null: the broker's longest.
+    pub max_lifetime_secs: Option<u64>,
+    /// How its instances stand.
+    pub counts: PoolCountsBody,
+    /// The reasons of its latest errored instances, newest first.
+    pub last_errors: Vec<String>,
+    /// When it was made.
+    pub created_at: DateTime<Utc>,
+    /// When its shape or size last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<crate::broker::pools::PoolStatus> for PoolBody {
+    fn from(status: crate::broker::pools::PoolStatus) -> Self {
+        let (pool, c) = (status.pool, status.counts);
+        Self {
+            name: pool.name,
+            provider: pool.provider_name,
+            image: pool.image,
+            instance_type: pool.instance_type,
+            min_idle: u32::try_from(pool.min_idle).unwrap_or_default(),
+            max_size: u32::try_from(pool.max_size).unwrap_or_default(),
+            max_lifetime_secs: pool.max_lifetime_secs.and_then(|s| u64::try_from(s).ok()),
+            counts: PoolCountsBody {
+                idle: c.idle,
+                busy: c.busy,
+                starting: c.starting,
+                errored: c.errored,
+                expiring: c.expiring,
+            },
+            last_errors: status.last_errors,
+            created_at: pool.created_at,
+            updated_at: pool.updated_at,
+        }
+    }
+}
+
+/// Every pool.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PoolList {
+    /// By name.
+    pub pools: Vec<PoolBody>,
 }

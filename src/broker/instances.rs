@@ -7,17 +7,14 @@ use uuid::Uuid;
 
 use super::lifecycle::{self, Decision};
 use super::model::{Instance, InstanceEvent, NewInstance};
-use super::providers::find_offer;
+use super::providers::offered_type;
 use super::state::{apply, record_event, State};
-use super::validate::{
-    IdempotencyKey, ImageName, InstanceTypeName, Lifetime, ProviderName, SshPublicKey,
-};
+use super::validate::{IdempotencyKey, ImageName, Lifetime, ProviderName, SshPublicKey};
 use super::{Broker, BrokerError};
 use crate::auth::{Caller, Scope};
 use crate::db::schema::{instance_events, instances};
 use crate::ids::InstanceId;
 use crate::queue::{self, JobKind};
-use cloudbrain_provider::DEFAULT_TYPE_ALIAS;
 
 /// Instances per page when the client does not say.
 pub const DEFAULT_PAGE_SIZE: i64 = 100;
@@ -72,7 +69,7 @@ pub struct InstancePage {
 
 /// Whether `caller` may see `instance`: its own, or any for an admin.
 fn visible(caller: Caller, instance: &Instance) -> bool {
-    caller.scope == Scope::Admin || instance.owner_token_id == caller.token_id
+    caller.scope == Scope::Admin || instance.owner_token_id == Some(caller.token_id)
 }
 
 /// Reads an instance the caller may see, optionally locking its row.
@@ -115,40 +112,25 @@ impl Broker {
         let lifetime = Lifetime::parse(request.ttl_seconds, self.max_lifetime)?;
 
         let mut conn = self.conn().await?;
-        let offered = find_offer(&mut conn, &self.key, &provider)
-            .await?
-            .ok_or_else(|| {
-                BrokerError::invalid(
-                    "provider",
-                    format!("provider {:?} does not exist", provider.as_str()),
-                )
-            })?;
-        let instance_type = match request.instance_type.as_deref() {
-            None | Some("") | Some(DEFAULT_TYPE_ALIAS) => offered.default_instance_type.clone(),
-            Some(named) => InstanceTypeName::parse(named)?.as_str().to_owned(),
-        };
-        if !offered.instance_types.contains(&instance_type) {
-            return Err(BrokerError::invalid(
-                "instance_type",
-                format!(
-                    "provider {:?} does not offer instance_type {:?}; it offers {}",
-                    provider.as_str(),
-                    instance_type,
-                    offered.instance_types.join(", ")
-                ),
-            ));
-        }
+        let instance_type = offered_type(
+            &mut conn,
+            &self.key,
+            &provider,
+            request.instance_type.as_deref(),
+        )
+        .await?;
 
         let id = InstanceId::new();
         let new = NewInstance {
             id,
-            owner_token_id: caller.token_id,
+            owner_token_id: Some(caller.token_id),
             provider_name: provider.as_str(),
             image: image.as_str(),
             instance_type: &instance_type,
             public_ssh_key: public_ssh_key.as_ref().map(SshPublicKey::as_str),
             state: State::Creating,
             idempotency_key: idempotency_key.as_ref().map(IdempotencyKey::as_str),
+            pool_name: None,
         };
         // The lifetime counts from the row's own creation time, on the database's clock.
         let expires_at = instances::expires_at.eq(diesel::dsl::now

@@ -246,7 +246,7 @@ mod tests {
     fn row(state: State) -> Instance {
         Instance {
             id: crate::ids::InstanceId(Uuid::nil()),
-            owner_token_id: TokenId(1),
+            owner_token_id: Some(TokenId(1)),
             provider_name: "fake".into(),
             image: "ubuntu".into(),
             instance_type: "standard".into(),
@@ -261,6 +261,8 @@ mod tests {
             terminated_at: None,
             details: None,
             expires_at: None,
+            pool_name: None,
+            assigned_at: None,
         }
     }
 

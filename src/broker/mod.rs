@@ -6,6 +6,7 @@ mod for_workers;
 pub mod instances;
 pub mod lifecycle;
 pub mod model;
+pub mod pools;
 pub mod providers;
 pub mod state;
 pub mod validate;
@@ -33,6 +34,12 @@ pub enum BrokerError {
     /// No such instance, or not one the caller may see.
     #[error("instance not found")]
     NotFound,
+    /// No pool has this name.
+    #[error("pool {0:?} does not exist")]
+    NoSuchPool(String),
+    /// The caller's token may not do this; the message says who may.
+    #[error("{0}")]
+    Forbidden(String),
     /// The database cannot be reached.
     #[error("database unavailable")]
     Unavailable,

@@ -6,7 +6,7 @@ use diesel::prelude::*;
 use uuid::Uuid;
 
 use super::State;
-use crate::db::schema::{instance_events, instances, providers};
+use crate::db::schema::{instance_events, instances, pools, providers};
 use crate::ids::{InstanceId, TokenId};
 
 /// A row of `providers`.
@@ -49,8 +49,8 @@ pub struct NewProvider<'a> {
 pub struct Instance {
     /// The instance id clients use.
     pub id: InstanceId,
-    /// The token that asked for it.
-    pub owner_token_id: TokenId,
+    /// The token that asked for it, or took it from a pool (`None`: an idle pool machine).
+    pub owner_token_id: Option<TokenId>,
     /// The provider config it runs on.
     pub provider_name: String,
     /// The image it boots.
@@ -79,6 +79,10 @@ pub struct Instance {
     pub details: Option<serde_json::Value>,
     /// When its machine is destroyed whether or not it was given back (`None`: never).
     pub expires_at: Option<DateTime<Utc>>,
+    /// The pool it was made for, if any.
+    pub pool_name: Option<String>,
+    /// When a request took it from its pool.
+    pub assigned_at: Option<DateTime<Utc>>,
 }
 
 /// A new row of `instances`.
@@ -87,8 +91,8 @@ pub struct Instance {
 pub struct NewInstance<'a> {
     /// The instance id clients use.
     pub id: InstanceId,
-    /// The token that asked for it.
-    pub owner_token_id: TokenId,
+    /// The token that asked for it, or took it from a pool (`None`: an idle pool machine).
+    pub owner_token_id: Option<TokenId>,
     /// The provider config it runs on.
     pub provider_name: &'a str,
     /// The image it boots.
@@ -101,6 +105,8 @@ pub struct NewInstance<'a> {
     pub state: State,
     /// The client's `Idempotency-Key`, if it sent one.
     pub idempotency_key: Option<&'a str>,
+    /// The pool it is made for, if any.
+    pub pool_name: Option<&'a str>,
 }
 
 /// A change to an instance row made together with a state transition.
@@ -147,4 +153,48 @@ pub struct NewInstanceEvent<'a> {
     pub to_state: State,
     /// Why.
     pub reason: Option<&'a str>,
+}
+
+/// A row of `pools`.
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable)]
+#[diesel(table_name = pools, check_for_backend(diesel::pg::Pg))]
+pub struct PoolRow {
+    /// The name requests put in `pool`.
+    pub name: String,
+    /// The provider config its machines run on.
+    pub provider_name: String,
+    /// The image they boot.
+    pub image: String,
+    /// The broker's instance type name.
+    pub instance_type: String,
+    /// Machines kept booted and unassigned.
+    pub min_idle: i32,
+    /// Most live instances of the pool, idle, busy and booting.
+    pub max_size: i32,
+    /// The longest one of its machines lives, in seconds (`None`: the broker's longest).
+    pub max_lifetime_secs: Option<i64>,
+    /// When it was made.
+    pub created_at: DateTime<Utc>,
+    /// When its shape or size last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A pool's shape and size, as written by `PUT /pools/<name>`.
+#[derive(Debug, Insertable, AsChangeset)]
+#[diesel(table_name = pools, treat_none_as_null = true)]
+pub struct NewPool<'a> {
+    /// The name requests put in `pool`.
+    pub name: &'a str,
+    /// The provider config its machines run on.
+    pub provider_name: &'a str,
+    /// The image they boot.
+    pub image: &'a str,
+    /// The broker's instance type name.
+    pub instance_type: &'a str,
+    /// Machines kept booted and unassigned.
+    pub min_idle: i32,
+    /// Most live instances of the pool.
+    pub max_size: i32,
+    /// The longest one of its machines lives, in seconds.
+    pub max_lifetime_secs: Option<i64>,
 }

@@ -128,6 +128,43 @@ async fn offer_of(
     Ok(offer)
 }
 
+/// The instance type a request for `instance_type` (absent, empty or `default`: the
+/// provider's default) on provider `provider` gets; refused, naming the field, when there
+/// is no such provider or it does not offer that type.
+pub async fn offered_type(
+    conn: &mut AsyncPgConnection,
+    key: &SecretKey,
+    provider: &super::validate::ProviderName,
+    instance_type: Option<&str>,
+) -> Result<String, BrokerError> {
+    let offered = find_offer(conn, key, provider).await?.ok_or_else(|| {
+        BrokerError::invalid(
+            "provider",
+            format!("provider {:?} does not exist", provider.as_str()),
+        )
+    })?;
+    let instance_type = match instance_type {
+        None | Some("") | Some(cloudbrain_provider::DEFAULT_TYPE_ALIAS) => {
+            offered.default_instance_type.clone()
+        }
+        Some(named) => super::validate::InstanceTypeName::parse(named)?
+            .as_str()
+            .to_owned(),
+    };
+    if !offered.instance_types.contains(&instance_type) {
+        return Err(BrokerError::invalid(
+            "instance_type",
+            format!(
+                "provider {:?} does not offer instance_type {:?}; it offers {}",
+                provider.as_str(),
+                instance_type,
+                offered.instance_types.join(", ")
+            ),
+        ));
+    }
+    Ok(instance_type)
+}
+
 /// What the provider named `name` offers; `None` if there is none.
 pub async fn find_offer(
     conn: &mut AsyncPgConnection,

@@ -189,6 +189,11 @@ validated!(
     ssh_public_key
 );
 validated!(
+    /// A pool's name, checked by [`pool_name`].
+    PoolName,
+    pool_name
+);
+validated!(
     /// An `Idempotency-Key` header, checked by [`idempotency_key`].
     IdempotencyKey,
     idempotency_key
@@ -237,6 +242,24 @@ impl Lifetime {
     pub fn interval(self) -> diesel::pg::data_types::PgInterval {
         let micros = i64::try_from(self.0.as_micros()).unwrap_or(i64::MAX);
         diesel::pg::data_types::PgInterval::from_microseconds(micros)
+    }
+}
+
+/// What a pool's name may be: a letter or digit, then up to 62 letters, digits, `.`, `_`
+/// or `-` (it is a path segment of `/pools/<name>`).
+pub const POOL_NAME_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$";
+
+fn pool_name(value: &str) -> Result<(), BrokerError> {
+    let mut chars = value.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if first_ok && rest_ok && value.len() <= 63 {
+        Ok(())
+    } else {
+        Err(BrokerError::invalid(
+            "name",
+            "a pool's name is a letter or digit, then up to 62 letters, digits, '.', '_' or '-'",
+        ))
     }
 }
 

@@ -27,7 +27,7 @@ diesel::table! {
 diesel::table! {
     instances (id) {
         id -> Uuid,
-        owner_token_id -> Int4,
+        owner_token_id -> Nullable<Int4>,
         provider_name -> Text,
         image -> Text,
         instance_type -> Text,
@@ -42,6 +42,8 @@ diesel::table! {
         terminated_at -> Nullable<Timestamptz>,
         details -> Nullable<Jsonb>,
         expires_at -> Nullable<Timestamptz>,
+        pool_name -> Nullable<Text>,
+        assigned_at -> Nullable<Timestamptz>,
     }
 }
 
@@ -61,6 +63,20 @@ diesel::table! {
 }
 
 diesel::table! {
+    pools (name) {
+        name -> Text,
+        provider_name -> Text,
+        image -> Text,
+        instance_type -> Text,
+        min_idle -> Int4,
+        max_size -> Int4,
+        max_lifetime_secs -> Nullable<Int8>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     providers (id) {
         id -> Uuid,
         name -> Text,
@@ -74,6 +90,7 @@ diesel::table! {
 
 diesel::joinable!(instance_events -> instances (instance_id));
 diesel::joinable!(instances -> auth_tokens (owner_token_id));
+diesel::joinable!(instances -> pools (pool_name));
 diesel::joinable!(jobs -> instances (instance_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
@@ -81,5 +98,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     instance_events,
     instances,
     jobs,
+    pools,
     providers,
 );

@@ -16,6 +16,7 @@ mod gce;
 mod http_process;
 mod instances;
 mod outage;
+mod pools;
 mod scripts;
 mod travis_worker;
 mod worker_process;

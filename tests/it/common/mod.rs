@@ -448,6 +448,13 @@ impl Client<'_> {
         Self::answer(self.app.post(path, &self.token).json(body)).await
     }
 
+    /// PUT `body` as JSON to `path`.
+    pub async fn put(&self, path: &str, body: &serde_json::Value) -> Answer {
+        let request = self.app.client.put(self.app.url(path));
+        let request = request.header("Authorization", format!("token {}", self.token));
+        Self::answer(request.json(body)).await
+    }
+
     /// POST `body` as JSON to `path` with an `Idempotency-Key`.
     pub async fn post_keyed(&self, path: &str, key: &str, body: &serde_json::Value) -> Answer {
         let request = self.app.post(path, &self.token);
