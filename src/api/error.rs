@@ -12,6 +12,9 @@ use actix_web::{HttpResponse, ResponseError};
 /// Seconds a client is told to wait after a 503: long enough for a pool to reconnect.
 pub const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 2;
 
+/// How long a client is told to wait when a pool is full.
+pub const POOL_FULL_RETRY_AFTER: Duration = Duration::from_secs(5);
+
 /// Everything a request can fail with, mapped to a status and a JSON body.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -168,6 +171,10 @@ impl From<BrokerError> for ApiError {
             },
             BrokerError::NotFound => ApiError::NotFound("instance not found".to_owned()),
             BrokerError::NoSuchPool(_) => ApiError::NotFound(err.to_string()),
+            BrokerError::PoolFull { .. } => ApiError::TooManyRequests {
+                message: err.to_string(),
+                retry_after: POOL_FULL_RETRY_AFTER,
+            },
             BrokerError::Forbidden(message) => ApiError::Forbidden(message),
             BrokerError::Unavailable => {
                 ApiError::Unavailable("database unavailable, try again shortly".to_owned())

@@ -80,8 +80,16 @@ pub async fn list_providers(
 ))]
 pub async fn openapi(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let offered = state.broker.offered_instance_types().await?;
+    let pools: Vec<String> = state
+        .broker
+        .pools()
+        .await?
+        .into_iter()
+        .map(|status| status.pool.name)
+        .collect();
     let most_ttl = Lifetime::most_seconds(state.broker.max_lifetime());
-    Ok(HttpResponse::Ok().json(super::openapi::document(&offered, most_ttl)?))
+    let document = super::openapi::document(&offered, &pools, most_ttl)?;
+    Ok(HttpResponse::Ok().json(document))
 }
 
 async fn render(

@@ -20,9 +20,13 @@ use cloudbrain_provider::DEFAULT_TYPE_ALIAS;
 /// An `Idempotency-Key`: printable ASCII, inner spaces only (HTTP strips outer ones).
 const IDEMPOTENCY_KEY_PATTERN: &str = r"^[\x21-\x7E](?:[\x20-\x7E]{0,253}[\x21-\x7E])?$";
 
-/// The document for a server whose providers offer `offered` (name, instance types) and
-/// whose instances may live `most_ttl` seconds at the most.
-pub fn document(offered: &[(String, Vec<String>)], most_ttl: u64) -> Result<Value, ApiError> {
+/// The document for a server whose providers offer `offered` (name, instance types),
+/// whose pools are `pools` and whose instances may live `most_ttl` seconds at the most.
+pub fn document(
+    offered: &[(String, Vec<String>)],
+    pools: &[String],
+    most_ttl: u64,
+) -> Result<Value, ApiError> {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).map_err(|error| {
         tracing::error!(%error, "the OpenAPI document does not serialise");
         ApiError::Internal
@@ -65,6 +69,12 @@ pub fn document(offered: &[(String, Vec<String>)], most_ttl: u64) -> Result<Valu
         {"type": "string", "maxLength": MAX_SSH_KEY_LEN, "pattern": ssh_public_key_pattern(),
          "description": "One OpenSSH public key line."},
     ]});
+    body["properties"]["pool"] = if pools.is_empty() {
+        json!({"type": "null", "description": "No pools are defined."})
+    } else {
+        json!({"anyOf": [{"type": "null"}, {"type": "string", "enum": pools,
+            "description": "A pool's name (see `GET /pools`)."}]})
+    };
     body["properties"]["ttl_seconds"] = json!({"anyOf": [
         {"type": "null"},
         {"type": "integer", "minimum": 1, "maximum": most_ttl,

@@ -78,10 +78,14 @@ impl From<Instance> for InstanceBody {
 /// A request for a machine. Fields other than these are ignored.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct CreateInstanceBody {
-    /// The provider config's name (see `GET /providers`).
-    pub provider: String,
-    /// The image to boot (at most 255 characters, no control characters).
-    pub image: String,
+    /// A pool to take an idle machine from (or to make one for); its shape stands for
+    /// `provider`, `image` and `instance_type`.
+    pub pool: Option<String>,
+    /// The provider config's name (see `GET /providers`); required without `pool`.
+    pub provider: Option<String>,
+    /// The image to boot (at most 255 characters, no control characters); required
+    /// without `pool`.
+    pub image: Option<String>,
     /// One of the provider's instance types; absent, empty or `default` means the
     /// provider's default type.
     pub instance_type: Option<String>,
@@ -104,6 +108,7 @@ pub trait RequestBody: serde::de::DeserializeOwned {
 
 impl RequestBody for CreateInstanceBody {
     const FIELDS: &'static [&'static str] = &[
+        "pool",
         "provider",
         "image",
         "instance_type",
@@ -125,6 +130,7 @@ impl RequestBody for CreateInstanceBody {
 impl From<CreateInstanceBody> for crate::broker::CreateInstance {
     fn from(body: CreateInstanceBody) -> Self {
         Self {
+            pool: body.pool,
             provider: body.provider,
             image: body.image,
             instance_type: body.instance_type,

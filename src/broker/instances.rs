@@ -7,9 +7,9 @@ use uuid::Uuid;
 
 use super::lifecycle::{self, Decision};
 use super::model::{Instance, InstanceEvent, NewInstance};
-use super::providers::offered_type;
+use super::pools;
 use super::state::{apply, record_event, State};
-use super::validate::{IdempotencyKey, ImageName, Lifetime, ProviderName, SshPublicKey};
+use super::validate::{IdempotencyKey, Lifetime, ProviderName, SshPublicKey};
 use super::{Broker, BrokerError};
 use crate::auth::{Caller, Scope};
 use crate::db::schema::{instance_events, instances};
@@ -24,10 +24,12 @@ pub const MAX_PAGE_SIZE: i64 = 1000;
 /// A request for a machine, as read from the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreateInstance {
-    /// The provider config's name.
-    pub provider: String,
-    /// The image to boot.
-    pub image: String,
+    /// The pool to take a machine from, or to make one for.
+    pub pool: Option<String>,
+    /// The provider config's name (required without a pool).
+    pub provider: Option<String>,
+    /// The image to boot (required without a pool).
+    pub image: Option<String>,
     /// The instance type; absent, empty or `default` means the provider's default type.
     pub instance_type: Option<String>,
     /// One OpenSSH public key line; absent or empty means none.
@@ -99,8 +101,6 @@ impl Broker {
         request: CreateInstance,
         idempotency_key: Option<&str>,
     ) -> Result<Created, BrokerError> {
-        let provider = ProviderName::parse(&request.provider)?;
-        let image = ImageName::parse(&request.image)?;
         // Travis CI's worker always sends the key, empty when it has none.
         let public_ssh_key = request
             .public_ssh_key
@@ -109,51 +109,42 @@ impl Broker {
             .map(SshPublicKey::parse)
             .transpose()?;
         let idempotency_key = idempotency_key.map(IdempotencyKey::parse).transpose()?;
-        let lifetime = Lifetime::parse(request.ttl_seconds, self.max_lifetime)?;
 
         let mut conn = self.conn().await?;
-        let instance_type = offered_type(
-            &mut conn,
-            &self.key,
-            &provider,
-            request.instance_type.as_deref(),
-        )
-        .await?;
+        let shape = pools::shape_of(&mut conn, &self.key, &request).await?;
+        let longest = shape.pool.as_ref().map_or(self.max_lifetime, |pool| {
+            pools::longest_lifetime(pool, self.max_lifetime)
+        });
+        let lifetime = Lifetime::parse(request.ttl_seconds, longest)?;
 
         let id = InstanceId::new();
         let new = NewInstance {
             id,
             owner_token_id: Some(caller.token_id),
-            provider_name: provider.as_str(),
-            image: image.as_str(),
-            instance_type: &instance_type,
+            provider_name: &shape.provider,
+            image: &shape.image,
+            instance_type: &shape.instance_type,
             public_ssh_key: public_ssh_key.as_ref().map(SshPublicKey::as_str),
             state: State::Creating,
             idempotency_key: idempotency_key.as_ref().map(IdempotencyKey::as_str),
-            pool_name: None,
+            pool_name: shape.pool.as_ref().map(|pool| pool.name.as_str()),
         };
-        // The lifetime counts from the row's own creation time, on the database's clock.
-        let expires_at = instances::expires_at.eq(diesel::dsl::now
-            .into_sql::<diesel::sql_types::Timestamptz>()
-            .nullable()
-            + lifetime
-                .map(Lifetime::interval)
-                .into_sql::<diesel::sql_types::Nullable<diesel::sql_types::Interval>>());
+        // A warm machine booted before the caller's key was known: only requests without
+        // a key may take one.
+        if let (Some(pool), None) = (&shape.pool, &public_ssh_key) {
+            let asked = request.ttl_seconds.and(lifetime);
+            if let Some(created) = pools::take_idle(&mut conn, caller, pool, &new, asked).await? {
+                return Ok(created);
+            }
+        }
         let created = conn
             .transaction::<_, BrokerError, _>(async |conn| {
-                let inserted: Option<Instance> = diesel::insert_into(instances::table)
-                    .values((&new, expires_at))
-                    .on_conflict((instances::owner_token_id, instances::idempotency_key))
-                    .do_nothing()
-                    .returning(Instance::as_returning())
-                    .get_result(conn)
-                    .await
-                    .optional()?;
-                let Some(instance) = inserted else {
+                if let Some(pool) = &shape.pool {
+                    pools::reserve(conn, pool, 1).await?;
+                }
+                let Some(instance) = insert_new(conn, &new, lifetime).await? else {
                     return replay(conn, caller, &new).await;
                 };
-                record_event(conn, id, None, State::Creating, None).await?;
-                queue::enqueue(conn, JobKind::CreateInstance, id).await?;
                 Ok(Created {
                     instance,
                     replayed: false,
@@ -163,9 +154,10 @@ impl Broker {
         if !created.replayed {
             tracing::info!(
                 instance.id = %id,
-                provider = provider.as_str(),
+                provider = shape.provider.as_str(),
+                pool = new.pool_name,
                 token.id = %caller.token_id,
-                "instance {id} requested on {}", provider.as_str()
+                "instance {id} requested on {}", shape.provider
             );
         }
         Ok(created)
@@ -288,7 +280,38 @@ impl Broker {
 
 /// Answers a repeated `Idempotency-Key`: the same request gets the same instance, another
 /// request is refused.
-async fn replay(
+/// Inserts `new` with its lifetime, its first event and its `create` job; `None` when the
+/// caller's `Idempotency-Key` already names an instance. Call inside a transaction.
+pub(super) async fn insert_new(
+    conn: &mut AsyncPgConnection,
+    new: &NewInstance<'_>,
+    lifetime: Option<Lifetime>,
+) -> Result<Option<Instance>, BrokerError> {
+    // The lifetime counts from the row's own creation time, on the database's clock.
+    let expires_at = instances::expires_at.eq(diesel::dsl::now
+        .into_sql::<diesel::sql_types::Timestamptz>()
+        .nullable()
+        + lifetime
+            .map(Lifetime::interval)
+            .into_sql::<diesel::sql_types::Nullable<diesel::sql_types::Interval>>());
+    let inserted: Option<Instance> = diesel::insert_into(instances::table)
+        .values((new, expires_at))
+        .on_conflict((instances::owner_token_id, instances::idempotency_key))
+        .do_nothing()
+        .returning(Instance::as_returning())
+        .get_result(conn)
+        .await
+        .optional()?;
+    if inserted.is_some() {
+        record_event(conn, new.id, None, State::Creating, None).await?;
+        queue::enqueue(conn, JobKind::CreateInstance, new.id).await?;
+    }
+    Ok(inserted)
+}
+
+/// The instance the caller's `Idempotency-Key` already names, if `new` asks for the same
+/// machine; a conflict if it asks for another.
+pub(super) async fn replay(
     conn: &mut AsyncPgConnection,
     caller: Caller,
     new: &NewInstance<'_>,

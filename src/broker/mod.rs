@@ -34,6 +34,16 @@ pub enum BrokerError {
     /// No such instance, or not one the caller may see.
     #[error("instance not found")]
     NotFound,
+    /// The pool has `max_size` live instances already.
+    #[error(
+        "pool {pool:?} is at its max_size of {max_size}; try again when a machine is given back"
+    )]
+    PoolFull {
+        /// The pool's name.
+        pool: String,
+        /// Its bound.
+        max_size: u32,
+    },
     /// No pool has this name.
     #[error("pool {0:?} does not exist")]
     NoSuchPool(String),

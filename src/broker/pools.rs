@@ -6,14 +6,17 @@ use std::collections::BTreeMap;
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
+use super::instances::{insert_new, replay, CreateInstance, Created};
 use super::lifecycle::Decision;
-use super::model::{Instance, NewPool, PoolRow};
+use super::model::{Instance, NewInstance, NewPool, PoolRow};
 use super::providers::offered_type;
-use super::state::{apply, State};
+use super::state::{apply, record_event, State};
 use super::validate::{ImageName, Lifetime, PoolName, ProviderName};
 use super::{Broker, BrokerError};
 use crate::auth::{Caller, Scope};
+use crate::crypto::SecretKey;
 use crate::db::schema::{instances, pools};
+use crate::ids::InstanceId;
 
 /// Most machines one pool may hold.
 pub const MAX_POOL_SIZE: u32 = 10_000;
@@ -295,4 +298,365 @@ pub(crate) async fn with_counts(
         counts,
         last_errors: errored.into_values().take(LAST_ERRORS).collect(),
     })
+}
+
+/// What a pool's worker does in one cycle: make machines, and retire unassigned ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// New unassigned machines to ask for.
+    pub make: u32,
+    /// Unassigned machines to destroy.
+    pub retire: u32,
+}
+
+/// What keeps `pool` at its size, given how its instances stand: unassigned machines
+/// (idle or booting) up to `min_idle`, never more live instances than `max_size`, and
+/// only unassigned machines retired, never one a client holds.
+pub fn plan(min_idle: u32, max_size: u32, counts: &PoolCounts) -> Plan {
+    let unassigned = counts.idle + counts.starting;
+    let room = max_size.saturating_sub(counts.live());
+    let make = min_idle.saturating_sub(unassigned).min(room);
+    let above_min = unassigned.saturating_sub(min_idle);
+    let above_max = counts.live().saturating_sub(max_size).min(unassigned);
+    Plan {
+        make,
+        retire: above_min.max(above_max),
+    }
+}
+
+/// The shape of machine a request asks for, and the pool that makes that shape, if any.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    /// The pool named, or the pool whose shape the request matches.
+    pub pool: Option<PoolRow>,
+    /// The provider config.
+    pub provider: String,
+    /// The image.
+    pub image: String,
+    /// The instance type.
+    pub instance_type: String,
+}
+
+/// The shape `request` asks for: its pool's (fields it also names must agree), or its
+/// own provider, image and type, taken from a pool of exactly that shape when there is
+/// one.
+pub(super) async fn shape_of(
+    conn: &mut AsyncPgConnection,
+    key: &SecretKey,
+    request: &CreateInstance,
+) -> Result<Shape, BrokerError> {
+    if let Some(name) = &request.pool {
+        let unknown = || BrokerError::invalid("pool", format!("pool {name:?} does not exist"));
+        let name = PoolName::parse(name).map_err(|_not_a_name| unknown())?;
+        let pool = find(conn, &name).await.map_err(|_missing| unknown())?;
+        let asked_type = request
+            .instance_type
+            .as_deref()
+            .filter(|t| !t.is_empty() && *t != cloudbrain_provider::DEFAULT_TYPE_ALIAS);
+        for (field, asked, made) in [
+            ("provider", request.provider.as_deref(), &pool.provider_name),
+            ("image", request.image.as_deref(), &pool.image),
+            ("instance_type", asked_type, &pool.instance_type),
+        ] {
+            if asked.is_some_and(|asked| asked != made) {
+                return Err(BrokerError::invalid(
+                    field,
+                    format!(
+                        "pool {:?} makes machines with {field} {made:?}; name that or leave {field} out",
+                        pool.name
+                    ),
+                ));
+            }
+        }
+        return Ok(Shape {
+            provider: pool.provider_name.clone(),
+            image: pool.image.clone(),
+            instance_type: pool.instance_type.clone(),
+            pool: Some(pool),
+        });
+    }
+    let required = |field: &'static str, value: &Option<String>| {
+        value
+            .clone()
+            .ok_or_else(|| BrokerError::invalid(field, format!("{field} is required")))
+    };
+    let provider = ProviderName::parse(&required("provider", &request.provider)?)?;
+    let image = ImageName::parse(&required("image", &request.image)?)?;
+    let instance_type =
+        offered_type(conn, key, &provider, request.instance_type.as_deref()).await?;
+    let pool: Option<PoolRow> = pools::table
+        .filter(pools::provider_name.eq(provider.as_str()))
+        .filter(pools::image.eq(image.as_str()))
+        .filter(pools::instance_type.eq(&instance_type))
+        .order(pools::name)
+        .select(PoolRow::as_select())
+        .first(conn)
+        .await
+        .optional()?;
+    Ok(Shape {
+        pool,
+        provider: provider.as_str().to_owned(),
+        image: image.as_str().to_owned(),
+        instance_type,
+    })
+}
+
+/// The longest a machine of `pool` lives: the pool's own bound, else the broker's.
+pub(super) fn longest_lifetime(
+    pool: &PoolRow,
+    broker_longest: Option<std::time::Duration>,
+) -> Option<std::time::Duration> {
+    pool.max_lifetime_secs
+        .and_then(|secs| u64::try_from(secs).ok())
+        .map(std::time::Duration::from_secs)
+        .or(broker_longest)
+}
+
+/// Hands the caller an idle running machine of `pool` as `new` asks (its token, its
+/// `Idempotency-Key`, a shorter lifetime when `asked`); `None` when the pool has none
+/// idle. Two requests never get the same machine (`SKIP LOCKED`).
+pub(super) async fn take_idle(
+    conn: &mut AsyncPgConnection,
+    caller: Caller,
+    pool: &PoolRow,
+    new: &NewInstance<'_>,
+    asked: Option<Lifetime>,
+) -> Result<Option<Created>, BrokerError> {
+    if new.idempotency_key.is_some() {
+        let earlier = instances::table
+            .filter(instances::owner_token_id.eq(caller.token_id))
+            .filter(instances::idempotency_key.eq(new.idempotency_key))
+            .select(instances::id)
+            .first::<InstanceId>(conn)
+            .await
+            .optional()?;
+        if earlier.is_some() {
+            return replay(conn, caller, new).await.map(Some);
+        }
+    }
+    let taken = conn
+        .transaction::<_, diesel::result::Error, _>(async |conn| {
+            let Some(id) = instances::table
+                .filter(instances::pool_name.eq(&pool.name))
+                .filter(instances::owner_token_id.is_null())
+                .filter(instances::state.eq(State::Running))
+                .order(instances::created_at)
+                .select(instances::id)
+                .for_update()
+                .skip_locked()
+                .first::<InstanceId>(conn)
+                .await
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            // least() passes over NULL: no lifetime asked keeps the machine's own.
+            let expires_at = diesel::dsl::sql::<
+                diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>,
+            >("least(expires_at, now() + ")
+            .bind::<diesel::sql_types::Nullable<diesel::sql_types::Interval>, _>(
+                asked.map(Lifetime::interval),
+            )
+            .sql(")");
+            let instance: Instance = diesel::update(instances::table.find(id))
+                .set((
+                    instances::owner_token_id.eq(caller.token_id),
+                    instances::assigned_at.eq(diesel::dsl::now),
+                    instances::idempotency_key.eq(new.idempotency_key),
+                    instances::expires_at.eq(expires_at),
+                    instances::updated_at.eq(diesel::dsl::now),
+                ))
+                .returning(Instance::as_returning())
+                .get_result(conn)
+                .await?;
+            let reason = format!("taken from pool {} by token {}", pool.name, caller.token_id);
+            record_event(
+                conn,
+                id,
+                Some(State::Running),
+                State::Running,
+                Some(&reason),
+            )
+            .await?;
+            Ok(Some(instance))
+        })
+        .await;
+    match taken {
+        Ok(Some(instance)) => {
+            tracing::info!(
+                instance.id = %instance.id,
+                pool = pool.name.as_str(),
+                token.id = %caller.token_id,
+                "instance {} taken from pool {}", instance.id, pool.name
+            );
+            Ok(Some(Created {
+                instance,
+                replayed: false,
+            }))
+        }
+        Ok(None) => Ok(None),
+        // The same key, taken by a request of the same token a moment ago.
+        Err(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::UniqueViolation,
+            _,
+        )) => replay(conn, caller, new).await.map(Some),
+        Err(other) => Err(other.into()),
+    }
+}
+
+/// Locks `pool`'s row and refuses if `more` instances would take it past `max_size`.
+/// Every instance of a pool is made under this lock, by any process, so the bound holds.
+pub(super) async fn reserve(
+    conn: &mut AsyncPgConnection,
+    pool: &PoolRow,
+    more: u32,
+) -> Result<PoolCounts, BrokerError> {
+    let locked: PoolRow = pools::table
+        .find(&pool.name)
+        .select(PoolRow::as_select())
+        .for_update()
+        .first(conn)
+        .await?;
+    let status = with_counts(conn, locked).await?;
+    let max_size = u32::try_from(status.pool.max_size).unwrap_or_default();
+    if status.counts.live() + more > max_size {
+        return Err(BrokerError::PoolFull {
+            pool: pool.name.clone(),
+            max_size,
+        });
+    }
+    Ok(status.counts)
+}
+
+impl Broker {
+    /// Brings every pool to its size (see [`plan`]); what each pool's cycle did, by name.
+    pub async fn reconcile_pools(&self) -> Result<Vec<(String, Plan)>, BrokerError> {
+        let mut conn = self.conn().await?;
+        let names: Vec<String> = pools::table
+            .order(pools::name)
+            .select(pools::name)
+            .load(&mut conn)
+            .await?;
+        let mut done = Vec::with_capacity(names.len());
+        for name in names {
+            let plan = self.reconcile_pool(&mut conn, &name).await?;
+            done.push((name, plan));
+        }
+        Ok(done)
+    }
+
+    async fn reconcile_pool(
+        &self,
+        conn: &mut AsyncPgConnection,
+        name: &str,
+    ) -> Result<Plan, BrokerError> {
+        conn.transaction::<_, BrokerError, _>(async |conn| {
+            let Some(pool) = pools::table
+                .find(name)
+                .select(PoolRow::as_select())
+                .for_update()
+                .first(conn)
+                .await
+                .optional()?
+            else {
+                return Ok(Plan::default());
+            };
+            let status = with_counts(conn, pool).await?;
+            let pool = status.pool;
+            let min_idle = u32::try_from(pool.min_idle).unwrap_or_default();
+            let max_size = u32::try_from(pool.max_size).unwrap_or_default();
+            let plan = plan(min_idle, max_size, &status.counts);
+            let lifetime = Lifetime::parse(None, longest_lifetime(&pool, self.max_lifetime))?;
+            for _ in 0..plan.make {
+                let new = NewInstance {
+                    id: InstanceId::new(),
+                    owner_token_id: None,
+                    provider_name: &pool.provider_name,
+                    image: &pool.image,
+                    instance_type: &pool.instance_type,
+                    public_ssh_key: None,
+                    state: State::Creating,
+                    idempotency_key: None,
+                    pool_name: Some(&pool.name),
+                };
+                insert_new(conn, &new, lifetime).await?;
+            }
+            if plan.retire > 0 {
+                // Booting machines first (nothing waits on them), then the oldest idle.
+                let unassigned: Vec<Instance> = instances::table
+                    .filter(instances::pool_name.eq(&pool.name))
+                    .filter(instances::owner_token_id.is_null())
+                    .filter(instances::state.eq_any([
+                        State::Creating,
+                        State::Starting,
+                        State::Running,
+                    ]))
+                    .order((instances::state.eq(State::Running), instances::created_at))
+                    .limit(i64::from(plan.retire))
+                    .select(Instance::as_select())
+                    .for_update()
+                    .load(conn)
+                    .await?;
+                let retire = Decision::BeginTermination {
+                    reason: format!("pool {} scaled in", pool.name),
+                };
+                for instance in unassigned {
+                    apply(conn, instance.id, &retire).await?;
+                }
+            }
+            if plan != Plan::default() {
+                tracing::info!(
+                    pool = pool.name.as_str(),
+                    make = plan.make,
+                    retire = plan.retire,
+                    "pool {} reconciled",
+                    pool.name
+                );
+            }
+            Ok(plan)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(idle: u32, busy: u32, starting: u32) -> PoolCounts {
+        PoolCounts {
+            idle,
+            busy,
+            starting,
+            ..PoolCounts::default()
+        }
+    }
+
+    fn plan_of(make: u32, retire: u32) -> Plan {
+        Plan { make, retire }
+    }
+
+    #[test]
+    fn a_pool_fills_to_min_idle_within_max_size_and_retires_only_unassigned_machines() {
+        // (min_idle, max_size, idle, busy, starting) → (make, retire)
+        let table = [
+            ((3, 10, 0, 0, 0), plan_of(3, 0)),
+            ((3, 10, 1, 0, 1), plan_of(1, 0)),
+            ((3, 10, 3, 5, 0), plan_of(0, 0)),
+            ((3, 4, 0, 3, 0), plan_of(1, 0)),
+            ((3, 4, 0, 4, 0), plan_of(0, 0)),
+            ((3, 4, 0, 6, 0), plan_of(0, 0)),
+            ((0, 4, 2, 1, 1), plan_of(0, 3)),
+            ((1, 10, 4, 9, 0), plan_of(0, 3)),
+            ((2, 3, 2, 3, 0), plan_of(0, 2)),
+            ((2, 3, 1, 2, 1), plan_of(0, 1)),
+        ];
+        for ((min_idle, max_size, idle, busy, starting), expected) in table {
+            let got = plan(min_idle, max_size, &counts(idle, busy, starting));
+            assert_eq!(
+                got, expected,
+                "min_idle {min_idle}, max_size {max_size}, idle {idle}, busy {busy}, starting {starting}"
+            );
+        }
+    }
 }

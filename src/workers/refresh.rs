@@ -68,12 +68,25 @@ impl RefreshWorker {
         );
         loop {
             self.refresh_all().await;
+            self.reconcile_pools().await;
             tokio::select! {
                 _ = tokio::time::sleep(self.settings.refresh_interval.max(MIN_INTERVAL)) => {}
                 _ = stopped(&mut shutdown) => break,
             }
         }
         tracing::info!("refresh worker stopped");
+    }
+
+    /// Brings every pool to its size once (the broker decides how; see
+    /// `broker::pools::plan`); a failure is logged and retried next cycle.
+    pub async fn reconcile_pools(&self) -> Vec<(String, crate::broker::pools::Plan)> {
+        match self.broker.reconcile_pools().await {
+            Ok(done) => done,
+            Err(error) => {
+                tracing::warn!(%error, "pools not reconciled this cycle");
+                Vec::new()
+            }
+        }
     }
 
     /// Reconciles every provider config once.

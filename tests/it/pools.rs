@@ -126,3 +126,225 @@ async fn a_bad_pool_is_refused_naming_the_field() {
         "{error}"
     );
 }
+
+/// A broker with pool `ci` (fake cloud, machines boot at once) of `min_idle` and
+/// `max_size`, filled and booted.
+async fn warm(min_idle: u32, max_size: u32) -> TestBroker {
+    let s = TestBroker::new()
+        .fake(json!({"boot_time_ms": 0}))
+        .start()
+        .await;
+    let admin = s.client_with(Scope::Admin).await;
+    let body =
+        json!({"provider": "fake", "image": "ubuntu", "min_idle": min_idle, "max_size": max_size});
+    admin.put("/pools/ci", &body).await.expect(200);
+    fill(&s).await;
+    s
+}
+
+/// One pool cycle, the jobs it made and a refresh.
+async fn fill(s: &TestBroker) {
+    s.workers.refresh.reconcile_pools().await;
+    s.workers.run_pending_jobs().await;
+    s.workers.refresh.refresh_all().await;
+}
+
+async fn counts(s: &TestBroker) -> Value {
+    s.client().get("/pools/ci").await.expect(200)["counts"].clone()
+}
+
+fn counted(idle: u32, busy: u32, starting: u32, expiring: u32) -> Value {
+    json!({"idle": idle, "busy": busy, "starting": starting, "errored": 0, "expiring": expiring})
+}
+
+#[tokio::test]
+async fn a_pooled_request_gets_a_running_machine_at_once_and_the_pool_refills() {
+    let s = warm(2, 3).await;
+    assert_eq!(counts(&s).await, counted(2, 0, 0, 0));
+    assert_eq!(s.machines().await, 2);
+
+    let taken = s
+        .client()
+        .post("/instances", &json!({"pool": "ci"}))
+        .await
+        .expect(200);
+    assert_eq!(taken["state"], "running", "{taken}");
+    assert!(taken["ip_address"].is_string(), "{taken}");
+    assert_eq!(
+        (taken["provider"].clone(), taken["image"].clone()),
+        (json!("fake"), json!("ubuntu"))
+    );
+    let id = taken["id"].as_str().unwrap();
+    assert_eq!(s.body(id).await, taken, "the first poll sees it running");
+    let events = s
+        .client()
+        .get(&format!("/instances/{id}/events"))
+        .await
+        .expect(200);
+    let last = events["events"].as_array().unwrap().last().unwrap().clone();
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("taken from pool ci"),
+        "{last}"
+    );
+    // Another token cannot see it; the pool counts it busy.
+    let other = s.client_with(Scope::Client).await;
+    other.get(&format!("/instances/{id}")).await.expect(404);
+    assert_eq!(counts(&s).await, counted(1, 1, 0, 0));
+
+    // A request naming the pool's shape instead of its name takes from it too.
+    let shape = json!({"provider": "fake", "image": "ubuntu", "public_ssh_key": ""});
+    let second = s.client().post("/instances", &shape).await.expect(200);
+    assert_eq!(second["state"], "running");
+    assert_eq!(counts(&s).await, counted(0, 2, 0, 0));
+
+    // One cycle refills within max_size: 2 busy, room for 1.
+    fill(&s).await;
+    assert_eq!(counts(&s).await, counted(1, 2, 0, 0));
+    assert_eq!(s.machines().await, 3);
+
+    // Given back, a pooled machine is destroyed like any other.
+    s.delete_and_run_jobs(id).await;
+    assert_eq!(s.status(id).await, 410);
+}
+
+#[tokio::test]
+async fn with_no_idle_machine_a_request_goes_on_demand_and_a_full_pool_answers_429() {
+    let s = warm(1, 2).await;
+    let client = s.client();
+    // A key cannot be put on a machine booted before it was known: on demand.
+    let keyed = json!({"pool": "ci", "public_ssh_key": crate::common::ED25519});
+    let on_demand = client.post("/instances", &keyed).await.expect(200);
+    assert_eq!(on_demand["state"], "creating");
+    assert_eq!(counts(&s).await, counted(1, 1, 0, 0));
+
+    let warm = client
+        .post("/instances", &json!({"pool": "ci"}))
+        .await
+        .expect(200);
+    assert_eq!(warm["state"], "running");
+    // Two live instances: the pool is full, and a cycle makes nothing.
+    let answer = s
+        .app
+        .post("/instances", &s.token)
+        .json(&json!({"pool": "ci"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 429);
+    assert_eq!(answer.headers()["retry-after"], "5");
+    let body: Value = answer.json().await.unwrap();
+    assert!(
+        body["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("pool \"ci\" is at its max_size of 2"),
+        "{body}"
+    );
+    fill(&s).await;
+    assert_eq!(counts(&s).await, counted(0, 2, 0, 0));
+
+    let refused = [
+        (json!({"pool": "nowhere"}), "pool"),
+        (json!({"pool": "ci", "image": "debian"}), "image"),
+        (json!({"pool": "ci", "provider": "other"}), "provider"),
+        (json!({}), "provider"),
+    ];
+    for (body, field) in refused {
+        let error = client.post("/instances", &body).await.expect(422);
+        assert_eq!(error["field"], field, "{body}: {error}");
+    }
+}
+
+#[tokio::test]
+async fn concurrent_requests_never_share_a_machine_and_never_pass_max_size() {
+    let s = warm(4, 6).await;
+    let client = s.client();
+    let body = json!({"pool": "ci"});
+    let requests = (0..12).map(|_| client.post("/instances", &body));
+    let answers = futures_util::future::join_all(requests).await;
+    let mut states = std::collections::BTreeMap::<u16, Vec<Value>>::new();
+    for answer in answers {
+        states.entry(answer.status).or_default().push(answer.body);
+    }
+    let served = &states[&200];
+    let ids: std::collections::HashSet<&str> =
+        served.iter().map(|b| b["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 6, "{states:?}");
+    let running = served.iter().filter(|b| b["state"] == "running").count();
+    assert_eq!(running, 4, "every idle machine served warm once");
+    assert_eq!(states[&429].len(), 6);
+    s.workers.run_pending_jobs().await;
+    fill(&s).await;
+    assert_eq!(counts(&s).await, counted(0, 6, 0, 0));
+    assert_eq!(s.machines().await, 6);
+}
+
+#[tokio::test]
+async fn scaling_in_retires_idle_machines_only_and_deleting_a_pool_drains_it() {
+    let s = warm(3, 5).await;
+    let admin = s.client_with(Scope::Admin).await;
+    let taken = s
+        .client()
+        .post("/instances", &json!({"pool": "ci"}))
+        .await
+        .expect(200);
+    let busy = taken["id"].as_str().unwrap();
+    admin
+        .post("/pools/ci/scale", &json!({"min_idle": 1}))
+        .await
+        .expect(200);
+    s.workers.refresh.reconcile_pools().await;
+    assert_eq!(counts(&s).await, counted(1, 1, 0, 1));
+    s.workers.run_pending_jobs().await;
+    s.workers.refresh.refresh_all().await;
+    assert_eq!(counts(&s).await, counted(1, 1, 0, 0));
+
+    admin.delete("/pools/ci").await.expect(200);
+    s.workers.run_pending_jobs().await;
+    assert_eq!(
+        s.body(busy).await["state"],
+        "running",
+        "a client's machine stays"
+    );
+    assert_eq!(s.machines().await, 1);
+}
+
+#[tokio::test]
+async fn a_pools_lifetime_bounds_its_machines_and_the_requests_for_them() {
+    let s = TestBroker::new()
+        .fake(json!({"boot_time_ms": 0}))
+        .start()
+        .await;
+    let admin = s.client_with(Scope::Admin).await;
+    let body = json!({"provider": "fake", "image": "ubuntu", "min_idle": 1, "max_size": 3, "max_lifetime_secs": 600});
+    admin.put("/pools/ci", &body).await.expect(200);
+    fill(&s).await;
+    let lifetime = |b: &Value| {
+        let at = |f: &str| chrono::DateTime::parse_from_rfc3339(b[f].as_str().unwrap()).unwrap();
+        (at("expires_at") - at("created_at")).num_seconds()
+    };
+    let client = s.client();
+    let warm = client
+        .post("/instances", &json!({"pool": "ci"}))
+        .await
+        .expect(200);
+    assert_eq!(lifetime(&warm), 600);
+    let too_long = json!({"pool": "ci", "ttl_seconds": 601});
+    assert_eq!(
+        client.post("/instances", &too_long).await.expect(422)["field"],
+        "ttl_seconds"
+    );
+    let short = client
+        .post("/instances", &json!({"pool": "ci", "ttl_seconds": 60}))
+        .await
+        .expect(200);
+    assert_eq!(
+        lifetime(&short),
+        60,
+        "on demand, the pool being empty: {short}"
+    );
+    s.workers.run_pending_jobs().await;
+}
