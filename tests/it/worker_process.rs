@@ -13,8 +13,12 @@ fn worker(db: &TestDb, lease: &str, poll: &str) -> Child {
 }
 
 fn worker_with(db: &TestDb, lease: &str, poll: &str, env: &[(&str, String)]) -> Child {
+    role(db, "create-worker", lease, poll, env)
+}
+
+fn role(db: &TestDb, role: &str, lease: &str, poll: &str, env: &[(&str, String)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_cloudbrain"))
-        .arg("create-worker")
+        .arg(role)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("DATABASE_URL", &db.url)
         .env("CLOUDBRAIN_DATABASE_ENCRYPTION_KEY", KEY_HEX)
@@ -155,4 +159,46 @@ async fn a_new_job_is_dispatched_without_waiting_for_a_poll() {
     );
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn killing_the_pool_worker_mid_fill_ten_times_leaks_nothing_and_overshoots_nothing() {
+    let s = setup(json!({"create_latency_ms": 50, "boot_time_ms": 0})).await;
+    let admin = s.client_with(cloudbrain::auth::Scope::Admin).await;
+    let pool = json!({"provider": "fake", "image": "ubuntu", "min_idle": 12, "max_size": 12});
+    admin.put("/pools/ci", &pool).await.expect(200);
+    let mut creator = worker(&s.db, "5", "0.05");
+    let fast = [("CLOUDBRAIN_REFRESH_INTERVAL", "0.05".to_owned())];
+    for kill in 0..10u64 {
+        let mut pool_worker = role(&s.db, "refresh-worker", "5", "0.05", &fast);
+        tokio::time::sleep(Duration::from_millis(40 + 23 * kill)).await;
+        pool_worker.kill().unwrap();
+        pool_worker.wait().unwrap();
+        let live = s.db.count_instances(Some(State::Creating)).await
+            + s.db.count_instances(Some(State::Starting)).await
+            + s.db.count_instances(Some(State::Running)).await;
+        assert!(
+            live <= 12,
+            "{live} live instances in a pool of 12 after kill {kill}"
+        );
+    }
+    let made = s.db.count_instances(None).await;
+    assert!(made > 0, "the killed pool workers never filled the pool");
+    let mut pool_worker = role(&s.db, "refresh-worker", "5", "0.05", &fast);
+    wait_for("the pool to fill", Duration::from_secs(30), async || {
+        let idle = s.client().get("/pools/ci").await.expect(200)["counts"]["idle"].clone();
+        idle == 12
+    })
+    .await;
+    pool_worker.kill().unwrap();
+    pool_worker.wait().unwrap();
+    creator.kill().unwrap();
+    creator.wait().unwrap();
+    assert_eq!(s.db.count_instances(Some(State::Running)).await, 12);
+    assert_eq!(
+        s.db.count_instances(None).await,
+        12,
+        "no instance beyond the pool's size"
+    );
+    assert_eq!(s.db.machines().await, 12, "no machine without its instance");
 }
