@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use cloudbrain::auth::store::{self, Revoked};
 use cloudbrain::auth::Scope;
+use cloudbrain::broker::pools;
 use cloudbrain::broker::providers::{insert_provider, list_providers};
 use cloudbrain::config::Config;
 use cloudbrain::{db, roles, telemetry};
@@ -63,6 +64,15 @@ enum Command {
     },
     /// List registered providers (names and types, never configuration).
     ListProviders,
+    /// List pools: shape, size and how their instances stand.
+    Pools,
+    /// Set how many idle machines a pool keeps warm (at most its max_size).
+    Scale {
+        /// The pool's name.
+        name: String,
+        /// Machines to keep booted and unassigned.
+        min_idle: u32,
+    },
 }
 
 /// Turns `cloudbrain-create-token ARGS` into `cloudbrain create-token ARGS`.
@@ -188,6 +198,37 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!(
                 "registered provider {name} ({kind}), instance types: {}",
                 offer.instance_types.join(", ")
+            );
+            Ok(())
+        }
+        Command::Pools => {
+            let mut conn = connect(&config).await?;
+            println!("NAME\tPROVIDER\tIMAGE\tTYPE\tMIN IDLE\tMAX SIZE\tIDLE\tBUSY\tSTARTING\tERRORED\tEXPIRING");
+            for status in pools::list(&mut conn).await? {
+                let (p, c) = (status.pool, status.counts);
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                    p.name,
+                    p.provider_name,
+                    p.image,
+                    p.instance_type,
+                    p.min_idle,
+                    p.max_size,
+                    c.idle,
+                    c.busy,
+                    c.starting,
+                    c.errored,
+                    c.expiring
+                );
+            }
+            Ok(())
+        }
+        Command::Scale { name, min_idle } => {
+            let mut conn = connect(&config).await?;
+            let status = pools::scale(&mut conn, &name, min_idle).await?;
+            println!(
+                "pool {name} keeps {min_idle} idle (max_size {}); the pool worker acts within one refresh cycle",
+                status.pool.max_size
             );
             Ok(())
         }

@@ -172,32 +172,8 @@ impl Broker {
         min_idle: u32,
     ) -> Result<PoolStatus, BrokerError> {
         admin_only(caller)?;
-        let name = PoolName::parse(name)?;
         let mut conn = self.conn().await?;
-        let pool = find(&mut conn, &name).await?;
-        if i64::from(min_idle) > i64::from(pool.max_size) {
-            return Err(BrokerError::invalid(
-                "min_idle",
-                format!(
-                    "min_idle must be at most the pool's max_size, {}",
-                    pool.max_size
-                ),
-            ));
-        }
-        diesel::update(pools::table.find(name.as_str()))
-            .set((
-                pools::min_idle.eq(i32::try_from(min_idle).unwrap_or(i32::MAX)),
-                pools::updated_at.eq(diesel::dsl::now),
-            ))
-            .execute(&mut conn)
-            .await?;
-        tracing::info!(
-            pool = name.as_str(),
-            min_idle,
-            "pool {} scaled",
-            name.as_str()
-        );
-        status(&mut conn, &name).await
+        scale(&mut conn, name, min_idle).await
     }
 
     /// Removes pool `name` (admin only): its idle and booting machines are destroyed,
@@ -235,16 +211,7 @@ impl Broker {
     /// Every pool, by name, with its counts.
     pub async fn pools(&self) -> Result<Vec<PoolStatus>, BrokerError> {
         let mut conn = self.conn().await?;
-        let rows: Vec<PoolRow> = pools::table
-            .order(pools::name)
-            .select(PoolRow::as_select())
-            .load(&mut conn)
-            .await?;
-        let mut all = Vec::with_capacity(rows.len());
-        for pool in rows {
-            all.push(with_counts(&mut conn, pool).await?);
-        }
-        Ok(all)
+        list(&mut conn).await
     }
 
     /// Pool `name` with its counts.
@@ -254,6 +221,54 @@ impl Broker {
         let mut conn = self.conn().await?;
         status(&mut conn, &name).await
     }
+}
+
+/// Every pool, by name, with its counts (for an operator, or a token through the API).
+pub async fn list(conn: &mut AsyncPgConnection) -> Result<Vec<PoolStatus>, BrokerError> {
+    let rows: Vec<PoolRow> = pools::table
+        .order(pools::name)
+        .select(PoolRow::as_select())
+        .load(conn)
+        .await?;
+    let mut all = Vec::with_capacity(rows.len());
+    for pool in rows {
+        all.push(with_counts(conn, pool).await?);
+    }
+    Ok(all)
+}
+
+/// Sets how many idle machines pool `name` keeps, at most its `max_size` (for an
+/// operator, or an admin token through the API).
+pub async fn scale(
+    conn: &mut AsyncPgConnection,
+    name: &str,
+    min_idle: u32,
+) -> Result<PoolStatus, BrokerError> {
+    let name = PoolName::parse(name)?;
+    let pool = find(conn, &name).await?;
+    if i64::from(min_idle) > i64::from(pool.max_size) {
+        return Err(BrokerError::invalid(
+            "min_idle",
+            format!(
+                "min_idle must be at most the pool's max_size, {}",
+                pool.max_size
+            ),
+        ));
+    }
+    diesel::update(pools::table.find(name.as_str()))
+        .set((
+            pools::min_idle.eq(i32::try_from(min_idle).unwrap_or(i32::MAX)),
+            pools::updated_at.eq(diesel::dsl::now),
+        ))
+        .execute(conn)
+        .await?;
+    tracing::info!(
+        pool = name.as_str(),
+        min_idle,
+        "pool {} scaled",
+        name.as_str()
+    );
+    status(conn, &name).await
 }
 
 async fn find(conn: &mut AsyncPgConnection, name: &PoolName) -> Result<PoolRow, BrokerError> {

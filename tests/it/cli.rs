@@ -365,3 +365,46 @@ async fn unmigrated_db() -> TestDb {
     .unwrap();
     db
 }
+
+#[tokio::test]
+async fn pools_are_listed_and_scaled_from_the_command_line() {
+    let s = crate::common::TestBroker::new()
+        .fake(serde_json::json!(null))
+        .start()
+        .await;
+    let admin = s.client_with(cloudbrain::auth::Scope::Admin).await;
+    let pool =
+        serde_json::json!({"provider": "fake", "image": "ubuntu", "min_idle": 1, "max_size": 4});
+    admin.put("/pools/ci", &pool).await.expect(200);
+
+    let listed = stdout(&cloudbrain(&s.db, &["pools"]));
+    assert_eq!(
+        listed,
+        "NAME\tPROVIDER\tIMAGE\tTYPE\tMIN IDLE\tMAX SIZE\tIDLE\tBUSY\tSTARTING\tERRORED\tEXPIRING\n\
+         ci\tfake\tubuntu\tstandard\t1\t4\t0\t0\t0\t0\t0\n"
+    );
+    let scaled = stdout(&cloudbrain(&s.db, &["scale", "ci", "3"]));
+    assert!(
+        scaled.starts_with("pool ci keeps 3 idle (max_size 4)"),
+        "{scaled}"
+    );
+    assert_eq!(admin.get("/pools/ci").await.expect(200)["min_idle"], 3);
+
+    for (args, says) in [
+        (
+            &["scale", "ci", "5"][..],
+            "min_idle must be at most the pool's max_size, 4",
+        ),
+        (
+            &["scale", "elsewhere", "1"],
+            "pool \"elsewhere\" does not exist",
+        ),
+    ] {
+        let refused = cloudbrain(&s.db, args);
+        assert!(!refused.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+    let not_a_number = cloudbrain(&s.db, &["scale", "ci", "-1"]);
+    assert!(!not_a_number.status.success());
+}
