@@ -11,7 +11,9 @@ use clap::{Parser, Subcommand};
 use cloudbrain::auth::store::{self, Revoked};
 use cloudbrain::auth::Scope;
 use cloudbrain::broker::pools;
-use cloudbrain::broker::providers::{insert_provider, list_providers};
+use cloudbrain::broker::providers::{
+    delete_provider, insert_provider, list_providers, update_provider,
+};
 use cloudbrain::config::Config;
 use cloudbrain::{db, roles, telemetry};
 use diesel_async::AsyncPgConnection;
@@ -61,6 +63,21 @@ enum Command {
         /// A JSON file with the provider's config (defaults apply when omitted).
         #[arg(long)]
         config: Option<std::path::PathBuf>,
+    },
+    /// Replace a provider's config (its type stays); running workers use it within one cycle.
+    UpdateProvider {
+        /// The provider's name.
+        #[arg(long)]
+        name: String,
+        /// A JSON file with the provider's new config.
+        #[arg(long)]
+        config: std::path::PathBuf,
+    },
+    /// Delete a provider config no pool names and no instance still runs on.
+    DeleteProvider {
+        /// The provider's name.
+        #[arg(long)]
+        name: String,
     },
     /// List registered providers (names and types, never configuration).
     ListProviders,
@@ -186,12 +203,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let key = config.require_encryption_key()?.clone();
             let doc = match file {
                 None => serde_json::Value::Null,
-                Some(path) => {
-                    let text = std::fs::read_to_string(&path)
-                        .with_context(|| format!("reading {}", path.display()))?;
-                    serde_json::from_str(&text)
-                        .with_context(|| format!("{} is not valid JSON", path.display()))?
-                }
+                Some(path) => read_config(&path)?,
             };
             let mut conn = connect(&config).await?;
             let offer = insert_provider(&mut conn, &key, &name, &kind, &doc).await?;
@@ -232,6 +244,23 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::UpdateProvider { name, config: file } => {
+            let key = config.require_encryption_key()?.clone();
+            let doc = read_config(&file)?;
+            let mut conn = connect(&config).await?;
+            let offer = update_provider(&mut conn, &key, &name, &doc).await?;
+            println!(
+                "updated provider {name}, instance types: {}; running workers use it within one cycle",
+                offer.instance_types.join(", ")
+            );
+            Ok(())
+        }
+        Command::DeleteProvider { name } => {
+            let mut conn = connect(&config).await?;
+            delete_provider(&mut conn, &name).await?;
+            println!("deleted provider {name}");
+            Ok(())
+        }
         Command::ListProviders => {
             let mut conn = connect(&config).await?;
             println!("NAME\tTYPE");
@@ -241,6 +270,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Reads a provider config file as JSON.
+fn read_config(path: &Path) -> anyhow::Result<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
 /// Runs one role until SIGINT or SIGTERM.

@@ -26,6 +26,8 @@ pub struct ProviderRow {
     pub created_at: DateTime<Utc>,
     /// What the config offers, readable without the key (`None`: not recorded yet).
     pub offer: Option<serde_json::Value>,
+    /// When the config last changed; workers rebuild their live provider when it moves.
+    pub updated_at: DateTime<Utc>,
 }
 
 /// A new row of `providers`.

@@ -2,7 +2,7 @@
 //! them, read what one offers without opening the seal, and open them for the workers.
 
 use diesel::prelude::*;
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use serde::{Deserialize, Serialize};
 
 use super::model::{NewProvider, ProviderRow};
@@ -31,6 +31,17 @@ pub enum InsertProviderError {
     /// The name is taken.
     #[error("a provider named {0:?} already exists")]
     NameTaken(String),
+    /// No provider has this name.
+    #[error("there is no provider named {0:?}")]
+    NoSuchProvider(String),
+    /// Something live still uses the provider; the message says what.
+    #[error("provider {name:?} is in use: {what}")]
+    InUse {
+        /// The provider's name.
+        name: String,
+        /// What uses it.
+        what: String,
+    },
     /// The database refused.
     #[error(transparent)]
     Database(#[from] diesel::result::Error),
@@ -73,6 +84,84 @@ pub async fn insert_provider(
     Ok(offer)
 }
 
+/// Replaces the config of provider `name` (its kind stays) after checking it; every worker
+/// rebuilds its live provider from it within one cycle.
+pub async fn update_provider(
+    conn: &mut AsyncPgConnection,
+    key: &SecretKey,
+    name: &str,
+    config: &serde_json::Value,
+) -> Result<Offer, InsertProviderError> {
+    let kind: String = providers::table
+        .filter(providers::name.eq(name))
+        .select(providers::type_)
+        .first(conn)
+        .await
+        .optional()?
+        .ok_or_else(|| InsertProviderError::NoSuchProvider(name.to_owned()))?;
+    let offer = catalog::find(&kind)?.check(config)?;
+    let sealed = key.seal(config.to_string().as_bytes());
+    diesel::update(providers::table.filter(providers::name.eq(name)))
+        .set((
+            providers::config.eq(&sealed),
+            providers::offer.eq(offer_json(&offer)),
+            providers::updated_at.eq(diesel::dsl::now),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(offer)
+}
+
+/// Deletes provider `name`, refused while a pool names it or an instance on it is not yet
+/// terminated (its machine would have no one left to destroy it).
+pub async fn delete_provider(
+    conn: &mut AsyncPgConnection,
+    name: &str,
+) -> Result<(), InsertProviderError> {
+    use crate::db::schema::{instances, pools};
+    conn.transaction::<_, InsertProviderError, _>(async |conn| {
+        let found: Option<String> = providers::table
+            .filter(providers::name.eq(name))
+            .select(providers::name)
+            .for_update()
+            .first(conn)
+            .await
+            .optional()?;
+        if found.is_none() {
+            return Err(InsertProviderError::NoSuchProvider(name.to_owned()));
+        }
+        let pools: Vec<String> = pools::table
+            .filter(pools::provider_name.eq(name))
+            .select(pools::name)
+            .order(pools::name)
+            .load(conn)
+            .await?;
+        if !pools.is_empty() {
+            return Err(InsertProviderError::InUse {
+                name: name.to_owned(),
+                what: format!("pools {}", pools.join(", ")),
+            });
+        }
+        let live: i64 = instances::table
+            .filter(instances::provider_name.eq(name))
+            .filter(instances::state.ne(super::State::Terminated))
+            .count()
+            .get_result(conn)
+            .await?;
+        if live > 0 {
+            return Err(InsertProviderError::InUse {
+                name: name.to_owned(),
+                what: format!("{live} instance(s) not yet terminated"),
+            });
+        }
+        diesel::delete(providers::table.filter(providers::name.eq(name)))
+            .execute(conn)
+            .await?;
+        Ok(())
+    })
+    .await
+}
+
 fn offer_json(offer: &Offer) -> serde_json::Value {
     serde_json::to_value(offer).unwrap_or_default()
 }
@@ -102,6 +191,7 @@ fn open(key: &SecretKey, row: ProviderRow) -> Result<StoredProvider, BrokerError
         name,
         kind: row.kind,
         config,
+        version: row.updated_at,
     })
 }
 

@@ -85,6 +85,7 @@ diesel::table! {
         config -> Bytea,
         created_at -> Timestamptz,
         offer -> Nullable<Jsonb>,
+        updated_at -> Timestamptz,
     }
 }
 

@@ -21,8 +21,8 @@ async fn build(stored: &StoredProvider) -> Result<(Arc<dyn Provider>, CallLimits
     Ok((provider, offer.limits))
 }
 
-/// A stored provider config, opened.
-#[derive(Debug, Clone)]
+/// A stored provider config, opened. `Debug` leaves the config out: it holds credentials.
+#[derive(Clone)]
 pub struct StoredProvider {
     /// Its name.
     pub name: String,
@@ -30,12 +30,36 @@ pub struct StoredProvider {
     pub kind: String,
     /// Its config document.
     pub config: serde_json::Value,
+    /// When it last changed: a live provider built from an older version is rebuilt.
+    pub version: chrono::DateTime<chrono::Utc>,
 }
 
-/// Config name -> live provider, built on first need from the `providers` table.
+impl std::fmt::Debug for StoredProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredProvider")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a registry trusts what it loaded before it looks for changed configs.
+pub const RELOAD_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// One live provider and the version of the config it was built from (`None`: put in
+/// with [`Registry::insert`], never replaced by a load).
+struct Live {
+    provider: Arc<LimitedProvider>,
+    version: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Config name -> live provider, built from the `providers` table and rebuilt when a
+/// config changes.
 pub struct Registry {
     metrics: Arc<Metrics>,
-    providers: RwLock<HashMap<String, Arc<LimitedProvider>>>,
+    providers: RwLock<HashMap<String, Live>>,
+    loaded_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Registry {
@@ -44,52 +68,85 @@ impl Registry {
         Self {
             metrics,
             providers: RwLock::new(HashMap::new()),
+            loaded_at: std::sync::Mutex::new(None),
         }
     }
 
-    /// Builds the providers in `stored` not built yet; a config that cannot be built is
-    /// logged and skipped, so one bad row does not stop the others.
+    /// Brings the live providers in step with `stored`, every config there is: builds the
+    /// new ones, rebuilds the changed ones and drops the deleted ones. A config that cannot
+    /// be built is logged and skipped (its old build, if any, stays), so one bad row does
+    /// not stop the others.
     pub async fn load(&self, stored: Vec<StoredProvider>) {
+        let names: std::collections::HashSet<String> =
+            stored.iter().map(|p| p.name.clone()).collect();
         for p in stored {
-            if self.get(&p.name).is_some() {
-                continue;
+            let current = self.read().get(&p.name).map(|live| live.version);
+            match current {
+                Some(None) => continue,
+                Some(Some(version)) if version == p.version => continue,
+                _ => {}
             }
             match build(&p).await {
-                Ok((inner, limits)) => self.insert(&p.name, inner, limits),
+                Ok((inner, limits)) => {
+                    if current.is_some() {
+                        tracing::info!(provider = %p.name, "provider {} rebuilt from its changed config", p.name);
+                    }
+                    self.put(&p.name, inner, limits, Some(p.version));
+                }
                 Err(error) => {
                     tracing::error!(provider = %p.name, %error, "provider {} cannot be used", p.name);
                 }
             }
         }
+        self.write()
+            .retain(|name, live| live.version.is_none() || names.contains(name));
+        *self.loaded_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
     }
 
-    /// Adds (or replaces) a provider built elsewhere, e.g. a test's.
-    pub fn insert(&self, name: &str, provider: Arc<dyn Provider>, limits: CallLimits) {
-        let limited = LimitedProvider::new(name, provider, limits, self.metrics.clone());
-        self.providers
-            .write()
+    /// True when the last load is older than [`RELOAD_AFTER`], or there was none.
+    pub fn stale(&self) -> bool {
+        self.loaded_at
+            .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_owned(), Arc::new(limited));
+            .is_none_or(|at| at.elapsed() >= RELOAD_AFTER)
+    }
+
+    /// Adds (or replaces) a provider built elsewhere, e.g. a test's; loads never replace it.
+    pub fn insert(&self, name: &str, provider: Arc<dyn Provider>, limits: CallLimits) {
+        self.put(name, provider, limits, None);
+    }
+
+    fn put(
+        &self,
+        name: &str,
+        provider: Arc<dyn Provider>,
+        limits: CallLimits,
+        version: Option<chrono::DateTime<chrono::Utc>>,
+    ) {
+        let limited = LimitedProvider::new(name, provider, limits, self.metrics.clone());
+        let live = Live {
+            provider: Arc::new(limited),
+            version,
+        };
+        self.write().insert(name.to_owned(), live);
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Live>> {
+        self.providers.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Live>> {
+        self.providers.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The provider named `name`, if it has been loaded.
     pub fn get(&self, name: &str) -> Option<Arc<LimitedProvider>> {
-        self.providers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned()
+        self.read().get(name).map(|live| live.provider.clone())
     }
 
     /// Every loaded provider.
     pub fn all(&self) -> Vec<Arc<LimitedProvider>> {
-        let mut all: Vec<_> = self
-            .providers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let mut all: Vec<_> = self.read().values().map(|l| l.provider.clone()).collect();
         all.sort_by(|a, b| a.name().cmp(b.name()));
         all
     }

@@ -23,20 +23,23 @@ pub fn worker_id(role: &str) -> String {
     )
 }
 
-/// The live provider named `name`, loading provider configs registered since the last look.
+/// The live provider named `name`, as its config stands: the registry is brought in step
+/// with the stored configs when it misses the name or its last look is stale.
 pub(crate) async fn provider(
     broker: &Broker,
     registry: &Registry,
     name: &str,
 ) -> Option<Arc<LimitedProvider>> {
-    if let Some(found) = registry.get(name) {
-        return Some(found);
+    if !registry.stale() {
+        if let Some(found) = registry.get(name) {
+            return Some(found);
+        }
     }
     reload(broker, registry).await;
     registry.get(name)
 }
 
-/// Loads provider configs registered since the last look.
+/// Brings the registry in step with the stored provider configs.
 pub(crate) async fn reload(broker: &Broker, registry: &Registry) {
     match broker.stored_providers().await {
         Ok(stored) => registry.load(stored).await,

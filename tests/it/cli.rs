@@ -408,3 +408,98 @@ async fn pools_are_listed_and_scaled_from_the_command_line() {
     let not_a_number = cloudbrain(&s.db, &["scale", "ci", "-1"]);
     assert!(!not_a_number.status.success());
 }
+
+#[tokio::test]
+async fn a_provider_is_updated_in_place_and_deleted_once_nothing_uses_it() {
+    let s = crate::common::TestBroker::new()
+        .fake(serde_json::json!({"boot_time_ms": 0}))
+        .start()
+        .await;
+    let dir = TempDir::new("cloudbrain-cli");
+    let write = |name: &str, doc: serde_json::Value| {
+        let path = dir.join(name);
+        std::fs::write(&path, doc.to_string()).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    s.db.ends_with_jobs(&["create dead"]);
+    let store = s.db.url.clone();
+    let refusing = write(
+        "refusing.json",
+        serde_json::json!({"instance_types": ["standard", "large"], "invalid_images": ["ubuntu"], "store_url": store}),
+    );
+    let running = s.create("ubuntu").await;
+    s.settle(&running, "running").await;
+
+    let out = stdout(&cloudbrain(
+        &s.db,
+        &["update-provider", "--name", "fake", "--config", &refusing],
+    ));
+    assert!(out.contains("instance types: standard, large"), "{out}");
+    // Requests see the new offer at once; a worker uses the new config within its cycle.
+    let large =
+        serde_json::json!({"provider": "fake", "image": "debian", "instance_type": "large"});
+    s.client().post("/instances", &large).await.expect(200);
+    tokio::time::sleep(cloudbrain::providers::RELOAD_AFTER).await;
+    let refused = s.create("ubuntu").await;
+    s.workers.run_pending_jobs().await;
+    s.assert_errored(&refused, "image \"ubuntu\" does not exist")
+        .await;
+    assert_eq!(
+        s.body(&running).await["state"],
+        "running",
+        "the machine it had stays"
+    );
+
+    for (args, says) in [
+        (
+            vec![
+                "update-provider",
+                "--name",
+                "nowhere",
+                "--config",
+                &refusing,
+            ],
+            "there is no provider named \"nowhere\"",
+        ),
+        (
+            vec!["delete-provider", "--name", "fake"],
+            "not yet terminated",
+        ),
+    ] {
+        let failed = cloudbrain(&s.db, &args);
+        assert!(!failed.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&failed.stderr);
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+    let bad = write("bad.json", serde_json::json!({"max_concurrency": 0}));
+    let failed = cloudbrain(
+        &s.db,
+        &["update-provider", "--name", "fake", "--config", &bad],
+    );
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("max_concurrency"));
+
+    let instances = s
+        .client_with(cloudbrain::auth::Scope::Admin)
+        .await
+        .get("/instances")
+        .await
+        .expect(200);
+    for instance in instances["instances"].as_array().unwrap() {
+        s.delete_and_run_jobs(instance["id"].as_str().unwrap())
+            .await;
+    }
+    s.workers.refresh.refresh_all().await;
+    stdout(&cloudbrain(&s.db, &["delete-provider", "--name", "fake"]));
+    assert_eq!(
+        stdout(&cloudbrain(&s.db, &["list-providers"])),
+        "NAME\tTYPE\n"
+    );
+    let gone = s
+        .client()
+        .post(
+            "/instances",
+            &serde_json::json!({"provider": "fake", "image": "x"}),
+        )
+        .await;
+    assert_eq!(gone.expect(422)["field"], "provider");
+}
