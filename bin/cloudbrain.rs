@@ -10,10 +10,10 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use cloudbrain::auth::store::{self, Revoked};
 use cloudbrain::auth::Scope;
-use cloudbrain::broker::pools;
 use cloudbrain::broker::providers::{
     delete_provider, insert_provider, list_providers, update_provider,
 };
+use cloudbrain::broker::{fleet, pools};
 use cloudbrain::config::Config;
 use cloudbrain::{db, roles, telemetry};
 use diesel_async::AsyncPgConnection;
@@ -81,6 +81,21 @@ enum Command {
     },
     /// List registered providers (names and types, never configuration).
     ListProviders,
+    /// Make the stored provider configs and pools what a fleet file says, in one
+    /// transaction; prints the plan, field by field.
+    Apply {
+        /// The fleet file (YAML or JSON).
+        #[arg(short = 'f', long = "file")]
+        file: std::path::PathBuf,
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also delete the provider configs and pools the file does not name.
+        #[arg(long)]
+        prune: bool,
+    },
+    /// Print the stored provider configs and pools as a fleet file, secrets as references.
+    Export,
     /// List pools: shape, size and how their instances stand.
     Pools,
     /// Set how many idle machines a pool keeps warm (at most its max_size).
@@ -213,6 +228,54 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Apply {
+            file,
+            dry_run,
+            prune,
+        } => {
+            let key = config.require_encryption_key()?.clone();
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let shown = file.display().to_string();
+            let desired =
+                fleet::Fleet::parse(&text).map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
+            let secrets = SecretsFrom(file.parent().map(Path::to_path_buf).unwrap_or_default());
+            let mut conn = connect(&config).await?;
+            let plan = fleet::apply(
+                &mut conn,
+                &key,
+                config.max_lifetime,
+                &desired,
+                &secrets,
+                prune,
+                dry_run,
+            )
+            .await
+            .map_err(|e| match e {
+                fleet::ApplyError::Fleet(mut e) => {
+                    e.line = e.line.or_else(|| fleet::locate(&text, &e.field));
+                    anyhow::anyhow!("{shown}: {e}")
+                }
+                other => anyhow::anyhow!("{other}"),
+            })?;
+            if plan.is_empty() {
+                println!("no changes");
+            }
+            for line in plan.lines() {
+                println!("{line}");
+            }
+            if dry_run && !plan.is_empty() {
+                println!("(dry run: nothing changed)");
+            }
+            Ok(())
+        }
+        Command::Export => {
+            let key = config.require_encryption_key()?.clone();
+            let mut conn = connect(&config).await?;
+            let current = fleet::export(&mut conn, &key).await?;
+            print!("{}", serde_norway::to_string(&current)?);
+            Ok(())
+        }
         Command::Pools => {
             let mut conn = connect(&config).await?;
             println!("NAME\tPROVIDER\tIMAGE\tTYPE\tMIN IDLE\tMAX SIZE\tIDLE\tBUSY\tSTARTING\tERRORED\tEXPIRING");
@@ -268,6 +331,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 println!("{}\t{}", p.name, p.kind);
             }
             Ok(())
+        }
+    }
+}
+
+/// A fleet file's references, read from this process's environment and from files
+/// (relative to the fleet file's directory).
+struct SecretsFrom(std::path::PathBuf);
+
+impl fleet::Secrets for SecretsFrom {
+    fn read(&self, reference: &fleet::Reference) -> Result<String, String> {
+        match reference {
+            fleet::Reference::Env(name) => std::env::var(name)
+                .map_err(|_unset| format!("environment variable {name} is not set")),
+            fleet::Reference::File(path) => {
+                let path = self.0.join(path);
+                std::fs::read_to_string(&path)
+                    .map_err(|e| format!("reading {}: {e}", path.display()))
+            }
         }
     }
 }

@@ -2,6 +2,7 @@
 //! transition is allowed and what gets enqueued with it. The HTTP API and the workers are
 //! two front ends of this module.
 
+pub mod fleet;
 mod for_workers;
 pub mod instances;
 pub mod lifecycle;

@@ -28,6 +28,8 @@ pub struct ProviderRow {
     pub offer: Option<serde_json::Value>,
     /// When the config last changed; workers rebuild their live provider when it moves.
     pub updated_at: DateTime<Utc>,
+    /// Where its secrets came from, by dotted field path, when a fleet file named them.
+    pub secret_refs: Option<serde_json::Value>,
 }
 
 /// A new row of `providers`.

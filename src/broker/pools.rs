@@ -110,58 +110,8 @@ impl Broker {
         spec: PoolSpec,
     ) -> Result<PoolStatus, BrokerError> {
         admin_only(caller)?;
-        let name = PoolName::parse(name)?;
-        let provider = ProviderName::parse(&spec.provider)?;
-        let image = ImageName::parse(&spec.image)?;
-        if !(1..=MAX_POOL_SIZE).contains(&spec.max_size) {
-            return Err(BrokerError::invalid(
-                "max_size",
-                format!("max_size must be from 1 to {MAX_POOL_SIZE}"),
-            ));
-        }
-        if spec.min_idle > spec.max_size {
-            return Err(BrokerError::invalid(
-                "min_idle",
-                "min_idle must be at most max_size",
-            ));
-        }
-        if let Some(secs) = spec.max_lifetime_secs {
-            Lifetime::parse(Some(secs), self.max_lifetime).map_err(|_out_of_range| {
-                BrokerError::invalid(
-                    "max_lifetime_secs",
-                    format!(
-                        "max_lifetime_secs must be from 1 to {}",
-                        Lifetime::most_seconds(self.max_lifetime)
-                    ),
-                )
-            })?;
-        }
         let mut conn = self.conn().await?;
-        let instance_type = offered_type(
-            &mut conn,
-            &self.key,
-            &provider,
-            spec.instance_type.as_deref(),
-        )
-        .await?;
-        let new = NewPool {
-            name: name.as_str(),
-            provider_name: provider.as_str(),
-            image: image.as_str(),
-            instance_type: &instance_type,
-            min_idle: i32::try_from(spec.min_idle).unwrap_or(i32::MAX),
-            max_size: i32::try_from(spec.max_size).unwrap_or(i32::MAX),
-            max_lifetime_secs: spec.max_lifetime_secs.and_then(|s| i64::try_from(s).ok()),
-        };
-        diesel::insert_into(pools::table)
-            .values(&new)
-            .on_conflict(pools::name)
-            .do_update()
-            .set((&new, pools::updated_at.eq(diesel::dsl::now)))
-            .execute(&mut conn)
-            .await?;
-        tracing::info!(pool = name.as_str(), "pool {} written", name.as_str());
-        status(&mut conn, &name).await
+        put(&mut conn, &self.key, self.max_lifetime, name, &spec).await
     }
 
     /// Sets how many idle machines pool `name` keeps (admin only), as Barcelona's scale.
@@ -180,32 +130,8 @@ impl Broker {
     /// machines clients hold stay theirs until given back. The pool as it was is returned.
     pub async fn delete_pool(&self, caller: Caller, name: &str) -> Result<PoolStatus, BrokerError> {
         admin_only(caller)?;
-        let name = PoolName::parse(name)?;
         let mut conn = self.conn().await?;
-        let before = status(&mut conn, &name).await?;
-        conn.transaction::<_, BrokerError, _>(async |conn| {
-            let idle: Vec<Instance> = instances::table
-                .filter(instances::pool_name.eq(name.as_str()))
-                .filter(instances::owner_token_id.is_null())
-                .filter(instances::state.eq_any([State::Creating, State::Starting, State::Running]))
-                .select(Instance::as_select())
-                .for_update()
-                .load(conn)
-                .await?;
-            let drain = Decision::BeginTermination {
-                reason: format!("pool {} deleted", name.as_str()),
-            };
-            for instance in idle {
-                apply(conn, instance.id, &drain).await?;
-            }
-            diesel::delete(pools::table.find(name.as_str()))
-                .execute(conn)
-                .await?;
-            Ok(())
-        })
-        .await?;
-        tracing::info!(pool = name.as_str(), "pool {} deleted", name.as_str());
-        Ok(before)
+        delete(&mut conn, name).await
     }
 
     /// Every pool, by name, with its counts.
@@ -221,6 +147,92 @@ impl Broker {
         let mut conn = self.conn().await?;
         status(&mut conn, &name).await
     }
+}
+
+/// Makes pool `name` or changes its shape and size, checked against the provider's offer
+/// and the broker's longest lifetime `max_lifetime` (for an operator, or an admin token).
+pub async fn put(
+    conn: &mut AsyncPgConnection,
+    key: &SecretKey,
+    max_lifetime: Option<std::time::Duration>,
+    name: &str,
+    spec: &PoolSpec,
+) -> Result<PoolStatus, BrokerError> {
+    let name = PoolName::parse(name)?;
+    let provider = ProviderName::parse(&spec.provider)?;
+    let image = ImageName::parse(&spec.image)?;
+    if !(1..=MAX_POOL_SIZE).contains(&spec.max_size) {
+        return Err(BrokerError::invalid(
+            "max_size",
+            format!("max_size must be from 1 to {MAX_POOL_SIZE}"),
+        ));
+    }
+    if spec.min_idle > spec.max_size {
+        return Err(BrokerError::invalid(
+            "min_idle",
+            "min_idle must be at most max_size",
+        ));
+    }
+    if let Some(secs) = spec.max_lifetime_secs {
+        Lifetime::parse(Some(secs), max_lifetime).map_err(|_out_of_range| {
+            BrokerError::invalid(
+                "max_lifetime_secs",
+                format!(
+                    "max_lifetime_secs must be from 1 to {}",
+                    Lifetime::most_seconds(max_lifetime)
+                ),
+            )
+        })?;
+    }
+    let instance_type = offered_type(conn, key, &provider, spec.instance_type.as_deref()).await?;
+    let new = NewPool {
+        name: name.as_str(),
+        provider_name: provider.as_str(),
+        image: image.as_str(),
+        instance_type: &instance_type,
+        min_idle: i32::try_from(spec.min_idle).unwrap_or(i32::MAX),
+        max_size: i32::try_from(spec.max_size).unwrap_or(i32::MAX),
+        max_lifetime_secs: spec.max_lifetime_secs.and_then(|s| i64::try_from(s).ok()),
+    };
+    diesel::insert_into(pools::table)
+        .values(&new)
+        .on_conflict(pools::name)
+        .do_update()
+        .set((&new, pools::updated_at.eq(diesel::dsl::now)))
+        .execute(conn)
+        .await?;
+    tracing::info!(pool = name.as_str(), "pool {} written", name.as_str());
+    status(conn, &name).await
+}
+
+/// Removes pool `name`: its unassigned machines are destroyed, machines clients hold stay
+/// theirs (for an operator, or an admin token). The pool as it was is returned.
+pub async fn delete(conn: &mut AsyncPgConnection, name: &str) -> Result<PoolStatus, BrokerError> {
+    let name = PoolName::parse(name)?;
+    let before = status(conn, &name).await?;
+    conn.transaction::<_, BrokerError, _>(async |conn| {
+        let idle: Vec<Instance> = instances::table
+            .filter(instances::pool_name.eq(name.as_str()))
+            .filter(instances::owner_token_id.is_null())
+            .filter(instances::state.eq_any([State::Creating, State::Starting, State::Running]))
+            .select(Instance::as_select())
+            .for_update()
+            .load(conn)
+            .await?;
+        let drain = Decision::BeginTermination {
+            reason: format!("pool {} deleted", name.as_str()),
+        };
+        for instance in idle {
+            apply(conn, instance.id, &drain).await?;
+        }
+        diesel::delete(pools::table.find(name.as_str()))
+            .execute(conn)
+            .await?;
+        Ok(())
+    })
+    .await?;
+    tracing::info!(pool = name.as_str(), "pool {} deleted", name.as_str());
+    Ok(before)
 }
 
 /// Every pool, by name, with its counts (for an operator, or a token through the API).

@@ -106,10 +106,43 @@ pub async fn update_provider(
             providers::config.eq(&sealed),
             providers::offer.eq(offer_json(&offer)),
             providers::updated_at.eq(diesel::dsl::now),
+            // A config given whole names no references; a fleet apply sets them after.
+            providers::secret_refs.eq(None::<serde_json::Value>),
         ))
         .execute(conn)
         .await?;
     Ok(offer)
+}
+
+/// Records where provider `name`'s secrets came from (see `broker::fleet`).
+pub async fn set_secret_refs(
+    conn: &mut AsyncPgConnection,
+    name: &str,
+    refs: Option<&serde_json::Value>,
+) -> QueryResult<()> {
+    diesel::update(providers::table.filter(providers::name.eq(name)))
+        .set(providers::secret_refs.eq(refs))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Every stored provider config, opened, with the references of its secrets.
+pub async fn load_with_refs(
+    conn: &mut AsyncPgConnection,
+    key: &SecretKey,
+) -> Result<Vec<(StoredProvider, Option<serde_json::Value>)>, BrokerError> {
+    let rows: Vec<ProviderRow> = providers::table
+        .select(ProviderRow::as_select())
+        .order(providers::name)
+        .load(conn)
+        .await?;
+    rows.into_iter()
+        .map(|row| {
+            let refs = row.secret_refs.clone();
+            open(key, row).map(|stored| (stored, refs))
+        })
+        .collect()
 }
 
 /// Deletes provider `name`, refused while a pool names it or an instance on it is not yet

@@ -86,6 +86,7 @@ diesel::table! {
         created_at -> Timestamptz,
         offer -> Nullable<Jsonb>,
         updated_at -> Timestamptz,
+        secret_refs -> Nullable<Jsonb>,
     }
 }
 

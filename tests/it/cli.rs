@@ -8,10 +8,21 @@ use crate::common::{count, TempDir, TestDb, KEY_HEX};
 const BIN: &str = env!("CARGO_BIN_EXE_cloudbrain");
 
 fn run(program: &Path, db: &TestDb, key: Option<&str>, args: &[&str]) -> Output {
+    run_with(program, db, key, args, &[])
+}
+
+fn run_with(
+    program: &Path,
+    db: &TestDb,
+    key: Option<&str>,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
     let mut command = Command::new(program);
     command
         .args(args)
         .env_clear()
+        .envs(env.iter().copied())
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", &db.url)
         .env("RUST_LOG", "warn");
@@ -502,4 +513,88 @@ async fn a_provider_is_updated_in_place_and_deleted_once_nothing_uses_it() {
         )
         .await;
     assert_eq!(gone.expect(422)["field"], "provider");
+}
+
+#[tokio::test]
+async fn a_fleet_file_is_planned_applied_exported_and_applied_again_as_a_no_op() {
+    let db = TestDb::new().await;
+    let dir = TempDir::new("cloudbrain-fleet");
+    let url = db.url.clone();
+    let apply = |file: &str, extra: &[&str]| {
+        let path = dir.join(file);
+        let mut args = vec!["apply", "-f", path.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let args: Vec<String> = args.into_iter().map(String::from).collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_with(
+            Path::new(BIN),
+            &db,
+            Some(KEY_HEX),
+            &args,
+            &[("FLEET_STORE", &url)],
+        )
+    };
+    let fleet = |min_idle: u32, pool: bool| {
+        let mut text = "providers:\n  fake:\n    type: fake\n    config:\n      instance_types: [standard, premium]\n      store_url: {$env: FLEET_STORE}\n".to_owned();
+        if pool {
+            text += &format!("pools:\n  ci:\n    provider: fake\n    image: ubuntu\n    min_idle: {min_idle}\n    max_size: 4\n");
+        }
+        text
+    };
+    std::fs::write(dir.join("fleet.yaml"), fleet(2, true)).unwrap();
+
+    let planned = stdout(&apply("fleet.yaml", &["--dry-run"]));
+    assert_eq!(
+        planned,
+        "create provider fake (fake): instance_types, store_url\n\
+         create pool ci: provider fake, image ubuntu, instance_type (default), min_idle 2, max_size 4, max_lifetime_secs (default)\n\
+         (dry run: nothing changed)\n"
+    );
+    assert_eq!(
+        stdout(&cloudbrain(&db, &["list-providers"])),
+        "NAME\tTYPE\n"
+    );
+    let applied = stdout(&apply("fleet.yaml", &[]));
+    assert!(applied.starts_with("create provider fake"), "{applied}");
+    assert!(stdout(&cloudbrain(&db, &["pools"])).contains("ci\tfake\tubuntu\tstandard\t2\t4"));
+    assert_eq!(stdout(&apply("fleet.yaml", &[])), "no changes\n");
+
+    // An export holds the reference, never the secret, and applies as no change.
+    let exported = stdout(&cloudbrain(&db, &["export"]));
+    assert!(exported.contains("$env: FLEET_STORE"), "{exported}");
+    assert!(!exported.contains(&url), "{exported}");
+    std::fs::write(dir.join("export.yaml"), &exported).unwrap();
+    assert_eq!(stdout(&apply("export.yaml", &[])), "no changes\n");
+
+    std::fs::write(dir.join("fleet.yaml"), fleet(3, true)).unwrap();
+    assert_eq!(
+        stdout(&apply("fleet.yaml", &[])),
+        "update pool ci: min_idle 2 → 3\n"
+    );
+    std::fs::write(dir.join("fleet.yaml"), fleet(3, false)).unwrap();
+    assert_eq!(
+        stdout(&apply("fleet.yaml", &[])),
+        "no changes\n",
+        "without --prune nothing goes"
+    );
+    assert_eq!(
+        stdout(&apply("fleet.yaml", &["--prune"])),
+        "delete pool ci\n"
+    );
+
+    // Bad files: the line and the field, and nothing changed.
+    let bad = [
+        ("pools:\n  ci:\n    provider: fake\n    image: ubuntu\n    max_size: ten\n", "line 5: pools.ci.max_size"),
+        ("pools:\n  ci:\n    provider: fake\n    image: ubuntu\n    min_idle: 9\n    max_size: 4\n", "line 5: pools.ci.min_idle"),
+        ("providers:\n  fake:\n    type: fake\n    config:\n      max_concurrency: 0\n", "line 5: providers.fake.config.max_concurrency"),
+        ("providers:\n  gone:\n    type: fake\n    config:\n      store_url: {$env: UNSET_VAR}\n", "providers.gone.config.store_url: environment variable UNSET_VAR is not set"),
+    ];
+    for (text, says) in bad {
+        std::fs::write(dir.join("bad.yaml"), text).unwrap();
+        let failed = apply("bad.yaml", &[]);
+        assert!(!failed.status.success(), "{text}");
+        let stderr = String::from_utf8_lossy(&failed.stderr);
+        assert!(stderr.contains(says), "{text}: {stderr}");
+    }
+    assert_eq!(stdout(&cloudbrain(&db, &["pools"])).lines().count(), 1);
 }

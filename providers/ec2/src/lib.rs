@@ -69,6 +69,10 @@ impl Factory for Ec2Factory {
         Ec2Config::parse(config)?.offer()
     }
 
+    fn secret_fields(&self) -> &'static [&'static str] {
+        &["secret_access_key"]
+    }
+
     async fn build(
         &self,
         name: &str,

@@ -171,6 +171,10 @@ impl Factory for FakeFactory {
         FakeConfig::parse(config)?.offer()
     }
 
+    fn secret_fields(&self) -> &'static [&'static str] {
+        &["store_url"]
+    }
+
     async fn build(
         &self,
         name: &str,

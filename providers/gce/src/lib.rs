@@ -82,6 +82,10 @@ impl Factory for GceFactory {
         GceConfig::parse(config)?.offer()
     }
 
+    fn secret_fields(&self) -> &'static [&'static str] {
+        &["credentials.key"]
+    }
+
     async fn build(
         &self,
         name: &str,

@@ -176,6 +176,11 @@ pub trait Factory: Send + Sync {
     fn kind(&self) -> &'static str;
     /// Checks a config document, naming the field at fault, and returns what it offers.
     fn check(&self, config: &serde_json::Value) -> Result<Offer, ConfigError>;
+    /// The fields of a config document that hold credentials, as dotted paths
+    /// (`secret_access_key`, `credentials.key`): an export never prints their values.
+    fn secret_fields(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Builds the live provider named `name` from a config document.
     async fn build(
         &self,

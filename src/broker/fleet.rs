@@ -1,0 +1,747 @@
+//! The fleet as a document: provider configs and pools, read from YAML (or JSON), compared
+//! with what is stored to make a [`Plan`] (pure), and applied in one transaction; and the
+//! stored fleet written back out, secrets as references, so that applying an export
+//! changes nothing.
+
+use std::collections::BTreeMap;
+
+use diesel_async::{AsyncConnection, AsyncPgConnection};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::model::PoolRow;
+use super::pools::{self, PoolSpec};
+use super::providers::{self as stored, InsertProviderError};
+use super::BrokerError;
+use crate::crypto::SecretKey;
+use crate::providers::catalog;
+
+/// A fleet document: provider configs and pools, each by name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fleet {
+    /// Provider configs by name.
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderEntry>,
+    /// Pools by name.
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolEntry>,
+}
+
+/// One provider config: its kind and its config document. A value written
+/// `{"$env": "NAME"}` or `{"$file": "path"}` is read from there when the fleet is applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderEntry {
+    /// The kind of cloud (`fake`, `ec2`, `gce`).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The config document.
+    #[serde(default)]
+    pub config: Value,
+}
+
+/// One pool's shape and size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolEntry {
+    /// The provider config its machines run on.
+    pub provider: String,
+    /// The image they boot.
+    pub image: String,
+    /// The instance type (the provider's default when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
+    /// Machines kept booted and unassigned.
+    #[serde(default)]
+    pub min_idle: u32,
+    /// Most live instances of the pool.
+    pub max_size: u32,
+    /// The longest one of its machines lives, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lifetime_secs: Option<u64>,
+}
+
+/// A fleet document that could not be read: where and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{field}: {message}", line.map(|l| format!("line {l}: ")).unwrap_or_default())]
+pub struct FleetError {
+    /// The line at fault, when it is known.
+    pub line: Option<usize>,
+    /// The field at fault, as a dotted path (`pools.ci.min_idle`).
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl Fleet {
+    /// Reads a fleet document (YAML, of which JSON is a part); the error names the line
+    /// and the field.
+    pub fn parse(text: &str) -> Result<Self, FleetError> {
+        let deserializer = serde_norway::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(deserializer).map_err(|error| {
+            let field = error.path().to_string();
+            let inner = error.into_inner();
+            let line = inner.location().map(|at| at.line());
+            let message = inner.to_string();
+            // The library's message ends with its own "at line N column M".
+            let message = message
+                .split(" at line ")
+                .next()
+                .unwrap_or(&message)
+                .to_owned();
+            FleetError {
+                line: line.or_else(|| locate(text, &field)),
+                field,
+                message,
+            }
+        })
+    }
+}
+
+/// The line of the key at dotted `path` in a YAML document, found by indentation.
+pub fn locate(text: &str, path: &str) -> Option<usize> {
+    let mut keys = path.split('.').filter(|k| !k.is_empty()).peekable();
+    let mut indent: Option<usize> = None;
+    let mut found = None;
+    for (number, line) in text.lines().enumerate() {
+        let Some(key) = keys.peek() else { break };
+        let trimmed = line.trim_start();
+        let depth = line.len() - trimmed.len();
+        if indent.is_some_and(|i| depth <= i) && !trimmed.is_empty() {
+            // Left the block the previous key opened without finding this one.
+            if !trimmed.starts_with('#') {
+                return found;
+            }
+        }
+        let named = trimmed
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with(':'))
+            || trimmed
+                .strip_prefix(&format!("\"{key}\""))
+                .is_some_and(|rest| rest.trim_start().starts_with(':'));
+        if named && indent.is_none_or(|i| depth > i) {
+            found = Some(number + 1);
+            indent = Some(depth);
+            keys.next();
+        }
+    }
+    found
+}
+
+/// Reads the value a reference names: `{"$env": NAME}` or `{"$file": PATH}`.
+pub trait Secrets {
+    /// The text the reference names; the error says what is missing.
+    fn read(&self, reference: &Reference) -> Result<String, String>;
+}
+
+/// Where a secret is kept: `{"$env": "NAME"}` or `{"$file": "path"}` (the `$` keeps a
+/// config's own fields, a tag named `env` say, from reading as references).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum Reference {
+    /// An environment variable of the process that applies the fleet.
+    #[serde(rename = "$env")]
+    Env(String),
+    /// A file on the machine that applies the fleet.
+    #[serde(rename = "$file")]
+    File(String),
+}
+
+/// A provider config with its references read: the document to store, and the references
+/// by dotted path.
+fn resolve(
+    config: &Value,
+    secrets: &dyn Secrets,
+    at: &str,
+    refs: &mut BTreeMap<String, Reference>,
+) -> Result<Value, FleetError> {
+    if let Ok(reference) = Reference::deserialize(config) {
+        let text = secrets.read(&reference).map_err(|message| FleetError {
+            line: None,
+            field: at.to_owned(),
+            message,
+        })?;
+        refs.insert(at.to_owned(), reference);
+        // A reference to a JSON object (a key file, say) stands for that object.
+        return Ok(match serde_json::from_str::<Value>(&text) {
+            Ok(json) if json.is_object() => json,
+            _ => Value::String(text.trim_end_matches('\n').to_owned()),
+        });
+    }
+    Ok(match config {
+        Value::Object(map) => {
+            let mut out = serde_json::Map::new();
+            for (key, value) in map {
+                let path = if at.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{at}.{key}")
+                };
+                out.insert(key.clone(), resolve(value, secrets, &path, refs)?);
+            }
+            Value::Object(out)
+        }
+        other => other.clone(),
+    })
+}
+
+/// A provider config as stored: its kind, its config and the references of its secrets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredConfig {
+    /// The kind of cloud.
+    pub kind: String,
+    /// The config document, opened.
+    pub config: Value,
+    /// Where its secrets came from, by dotted path.
+    pub refs: BTreeMap<String, Reference>,
+}
+
+/// What applying a fleet changes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    /// Provider configs to make: name, kind, config, references.
+    pub create_providers: Vec<(String, StoredConfig)>,
+    /// Provider configs to change: name, new config, the fields that change.
+    pub update_providers: Vec<(String, StoredConfig, Vec<String>)>,
+    /// Provider configs to delete (with prune).
+    pub delete_providers: Vec<String>,
+    /// Pools to make.
+    pub create_pools: Vec<(String, PoolEntry)>,
+    /// Pools to change, with each changed field as `field: old → new`.
+    pub update_pools: Vec<(String, PoolEntry, Vec<String>)>,
+    /// Pools to delete (with prune).
+    pub delete_pools: Vec<String>,
+}
+
+impl Plan {
+    /// True when applying changes nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == Plan::default()
+    }
+
+    /// The plan, a line per change, field by field; secrets are named, never shown.
+    pub fn lines(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for (name, c) in &self.create_providers {
+            let fields: Vec<&String> = c
+                .config
+                .as_object()
+                .map(|m| m.keys().collect())
+                .unwrap_or_default();
+            let fields: Vec<&str> = fields.iter().map(|f| f.as_str()).collect();
+            lines.push(format!(
+                "create provider {name} ({}): {}",
+                c.kind,
+                fields.join(", ")
+            ));
+        }
+        for (name, _, changed) in &self.update_providers {
+            lines.push(format!("update provider {name}: {}", changed.join(", ")));
+        }
+        for (name, pool) in &self.create_pools {
+            lines.push(format!(
+                "create pool {name}: provider {}, image {}, instance_type {}, min_idle {}, max_size {}, max_lifetime_secs {}",
+                pool.provider,
+                pool.image,
+                pool.instance_type.as_deref().unwrap_or("(default)"),
+                pool.min_idle,
+                pool.max_size,
+                pool.max_lifetime_secs.map_or("(default)".to_owned(), |s| s.to_string())
+            ));
+        }
+        for (name, _, changed) in &self.update_pools {
+            lines.push(format!("update pool {name}: {}", changed.join(", ")));
+        }
+        for name in &self.delete_pools {
+            lines.push(format!("delete pool {name}"));
+        }
+        for name in &self.delete_providers {
+            lines.push(format!("delete provider {name}"));
+        }
+        lines
+    }
+}
+
+/// The dotted paths at which `a` and `b` differ.
+fn differences(a: &Value, b: &Value, at: &str, out: &mut Vec<String>) {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for key in keys {
+                let path = if at.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{at}.{key}")
+                };
+                differences(
+                    x.get(key).unwrap_or(&Value::Null),
+                    y.get(key).unwrap_or(&Value::Null),
+                    &path,
+                    out,
+                );
+            }
+        }
+        _ if a != b => out.push(at.to_owned()),
+        _ => {}
+    }
+}
+
+/// The pool a fleet entry describes, as the stored row would read.
+fn pool_fields(pool: &PoolEntry) -> [(&'static str, String); 6] {
+    [
+        ("provider", pool.provider.clone()),
+        ("image", pool.image.clone()),
+        (
+            "instance_type",
+            pool.instance_type.clone().unwrap_or_default(),
+        ),
+        ("min_idle", pool.min_idle.to_string()),
+        ("max_size", pool.max_size.to_string()),
+        (
+            "max_lifetime_secs",
+            pool.max_lifetime_secs
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+        ),
+    ]
+}
+
+fn entry_of(row: &PoolRow) -> PoolEntry {
+    PoolEntry {
+        provider: row.provider_name.clone(),
+        image: row.image.clone(),
+        instance_type: Some(row.instance_type.clone()),
+        min_idle: u32::try_from(row.min_idle).unwrap_or_default(),
+        max_size: u32::try_from(row.max_size).unwrap_or_default(),
+        max_lifetime_secs: row.max_lifetime_secs.and_then(|s| u64::try_from(s).ok()),
+    }
+}
+
+/// What turns `current` into `desired` (references read already); with `prune`, what
+/// `desired` does not name is deleted. A pool that leaves its instance type out keeps the
+/// one it has. Pure: no database, no environment.
+pub fn plan(
+    current_providers: &BTreeMap<String, StoredConfig>,
+    current_pools: &BTreeMap<String, PoolEntry>,
+    desired_providers: &BTreeMap<String, StoredConfig>,
+    desired_pools: &BTreeMap<String, PoolEntry>,
+    prune: bool,
+) -> Result<Plan, FleetError> {
+    let mut plan = Plan::default();
+    for (name, want) in desired_providers {
+        match current_providers.get(name) {
+            None => plan.create_providers.push((name.clone(), want.clone())),
+            Some(have) if have.kind != want.kind => {
+                return Err(FleetError {
+                    line: None,
+                    field: format!("providers.{name}.type"),
+                    message: format!(
+                        "provider {name} is {}; a type cannot change (delete the provider and make it anew)",
+                        have.kind
+                    ),
+                })
+            }
+            Some(have) => {
+                let mut changed = Vec::new();
+                differences(&have.config, &want.config, "", &mut changed);
+                if have.refs != want.refs && changed.is_empty() {
+                    changed.push("secret references".to_owned());
+                }
+                if !changed.is_empty() {
+                    plan.update_providers.push((name.clone(), want.clone(), changed));
+                }
+            }
+        }
+    }
+    for (name, want) in desired_pools {
+        match current_pools.get(name) {
+            None => plan.create_pools.push((name.clone(), want.clone())),
+            Some(have) => {
+                let mut want_full = want.clone();
+                if want_full.instance_type.is_none() {
+                    want_full.instance_type = have.instance_type.clone();
+                }
+                let changed: Vec<String> = pool_fields(have)
+                    .into_iter()
+                    .zip(pool_fields(&want_full))
+                    .filter(|((_, old), (_, new))| old != new)
+                    .map(|((field, old), (_, new))| {
+                        let shown = |v: &str| {
+                            if v.is_empty() {
+                                "(default)".to_owned()
+                            } else {
+                                v.to_owned()
+                            }
+                        };
+                        format!("{field} {} → {}", shown(&old), shown(&new))
+                    })
+                    .collect();
+                if !changed.is_empty() {
+                    plan.update_pools.push((name.clone(), want_full, changed));
+                }
+            }
+        }
+    }
+    if prune {
+        plan.delete_pools = current_pools
+            .keys()
+            .filter(|name| !desired_pools.contains_key(*name))
+            .cloned()
+            .collect();
+        plan.delete_providers = current_providers
+            .keys()
+            .filter(|name| !desired_providers.contains_key(*name))
+            .cloned()
+            .collect();
+    }
+    Ok(plan)
+}
+
+/// The stored fleet: provider configs (opened, with their references) and pools.
+async fn current(
+    conn: &mut AsyncPgConnection,
+    key: &SecretKey,
+) -> Result<(BTreeMap<String, StoredConfig>, BTreeMap<String, PoolEntry>), BrokerError> {
+    let mut providers = BTreeMap::new();
+    for (stored, refs) in stored::load_with_refs(conn, key).await? {
+        let refs = refs
+            .and_then(|r| serde_json::from_value(r).ok())
+            .unwrap_or_default();
+        providers.insert(
+            stored.name,
+            StoredConfig {
+                kind: stored.kind,
+                config: stored.config,
+                refs,
+            },
+        );
+    }
+    let pools = pools::list(conn)
+        .await?
+        .into_iter()
+        .map(|status| (status.pool.name.clone(), entry_of(&status.pool)))
+        .collect();
+    Ok((providers, pools))
+}
+
+/// Why a fleet could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The document is wrong; the error says where.
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+    /// The broker refused a part of it.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+impl From<diesel::result::Error> for ApplyError {
+    fn from(error: diesel::result::Error) -> Self {
+        ApplyError::Broker(error.into())
+    }
+}
+
+impl From<InsertProviderError> for ApplyError {
+    fn from(error: InsertProviderError) -> Self {
+        match error {
+            InsertProviderError::Database(error) => ApplyError::Broker(error.into()),
+            other => ApplyError::Broker(BrokerError::Internal(anyhow::anyhow!("{other}"))),
+        }
+    }
+}
+
+/// Makes the plan for `fleet`, reading its references through `secrets`, and, unless
+/// `dry_run`, applies it in one transaction: all of it or none.
+pub async fn apply(
+    conn: &mut AsyncPgConnection,
+    key: &SecretKey,
+    max_lifetime: Option<std::time::Duration>,
+    fleet: &Fleet,
+    secrets: &dyn Secrets,
+    prune: bool,
+    dry_run: bool,
+) -> Result<Plan, ApplyError> {
+    let mut desired = BTreeMap::new();
+    for (name, entry) in &fleet.providers {
+        let field = format!("providers.{name}.config");
+        let mut refs = BTreeMap::new();
+        let config = resolve(&entry.config, secrets, "", &mut refs).map_err(|e| FleetError {
+            field: format!("{field}.{}", e.field),
+            ..e
+        })?;
+        let factory = catalog::find(&entry.kind).map_err(|e| FleetError {
+            line: None,
+            field: format!("providers.{name}.type"),
+            message: e.message,
+        })?;
+        factory.check(&config).map_err(|e| FleetError {
+            line: None,
+            field: format!("{field}.{}", e.field),
+            message: e.message,
+        })?;
+        desired.insert(
+            name.clone(),
+            StoredConfig {
+                kind: entry.kind.clone(),
+                config,
+                refs,
+            },
+        );
+    }
+    let (have_providers, have_pools) = current(conn, key).await?;
+    let plan = plan(&have_providers, &have_pools, &desired, &fleet.pools, prune)?;
+    if dry_run || plan.is_empty() {
+        return Ok(plan);
+    }
+    conn.transaction::<_, ApplyError, _>(async |conn| {
+        for (name, c) in &plan.create_providers {
+            stored::insert_provider(conn, key, name, &c.kind, &c.config)
+                .await
+                .map_err(|e| named(name, e))?;
+            write_refs(conn, name, &c.refs).await?;
+        }
+        for (name, c, _) in &plan.update_providers {
+            stored::update_provider(conn, key, name, &c.config)
+                .await
+                .map_err(|e| named(name, e))?;
+            write_refs(conn, name, &c.refs).await?;
+        }
+        let pool_writes = (plan.create_pools.iter().map(|(name, pool)| (name, pool)))
+            .chain(plan.update_pools.iter().map(|(name, pool, _)| (name, pool)));
+        for (name, pool) in pool_writes {
+            let spec = PoolSpec {
+                provider: pool.provider.clone(),
+                image: pool.image.clone(),
+                instance_type: pool.instance_type.clone(),
+                min_idle: pool.min_idle,
+                max_size: pool.max_size,
+                max_lifetime_secs: pool.max_lifetime_secs,
+            };
+            pools::put(conn, key, max_lifetime, name, &spec)
+                .await
+                .map_err(|e| pool_error(name, e))?;
+        }
+        for name in &plan.delete_pools {
+            pools::delete(conn, name).await?;
+        }
+        for name in &plan.delete_providers {
+            stored::delete_provider(conn, name)
+                .await
+                .map_err(|e| named(name, e))?;
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(plan)
+}
+
+async fn write_refs(
+    conn: &mut AsyncPgConnection,
+    name: &str,
+    refs: &BTreeMap<String, Reference>,
+) -> Result<(), ApplyError> {
+    let refs = (!refs.is_empty()).then(|| serde_json::to_value(refs).unwrap_or_default());
+    stored::set_secret_refs(conn, name, refs.as_ref())
+        .await
+        .map_err(|e| ApplyError::Broker(e.into()))
+}
+
+fn named(name: &str, error: InsertProviderError) -> ApplyError {
+    match error {
+        InsertProviderError::Config(e) => ApplyError::Fleet(FleetError {
+            line: None,
+            field: format!("providers.{name}.config.{}", e.field),
+            message: e.message,
+        }),
+        InsertProviderError::InUse { .. }
+        | InsertProviderError::NameTaken(_)
+        | InsertProviderError::NoSuchProvider(_) => ApplyError::Fleet(FleetError {
+            line: None,
+            field: format!("providers.{name}"),
+            message: error.to_string(),
+        }),
+        other => other.into(),
+    }
+}
+
+fn pool_error(name: &str, error: BrokerError) -> ApplyError {
+    match error {
+        BrokerError::Invalid { field, message } => ApplyError::Fleet(FleetError {
+            line: None,
+            field: format!("pools.{name}.{field}"),
+            message,
+        }),
+        other => ApplyError::Broker(other),
+    }
+}
+
+/// The stored fleet as a document: every secret field as its reference (or, for a secret
+/// given without one, a reference to an environment variable to set), so an export never
+/// holds a secret and applying it, with those set, changes nothing.
+pub async fn export(conn: &mut AsyncPgConnection, key: &SecretKey) -> Result<Fleet, BrokerError> {
+    let (providers, pools) = current(conn, key).await?;
+    let mut fleet = Fleet {
+        pools,
+        ..Fleet::default()
+    };
+    for (name, c) in providers {
+        let mut config = c.config;
+        let secret_fields = catalog::find(&c.kind)
+            .map(|f| f.secret_fields())
+            .unwrap_or_default();
+        let mut paths: Vec<String> = c.refs.keys().cloned().collect();
+        paths.extend(secret_fields.iter().map(|p| (*p).to_owned()));
+        for path in paths {
+            let reference = c.refs.get(&path).cloned().unwrap_or_else(|| {
+                let var = format!("CLOUDBRAIN_{name}_{path}")
+                    .to_ascii_uppercase()
+                    .replace(|ch: char| !ch.is_ascii_alphanumeric(), "_");
+                Reference::Env(var)
+            });
+            replace_at(
+                &mut config,
+                &path,
+                serde_json::to_value(&reference).unwrap_or_default(),
+            );
+        }
+        fleet.providers.insert(
+            name,
+            ProviderEntry {
+                kind: c.kind,
+                config,
+            },
+        );
+    }
+    Ok(fleet)
+}
+
+/// Puts `value` at dotted `path` in `doc`, if something is there.
+fn replace_at(doc: &mut Value, path: &str, value: Value) {
+    let mut at = doc;
+    let mut keys = path.split('.').peekable();
+    while let Some(key) = keys.next() {
+        let Some(next) = at.get_mut(key) else { return };
+        if keys.peek().is_none() {
+            if !next.is_null() {
+                *next = value;
+            }
+            return;
+        }
+        at = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_document_is_refused_naming_the_line_and_the_field() {
+        let text = "providers:\n  fake:\n    type: fake\npools:\n  ci:\n    provider: fake\n    image: ubuntu\n    max_size: ten\n";
+        let err = Fleet::parse(text).unwrap_err();
+        assert_eq!(err.line, Some(8), "{err}");
+        assert_eq!(err.field, "pools.ci.max_size");
+        let err = Fleet::parse(
+            "pools:\n  ci:\n    provider: fake\n    image: x\n    max_size: 2\n    colour: red\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.line, Some(6), "{err}");
+        assert!(err.message.contains("colour"), "{err}");
+        assert_eq!(
+            locate("pools:\n  ci:\n    min_idle: 2\n", "pools.ci.min_idle"),
+            Some(3)
+        );
+        assert_eq!(locate("a:\n  b: 1\nc:\n  b: 2\n", "c.b"), Some(4));
+    }
+
+    fn config(doc: Value) -> StoredConfig {
+        StoredConfig {
+            kind: "fake".into(),
+            config: doc,
+            refs: BTreeMap::new(),
+        }
+    }
+
+    fn pool(min_idle: u32) -> PoolEntry {
+        PoolEntry {
+            provider: "fake".into(),
+            image: "ubuntu".into(),
+            instance_type: None,
+            min_idle,
+            max_size: 5,
+            max_lifetime_secs: None,
+        }
+    }
+
+    #[test]
+    fn a_plan_names_every_change_field_by_field_and_prunes_only_when_asked() {
+        let one = |name: &str, c: StoredConfig| BTreeMap::from([(name.to_owned(), c)]);
+        let have = one("fake", config(serde_json::json!({"boot_time_ms": 1})));
+        let mut stored_pool = pool(1);
+        stored_pool.instance_type = Some("standard".into());
+        let have_pools = BTreeMap::from([
+            ("ci".to_owned(), stored_pool.clone()),
+            ("old".to_owned(), pool(0)),
+        ]);
+        let want = one("fake", config(serde_json::json!({"boot_time_ms": 2})));
+        let want_pools = BTreeMap::from([("ci".to_owned(), pool(3))]);
+        let plan = plan(&have, &have_pools, &want, &want_pools, false).unwrap();
+        assert_eq!(
+            plan.lines(),
+            [
+                "update provider fake: boot_time_ms",
+                "update pool ci: min_idle 1 → 3"
+            ]
+        );
+        let pruned = super::plan(&have, &have_pools, &want, &want_pools, true).unwrap();
+        assert_eq!(pruned.delete_pools, ["old"]);
+        // The same state again is no change at all.
+        let same = super::plan(&have, &have_pools, &have, &have_pools, true).unwrap();
+        assert!(same.is_empty(), "{:?}", same.lines());
+        let mut other_kind = config(serde_json::json!({}));
+        other_kind.kind = "ec2".into();
+        let err = super::plan(
+            &have,
+            &have_pools,
+            &one("fake", other_kind),
+            &want_pools,
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "providers.fake.type");
+    }
+
+    struct Env;
+
+    impl Secrets for Env {
+        fn read(&self, reference: &Reference) -> Result<String, String> {
+            match reference {
+                Reference::Env(name) if name == "SET" => Ok("hunter2\n".into()),
+                Reference::File(_) => Ok("{\"private_key\": \"k\"}".into()),
+                other => Err(format!("{other:?} is not set")),
+            }
+        }
+    }
+
+    #[test]
+    fn references_are_read_and_remembered_by_path() {
+        let mut refs = BTreeMap::new();
+        let doc = serde_json::json!({"a": {"$env": "SET"}, "b": {"c": {"$file": "key.json"}}, "d": 1, "tags": {"env": "prod"}});
+        let resolved = resolve(&doc, &Env, "", &mut refs).unwrap();
+        assert_eq!(
+            resolved,
+            serde_json::json!({"a": "hunter2", "b": {"c": {"private_key": "k"}}, "d": 1, "tags": {"env": "prod"}})
+        );
+        assert_eq!(refs["a"], Reference::Env("SET".into()));
+        assert_eq!(refs["b.c"], Reference::File("key.json".into()));
+        let err = resolve(
+            &serde_json::json!({"x": {"$env": "UNSET"}}),
+            &Env,
+            "",
+            &mut refs,
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "x");
+    }
+}
