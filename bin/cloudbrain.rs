@@ -340,7 +340,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
 struct SecretsFrom(std::path::PathBuf);
 
 impl fleet::Secrets for SecretsFrom {
-    fn read(&self, reference: &fleet::Reference) -> Result<String, String> {
+    fn read(&self, _: &str, _: &str, reference: &fleet::Reference) -> Result<String, String> {
         match reference {
             fleet::Reference::Env(name) => std::env::var(name)
                 .map_err(|_unset| format!("environment variable {name} is not set")),

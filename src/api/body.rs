@@ -34,7 +34,7 @@ fn require_json(req: &HttpRequest) -> Result<(), ApiError> {
 
 /// Reads the body, refusing more than [`MAX_BODY_BYTES`] before reading it all, and a
 /// body that has not arrived within `timeout` (a stalled upload is the client's fault).
-async fn read_body(
+pub(super) async fn read_body(
     req: &HttpRequest,
     mut payload: web::Payload,
     timeout: std::time::Duration,

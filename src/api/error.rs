@@ -53,8 +53,8 @@ pub enum ApiError {
     /// The request breaks a rule; `field` names the culprit (422).
     #[error("{message}")]
     Unprocessable {
-        /// The field at fault.
-        field: Option<&'static str>,
+        /// The field at fault (a dotted path in a document).
+        field: Option<String>,
         /// What is wrong.
         message: String,
     },
@@ -96,7 +96,7 @@ impl ApiError {
     /// A validation error naming `field`.
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
         ApiError::Unprocessable {
-            field: Some(field),
+            field: Some(field.to_owned()),
             message: message.into(),
         }
     }
@@ -146,8 +146,8 @@ impl ResponseError for ApiError {
             _ => {}
         }
         let field = match self {
-            ApiError::Unprocessable { field, .. } => *field,
-            ApiError::Conflict { field, .. } => Some(*field),
+            ApiError::Unprocessable { field, .. } => field.clone(),
+            ApiError::Conflict { field, .. } => Some((*field).to_owned()),
             _ => None,
         };
         response.json(ErrorBody {
@@ -162,7 +162,7 @@ impl From<BrokerError> for ApiError {
     fn from(err: BrokerError) -> Self {
         match err {
             BrokerError::Invalid { field, message } => ApiError::Unprocessable {
-                field: Some(field),
+                field: Some(field.to_owned()),
                 message,
             },
             BrokerError::IdempotencyConflict => ApiError::Conflict {

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod fleet;
 pub mod instances;
 pub mod meta;
 pub mod openapi;
@@ -53,6 +54,8 @@ pub struct AppState {
         instances::get_instance,
         instances::delete_instance,
         instances::instance_events,
+        fleet::get_fleet,
+        fleet::put_fleet,
         pools::list_pools,
         pools::get_pool,
         pools::put_pool,
@@ -190,6 +193,12 @@ pub fn app(
             web::resource("/instances/{id}/events")
                 .route(web::get().to(instances::instance_events))
                 .default_service(method_not_allowed("GET")),
+        )
+        .service(
+            web::resource("/fleet")
+                .route(web::get().to(fleet::get_fleet))
+                .route(web::put().to(fleet::put_fleet))
+                .default_service(method_not_allowed("GET, PUT")),
         )
         .service(read_only("/pools", pools::list_pools))
         .service(

@@ -201,9 +201,9 @@ pub struct ErrorBody {
     pub errors: Vec<String>,
     /// A stable machine-readable code, e.g. `validation_failed`.
     pub code: &'static str,
-    /// The request field at fault, for validation errors.
+    /// The request field at fault, for validation errors (a dotted path in a document).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub field: Option<&'static str>,
+    pub field: Option<String>,
 }
 
 /// A pool's shape and size, as `PUT /pools/<name>` sends it.

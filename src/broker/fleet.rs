@@ -131,8 +131,58 @@ pub fn locate(text: &str, path: &str) -> Option<usize> {
 
 /// Reads the value a reference names: `{"$env": NAME}` or `{"$file": PATH}`.
 pub trait Secrets {
-    /// The text the reference names; the error says what is missing.
-    fn read(&self, reference: &Reference) -> Result<String, String>;
+    /// The text the reference at `path` of provider `provider`'s config names; the error
+    /// says what is missing.
+    fn read(&self, provider: &str, path: &str, reference: &Reference) -> Result<String, String>;
+}
+
+/// The secrets already stored: a reference reads as the value stored at its field, so a
+/// document read back from the API (its secrets as references) applies unchanged; a
+/// reference at a field with nothing stored is refused. What the API uses: the server reads
+/// no environment or file of its own for a client.
+pub struct StoredSecrets(BTreeMap<(String, String), Value>);
+
+impl StoredSecrets {
+    /// The secrets of the provider configs stored now.
+    pub async fn load(conn: &mut AsyncPgConnection, key: &SecretKey) -> Result<Self, BrokerError> {
+        let (providers, _) = current(conn, key).await?;
+        let mut known = BTreeMap::new();
+        for (name, c) in providers {
+            let secret_fields = catalog::find(&c.kind)
+                .map(|f| f.secret_fields())
+                .unwrap_or_default();
+            let paths = c
+                .refs
+                .keys()
+                .cloned()
+                .chain(secret_fields.iter().map(|p| (*p).to_owned()));
+            for path in paths {
+                let value = path
+                    .split('.')
+                    .try_fold(&c.config, |at, key| at.get(key))
+                    .cloned();
+                if let Some(value) = value {
+                    known.insert((name.clone(), path), value);
+                }
+            }
+        }
+        Ok(Self(known))
+    }
+}
+
+impl Secrets for StoredSecrets {
+    fn read(&self, provider: &str, path: &str, _: &Reference) -> Result<String, String> {
+        match self.0.get(&(provider.to_owned(), path.to_owned())) {
+            Some(Value::String(text)) => Ok(text.clone()),
+            Some(other) => Ok(other.to_string()),
+            None => Err(
+                "through the API a reference keeps the value stored at its field, and nothing \
+                 is stored here; give the value, or apply the file with `cloudbrain apply`, \
+                 which reads the environment and files"
+                    .to_owned(),
+            ),
+        }
+    }
 }
 
 /// Where a secret is kept: `{"$env": "NAME"}` or `{"$file": "path"}` (the `$` keeps a
@@ -151,17 +201,20 @@ pub enum Reference {
 /// A provider config with its references read: the document to store, and the references
 /// by dotted path.
 fn resolve(
+    provider: &str,
     config: &Value,
     secrets: &dyn Secrets,
     at: &str,
     refs: &mut BTreeMap<String, Reference>,
 ) -> Result<Value, FleetError> {
     if let Ok(reference) = Reference::deserialize(config) {
-        let text = secrets.read(&reference).map_err(|message| FleetError {
-            line: None,
-            field: at.to_owned(),
-            message,
-        })?;
+        let text = secrets
+            .read(provider, at, &reference)
+            .map_err(|message| FleetError {
+                line: None,
+                field: at.to_owned(),
+                message,
+            })?;
         refs.insert(at.to_owned(), reference);
         // A reference to a JSON object (a key file, say) stands for that object.
         return Ok(match serde_json::from_str::<Value>(&text) {
@@ -178,7 +231,7 @@ fn resolve(
                 } else {
                     format!("{at}.{key}")
                 };
-                out.insert(key.clone(), resolve(value, secrets, &path, refs)?);
+                out.insert(key.clone(), resolve(provider, value, secrets, &path, refs)?);
             }
             Value::Object(out)
         }
@@ -343,11 +396,11 @@ pub fn plan(
                 })
             }
             Some(have) => {
+                // Where a secret came from is not a change of the config: an export, whose
+                // references may name variables the config was never read from, applies
+                // as no change when the values are the same.
                 let mut changed = Vec::new();
                 differences(&have.config, &want.config, "", &mut changed);
-                if have.refs != want.refs && changed.is_empty() {
-                    changed.push("secret references".to_owned());
-                }
                 if !changed.is_empty() {
                     plan.update_providers.push((name.clone(), want.clone(), changed));
                 }
@@ -466,10 +519,11 @@ pub async fn apply(
     for (name, entry) in &fleet.providers {
         let field = format!("providers.{name}.config");
         let mut refs = BTreeMap::new();
-        let config = resolve(&entry.config, secrets, "", &mut refs).map_err(|e| FleetError {
-            field: format!("{field}.{}", e.field),
-            ..e
-        })?;
+        let config =
+            resolve(name, &entry.config, secrets, "", &mut refs).map_err(|e| FleetError {
+                field: format!("{field}.{}", e.field),
+                ..e
+            })?;
         let factory = catalog::find(&entry.kind).map_err(|e| FleetError {
             line: None,
             field: format!("providers.{name}.type"),
@@ -616,6 +670,40 @@ pub async fn export(conn: &mut AsyncPgConnection, key: &SecretKey) -> Result<Fle
     Ok(fleet)
 }
 
+impl super::Broker {
+    /// The stored fleet, secrets as references (admin only).
+    pub async fn fleet(&self, caller: crate::auth::Caller) -> Result<Fleet, BrokerError> {
+        super::admin_only(caller, "read the fleet")?;
+        let mut conn = self.conn().await?;
+        export(&mut conn, &self.key).await
+    }
+
+    /// Applies `fleet` (admin only); its references read only as the values already
+    /// stored for them (see [`StoredSecrets`]).
+    pub async fn put_fleet(
+        &self,
+        caller: crate::auth::Caller,
+        fleet: &Fleet,
+        prune: bool,
+        dry_run: bool,
+    ) -> Result<Plan, ApplyError> {
+        super::admin_only(caller, "change the fleet")?;
+        let mut conn = self.conn().await?;
+        let secrets = StoredSecrets::load(&mut conn, &self.key).await?;
+        let max_lifetime = self.max_lifetime;
+        apply(
+            &mut conn,
+            &self.key,
+            max_lifetime,
+            fleet,
+            &secrets,
+            prune,
+            dry_run,
+        )
+        .await
+    }
+}
+
 /// Puts `value` at dotted `path` in `doc`, if something is there.
 fn replace_at(doc: &mut Value, path: &str, value: Value) {
     let mut at = doc;
@@ -715,7 +803,7 @@ mod tests {
     struct Env;
 
     impl Secrets for Env {
-        fn read(&self, reference: &Reference) -> Result<String, String> {
+        fn read(&self, _: &str, _: &str, reference: &Reference) -> Result<String, String> {
             match reference {
                 Reference::Env(name) if name == "SET" => Ok("hunter2\n".into()),
                 Reference::File(_) => Ok("{\"private_key\": \"k\"}".into()),
@@ -728,7 +816,7 @@ mod tests {
     fn references_are_read_and_remembered_by_path() {
         let mut refs = BTreeMap::new();
         let doc = serde_json::json!({"a": {"$env": "SET"}, "b": {"c": {"$file": "key.json"}}, "d": 1, "tags": {"env": "prod"}});
-        let resolved = resolve(&doc, &Env, "", &mut refs).unwrap();
+        let resolved = resolve("p", &doc, &Env, "", &mut refs).unwrap();
         assert_eq!(
             resolved,
             serde_json::json!({"a": "hunter2", "b": {"c": {"private_key": "k"}}, "d": 1, "tags": {"env": "prod"}})
@@ -736,6 +824,7 @@ mod tests {
         assert_eq!(refs["a"], Reference::Env("SET".into()));
         assert_eq!(refs["b.c"], Reference::File("key.json".into()));
         let err = resolve(
+            "p",
             &serde_json::json!({"x": {"$env": "UNSET"}}),
             &Env,
             "",

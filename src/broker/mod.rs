@@ -85,6 +85,17 @@ impl From<diesel::result::Error> for BrokerError {
     }
 }
 
+/// Refuses a caller that is not an admin: only an admin token may `what`.
+fn admin_only(caller: crate::auth::Caller, what: &str) -> Result<(), BrokerError> {
+    if caller.scope == crate::auth::Scope::Admin {
+        Ok(())
+    } else {
+        Err(BrokerError::Forbidden(format!(
+            "only an admin token may {what}"
+        )))
+    }
+}
+
 /// The broker: the rules, over a connection pool.
 #[derive(Clone)]
 pub struct Broker {

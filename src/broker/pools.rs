@@ -13,7 +13,7 @@ use super::providers::offered_type;
 use super::state::{apply, record_event, State};
 use super::validate::{ImageName, Lifetime, PoolName, ProviderName};
 use super::{Broker, BrokerError};
-use crate::auth::{Caller, Scope};
+use crate::auth::Caller;
 use crate::crypto::SecretKey;
 use crate::db::schema::{instances, pools};
 use crate::ids::InstanceId;
@@ -87,13 +87,7 @@ pub struct PoolStatus {
 }
 
 fn admin_only(caller: Caller) -> Result<(), BrokerError> {
-    if caller.scope == Scope::Admin {
-        Ok(())
-    } else {
-        Err(BrokerError::Forbidden(
-            "only an admin token may change pools".to_owned(),
-        ))
-    }
+    super::admin_only(caller, "change pools")
 }
 
 fn no_pool(name: &PoolName) -> BrokerError {

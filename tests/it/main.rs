@@ -12,6 +12,7 @@ mod cli;
 mod contract;
 mod e2e;
 mod ec2;
+mod fleet;
 mod gce;
 mod http_process;
 mod instances;
