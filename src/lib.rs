@@ -8,6 +8,7 @@ pub mod crypto;
 pub mod db;
 pub mod dev;
 pub mod ids;
+pub mod json;
 pub mod metrics;
 pub mod providers;
 pub mod queue;

@@ -5,7 +5,6 @@
 use actix_web::http::header;
 use actix_web::{web, HttpRequest};
 use futures_util::StreamExt;
-use serde::Deserialize;
 
 use super::error::ApiError;
 use super::wire::RequestBody;
@@ -64,70 +63,6 @@ pub(super) async fn read_body(
         .map_err(|_elapsed| ApiError::RequestTimeout(timeout.as_secs().max(1)))?
 }
 
-/// A JSON value read with duplicate object keys refused: `{"image": "a", "image": "b"}`
-/// is ambiguous, and readers disagree on which one wins.
-struct StrictJson(serde_json::Value);
-
-impl<'de> Deserialize<'de> for StrictJson {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(StrictVisitor).map(StrictJson)
-    }
-}
-
-struct StrictVisitor;
-
-impl<'de> serde::de::Visitor<'de> for StrictVisitor {
-    type Value = serde_json::Value;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
-        Ok(v.into())
-    }
-
-    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
-        Ok(v.into())
-    }
-
-    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
-        Ok(v.into())
-    }
-
-    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
-        Ok(v.into())
-    }
-
-    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(v.into())
-    }
-
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(serde_json::Value::Null)
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut items = Vec::new();
-        while let Some(StrictJson(item)) = seq.next_element()? {
-            items.push(item);
-        }
-        Ok(serde_json::Value::Array(items))
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut object = serde_json::Map::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if object.contains_key(&key) {
-                return Err(serde::de::Error::custom(format!("duplicate key {key:?}")));
-            }
-            let StrictJson(value) = map.next_value()?;
-            object.insert(key, value);
-        }
-        Ok(serde_json::Value::Object(object))
-    }
-}
-
 /// Reads a request body of type `T`: a JSON body (by its Content-Type, or none), in time
 /// and within [`MAX_BODY_BYTES`], parsed by [`parse`].
 pub async fn read_json<T: RequestBody>(
@@ -144,7 +79,7 @@ pub async fn read_json<T: RequestBody>(
 /// cannot drift. Unknown fields are ignored, as Cloud Brain did; a field of the wrong
 /// type or a missing one is refused naming it.
 fn parse<T: RequestBody>(body: &[u8]) -> Result<T, ApiError> {
-    let StrictJson(value) = serde_json::from_slice(body)
+    let value = crate::json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("request body is not valid JSON: {e}")))?;
     if !value.is_object() {
         return Err(ApiError::BadRequest(

@@ -55,7 +55,10 @@ fn wants_yaml(req: &HttpRequest) -> bool {
 #[utoipa::path(
     get, path = "/fleet", tag = "fleet",
     responses(
-        (status = 200, description = "Provider configs (secrets as references) and pools"),
+        (status = 200, description = "Provider configs (secrets as references) and pools", content(
+            (Fleet = "application/json"),
+            (Fleet = "application/yaml"),
+        )),
         (status = 401, body = ErrorBody),
         (status = 403, description = "Not an admin token", body = ErrorBody),
         (status = 503, body = ErrorBody),
@@ -86,7 +89,10 @@ pub async fn get_fleet(
 #[utoipa::path(
     put, path = "/fleet", tag = "fleet",
     params(ApplyParams),
-    request_body(content = String, description = "A fleet document, YAML or JSON", content_type = "application/yaml"),
+    request_body(description = "A fleet document, YAML or JSON", content(
+        (Fleet = "application/yaml"),
+        (Fleet = "application/json"),
+    )),
     responses(
         (status = 200, body = FleetChanges),
         (status = 400, body = ErrorBody),
@@ -125,23 +131,10 @@ pub async fn put_fleet(
     let body = read_body(&req, payload, state.body_timeout).await?;
     let text = std::str::from_utf8(&body)
         .map_err(|_not_utf8| ApiError::BadRequest("the document is not UTF-8".to_owned()))?;
-    let fleet = Fleet::parse(text).map_err(|e| ApiError::Unprocessable {
-        field: Some(e.field.clone()),
-        message: e.to_string(),
-    })?;
     let plan = state
         .broker
-        .put_fleet(caller, &fleet, params.prune, params.dry_run)
-        .await
-        .map_err(|e| match e {
-            ApplyError::Fleet(mut e) => {
-                e.line = e
-                    .line
-                    .or_else(|| crate::broker::fleet::locate(text, &e.field));
-                ApplyError::Fleet(e)
-            }
-            other => other,
-        })?;
+        .put_fleet(caller, text, params.prune, params.dry_run)
+        .await?;
     Ok(HttpResponse::Ok().json(FleetChanges {
         applied: !params.dry_run && !plan.is_empty(),
         changes: plan.lines(),

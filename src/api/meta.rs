@@ -4,9 +4,11 @@ use actix_web::{web, HttpResponse};
 use serde::Serialize;
 
 use super::error::ApiError;
+use super::openapi::PoolShape;
 use super::wire::ErrorBody;
 use super::AppState;
 use crate::auth::Caller;
+use crate::broker::pools::longest_lifetime;
 use crate::broker::providers::ProviderSummary;
 use crate::broker::validate::Lifetime;
 
@@ -80,12 +82,21 @@ pub async fn list_providers(
 ))]
 pub async fn openapi(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let offered = state.broker.offered_instance_types().await?;
-    let pools: Vec<String> = state
+    let pools: Vec<PoolShape> = state
         .broker
         .pools()
         .await?
         .into_iter()
-        .map(|status| status.pool.name)
+        .map(|status| PoolShape {
+            most_ttl: Lifetime::most_seconds(longest_lifetime(
+                &status.pool,
+                state.broker.max_lifetime(),
+            )),
+            name: status.pool.name,
+            provider: status.pool.provider_name,
+            image: status.pool.image,
+            instance_type: status.pool.instance_type,
+        })
         .collect();
     let most_ttl = Lifetime::most_seconds(state.broker.max_lifetime());
     let document = super::openapi::document(&offered, &pools, most_ttl)?;

@@ -10,9 +10,10 @@ use utoipa::OpenApi;
 use super::error::ApiError;
 use super::ApiDoc;
 use crate::broker::instances::{CURSOR_PATTERN, MAX_PAGE_SIZE};
+use crate::broker::pools::MAX_POOL_SIZE;
 use crate::broker::validate::{
     required_text_pattern, ssh_public_key_pattern, BLANK_PATTERN, MAX_IMAGE_LEN, MAX_PROVIDER_LEN,
-    MAX_SSH_KEY_LEN,
+    MAX_SSH_KEY_LEN, POOL_NAME_PATTERN,
 };
 use crate::broker::State;
 use cloudbrain_provider::DEFAULT_TYPE_ALIAS;
@@ -20,11 +21,26 @@ use cloudbrain_provider::DEFAULT_TYPE_ALIAS;
 /// An `Idempotency-Key`: printable ASCII, inner spaces only (HTTP strips outer ones).
 const IDEMPOTENCY_KEY_PATTERN: &str = r"^[\x21-\x7E](?:[\x20-\x7E]{0,253}[\x21-\x7E])?$";
 
+/// What a pool makes, as a request naming it may restate it.
+#[derive(Debug, Clone)]
+pub struct PoolShape {
+    /// The pool's name.
+    pub name: String,
+    /// Its provider config.
+    pub provider: String,
+    /// Its image.
+    pub image: String,
+    /// Its instance type.
+    pub instance_type: String,
+    /// The longest lifetime a request for it may ask, in seconds.
+    pub most_ttl: u64,
+}
+
 /// The document for a server whose providers offer `offered` (name, instance types),
 /// whose pools are `pools` and whose instances may live `most_ttl` seconds at the most.
 pub fn document(
     offered: &[(String, Vec<String>)],
-    pools: &[String],
+    pools: &[PoolShape],
     most_ttl: u64,
 ) -> Result<Value, ApiError> {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).map_err(|error| {
@@ -43,7 +59,10 @@ pub fn document(
         .iter()
         .flat_map(|(_, types)| types.iter().map(String::as_str))
         .collect();
-    let per_provider: Vec<Value> = offered
+    // A request names a provider and an image, or a pool (restating, at most, what the
+    // pool makes): one branch each.
+    let null_or = |value: &str| json!({"anyOf": [{"type": "null"}, {"const": value}]});
+    let by_provider: Vec<Value> = offered
         .iter()
         .map(|(name, types)| {
             json!({"properties": {
@@ -51,6 +70,25 @@ pub fn document(
                 "instance_type": instance_type(types.iter().map(String::as_str).collect()),
             }})
         })
+        .collect();
+    let branches: Vec<Value> = by_provider
+        .iter()
+        .map(|branch| {
+            let mut branch = branch.clone();
+            branch["required"] = json!(["provider", "image"]);
+            branch["properties"]["pool"] = json!({"type": "null"});
+            branch
+        })
+        .chain(pools.iter().map(|pool| {
+            json!({"required": ["pool"], "properties": {
+                "pool": {"const": pool.name},
+                "provider": null_or(&pool.provider),
+                "image": null_or(&pool.image),
+                "instance_type": instance_type(vec![&pool.instance_type]),
+                "ttl_seconds": {"anyOf": [{"type": "null"},
+                    {"type": "integer", "minimum": 1, "maximum": pool.most_ttl}]},
+            }})
+        }))
         .collect();
     let names: Vec<&str> = offered.iter().map(|(name, _)| name.as_str()).collect();
     let body = &mut doc["components"]["schemas"]["CreateInstanceBody"];
@@ -62,17 +100,18 @@ pub fn document(
         "type": "string", "maxLength": MAX_IMAGE_LEN, "pattern": text,
         "description": "The image to boot; `default` is the provider config's image."
     });
-    body["properties"]["instance_type"] = instance_type(every_type);
+    body["properties"]["instance_type"] = instance_type(every_type.clone());
     body["properties"]["public_ssh_key"] = json!({"anyOf": [
         {"type": "null"},
         {"type": "string", "pattern": BLANK_PATTERN, "description": "No key."},
         {"type": "string", "maxLength": MAX_SSH_KEY_LEN, "pattern": ssh_public_key_pattern(),
          "description": "One OpenSSH public key line."},
     ]});
+    let pool_names: Vec<&str> = pools.iter().map(|pool| pool.name.as_str()).collect();
     body["properties"]["pool"] = if pools.is_empty() {
         json!({"type": "null", "description": "No pools are defined."})
     } else {
-        json!({"anyOf": [{"type": "null"}, {"type": "string", "enum": pools,
+        json!({"anyOf": [{"type": "null"}, {"type": "string", "enum": pool_names,
             "description": "A pool's name (see `GET /pools`)."}]})
     };
     body["properties"]["ttl_seconds"] = json!({"anyOf": [
@@ -80,8 +119,35 @@ pub fn document(
         {"type": "integer", "minimum": 1, "maximum": most_ttl,
          "description": "Seconds the machine may live; absent: the longest this broker gives."},
     ]});
-    if !per_provider.is_empty() {
-        body["anyOf"] = Value::Array(per_provider);
+    any_of(body, branches);
+
+    let spec = &mut doc["components"]["schemas"]["PoolSpecBody"];
+    spec["properties"]["provider"] = json!({"type": "string", "enum": names});
+    spec["properties"]["image"] =
+        json!({"type": "string", "maxLength": MAX_IMAGE_LEN, "pattern": text});
+    spec["properties"]["instance_type"] = instance_type(every_type);
+    any_of(spec, by_provider);
+    spec["description"] = json!("A pool's shape and size; its min_idle is at most its max_size.");
+    for size in ["min_idle", "max_size"] {
+        spec["properties"][size]["maximum"] = json!(MAX_POOL_SIZE);
+    }
+    spec["properties"]["max_lifetime_secs"] = json!({"anyOf": [{"type": "null"},
+        {"type": "integer", "minimum": 1, "maximum": most_ttl}]});
+    doc["components"]["schemas"]["ScaleBody"]["properties"]["min_idle"]["maximum"] =
+        json!(MAX_POOL_SIZE);
+    for (path, method) in [
+        ("/pools/{name}", "get"),
+        ("/pools/{name}", "put"),
+        ("/pools/{name}", "delete"),
+        ("/pools/{name}/scale", "post"),
+    ] {
+        set_parameter(
+            &mut doc,
+            path,
+            method,
+            "name",
+            json!({"type": "string", "pattern": POOL_NAME_PATTERN}),
+        );
     }
 
     let states: Vec<&str> = State::ALL.iter().map(|s| s.as_str()).collect();
@@ -121,6 +187,16 @@ pub fn document(
         json!({"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN}),
     );
     Ok(doc)
+}
+
+/// Makes `schema` hold when one of `branches` does; none: nothing is valid (no provider
+/// or pool can serve a request).
+fn any_of(schema: &mut Value, branches: Vec<Value>) {
+    if branches.is_empty() {
+        schema["not"] = json!({});
+    } else {
+        schema["anyOf"] = Value::Array(branches);
+    }
 }
 
 /// Replaces the schema of parameter `name` of `method path`.

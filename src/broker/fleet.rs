@@ -17,7 +17,7 @@ use crate::crypto::SecretKey;
 use crate::providers::catalog;
 
 /// A fleet document: provider configs and pools, each by name.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Fleet {
     /// Provider configs by name.
@@ -30,7 +30,7 @@ pub struct Fleet {
 
 /// One provider config: its kind and its config document. A value written
 /// `{"$env": "NAME"}` or `{"$file": "path"}` is read from there when the fleet is applied.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderEntry {
     /// The kind of cloud (`fake`, `ec2`, `gce`).
@@ -38,11 +38,12 @@ pub struct ProviderEntry {
     pub kind: String,
     /// The config document.
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub config: Value,
 }
 
 /// One pool's shape and size.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PoolEntry {
     /// The provider config its machines run on.
@@ -75,9 +76,28 @@ pub struct FleetError {
 }
 
 impl Fleet {
-    /// Reads a fleet document (YAML, of which JSON is a part); the error names the line
-    /// and the field.
+    /// Reads a fleet document, YAML or JSON (read as JSON, strictly, when it is JSON:
+    /// YAML readers differ on JSON's escapes); the error names the line and the field.
+    /// An empty document is refused: it is more likely a mistake than a wish for no
+    /// fleet, which is written `{}`.
     pub fn parse(text: &str) -> Result<Self, FleetError> {
+        if text.trim().is_empty() {
+            return Err(FleetError {
+                line: None,
+                field: ".".to_owned(),
+                message: "the document is empty (a fleet of nothing is written {})".to_owned(),
+            });
+        }
+        if let Ok(value) = crate::json::from_str(text) {
+            return serde_path_to_error::deserialize(value).map_err(|error| {
+                let field = error.path().to_string();
+                FleetError {
+                    line: locate(text, &field),
+                    message: error.into_inner().to_string(),
+                    field,
+                }
+            });
+        }
         let deserializer = serde_norway::Deserializer::from_str(text);
         serde_path_to_error::deserialize(deserializer).map_err(|error| {
             let field = error.path().to_string();
@@ -678,29 +698,38 @@ impl super::Broker {
         export(&mut conn, &self.key).await
     }
 
-    /// Applies `fleet` (admin only); its references read only as the values already
-    /// stored for them (see [`StoredSecrets`]).
+    /// Applies the fleet document `text` (admin only, asked before the document is
+    /// read); its references read only as the values already stored for them (see
+    /// [`StoredSecrets`]). An error names the field and, where it can, the line.
     pub async fn put_fleet(
         &self,
         caller: crate::auth::Caller,
-        fleet: &Fleet,
+        text: &str,
         prune: bool,
         dry_run: bool,
     ) -> Result<Plan, ApplyError> {
         super::admin_only(caller, "change the fleet")?;
+        let fleet = Fleet::parse(text)?;
         let mut conn = self.conn().await?;
         let secrets = StoredSecrets::load(&mut conn, &self.key).await?;
         let max_lifetime = self.max_lifetime;
-        apply(
+        let applied = apply(
             &mut conn,
             &self.key,
             max_lifetime,
-            fleet,
+            &fleet,
             &secrets,
             prune,
             dry_run,
         )
-        .await
+        .await;
+        applied.map_err(|error| match error {
+            ApplyError::Fleet(mut e) => {
+                e.line = e.line.or_else(|| locate(text, &e.field));
+                ApplyError::Fleet(e)
+            }
+            other => other,
+        })
     }
 }
 

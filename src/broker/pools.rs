@@ -90,6 +90,11 @@ fn admin_only(caller: Caller) -> Result<(), BrokerError> {
     super::admin_only(caller, "change pools")
 }
 
+/// The name of a pool that is to exist already: one that is not a name names no pool.
+fn existing(name: &str) -> Result<PoolName, BrokerError> {
+    PoolName::parse(name).map_err(|_not_a_name| BrokerError::NoSuchPool(name.to_owned()))
+}
+
 fn no_pool(name: &PoolName) -> BrokerError {
     BrokerError::NoSuchPool(name.as_str().to_owned())
 }
@@ -136,8 +141,7 @@ impl Broker {
 
     /// Pool `name` with its counts.
     pub async fn pool(&self, name: &str) -> Result<PoolStatus, BrokerError> {
-        let name = PoolName::parse(name)
-            .map_err(|_not_a_name| BrokerError::NoSuchPool(name.to_owned()))?;
+        let name = existing(name)?;
         let mut conn = self.conn().await?;
         status(&mut conn, &name).await
     }
@@ -202,7 +206,7 @@ pub async fn put(
 /// Removes pool `name`: its unassigned machines are destroyed, machines clients hold stay
 /// theirs (for an operator, or an admin token). The pool as it was is returned.
 pub async fn delete(conn: &mut AsyncPgConnection, name: &str) -> Result<PoolStatus, BrokerError> {
-    let name = PoolName::parse(name)?;
+    let name = existing(name)?;
     let before = status(conn, &name).await?;
     conn.transaction::<_, BrokerError, _>(async |conn| {
         let idle: Vec<Instance> = instances::table
@@ -250,7 +254,7 @@ pub async fn scale(
     name: &str,
     min_idle: u32,
 ) -> Result<PoolStatus, BrokerError> {
-    let name = PoolName::parse(name)?;
+    let name = existing(name)?;
     let pool = find(conn, &name).await?;
     if i64::from(min_idle) > i64::from(pool.max_size) {
         return Err(BrokerError::invalid(
@@ -423,7 +427,7 @@ pub(super) async fn shape_of(
 }
 
 /// The longest a machine of `pool` lives: the pool's own bound, else the broker's.
-pub(super) fn longest_lifetime(
+pub fn longest_lifetime(
     pool: &PoolRow,
     broker_longest: Option<std::time::Duration>,
 ) -> Option<std::time::Duration> {

@@ -98,3 +98,32 @@ async fn an_admin_applies_a_fleet_document_and_reads_it_back_without_secrets() {
         .expect(415);
     s.client().get("/pools").await.expect(200);
 }
+
+#[tokio::test]
+async fn an_empty_document_is_refused_and_json_is_read_as_json() {
+    let s = TestBroker::new().fake(json!({})).start().await;
+    let admin = s.client_with(Scope::Admin).await;
+    let yaml = "pools:\n  ci:\n    provider: fake\n    image: ubuntu\n    max_size: 2\n";
+    put(&s, &admin.token, "", yaml, "application/yaml")
+        .await
+        .expect(200);
+    // An empty body with prune would delete everything: it is refused, nothing changes.
+    for empty in ["", "\n  \n"] {
+        let refused = put(&s, &admin.token, "?prune=true", empty, "application/yaml").await;
+        let refused = refused.expect(422);
+        assert!(
+            refused["errors"][0].as_str().unwrap().contains("empty"),
+            "{refused}"
+        );
+    }
+    s.client().get("/pools/ci").await.expect(200);
+    // JSON's escapes (a surrogate pair here) and integers written 2.0 read as JSON does.
+    let json = r#"{"pools": {"ci": {"provider": "fake", "image": "ubuntu-\ud83d\ude80", "max_size": 2.0}}}"#;
+    let done = put(&s, &admin.token, "", json, "application/json").await;
+    assert_eq!(done.expect(200)["applied"], true);
+    let pool = s.client().get("/pools/ci").await.expect(200);
+    assert_eq!(pool["image"], "ubuntu-\u{1f680}", "{pool}");
+    // A client's document is refused for who sent it, before it is read.
+    let client = put(&s, &s.token, "", "''", "application/yaml").await;
+    client.expect(403);
+}

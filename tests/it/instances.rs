@@ -381,6 +381,12 @@ async fn openapi_document_describes_every_route_and_error() {
     // patterns and ranges.
     let body = &doc["components"]["schemas"]["CreateInstanceBody"];
     assert_eq!(body["properties"]["provider"]["enum"], json!(["fake"]));
+    // With no pool, a request names a provider and an image: `{}` is refused, and the
+    // document says so.
+    assert_eq!(body["anyOf"][0]["required"], json!(["provider", "image"]));
+    assert_eq!(body["anyOf"].as_array().unwrap().len(), 1);
+    let refused = s.client().post("/instances", &json!({})).await.expect(422);
+    assert_eq!(refused["field"], "provider");
     assert_eq!(body["anyOf"][0]["properties"]["provider"]["const"], "fake");
     assert_eq!(
         body["anyOf"][0]["properties"]["instance_type"]["anyOf"][1]["enum"],
@@ -710,6 +716,8 @@ async fn an_instance_expires_when_asked_or_after_the_longest_lifetime() {
     };
     assert_eq!(lifetime(&ask(json!(600)).await.expect(200)), 600);
     assert_eq!(lifetime(&ask(json!(10_800)).await.expect(200)), 10_800);
+    // JSON Schema counts 600.0 an integer, and so does the parser.
+    assert_eq!(lifetime(&ask(json!(600.0)).await.expect(200)), 600);
     // Travis CI's worker asks for no lifetime: the broker's longest, 3 h by default.
     assert_eq!(lifetime(&ask(Value::Null).await.expect(200)), 10_800);
     for ttl in [json!(0), json!(10_801), json!(-5), json!(1.5), json!("600")] {

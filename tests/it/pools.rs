@@ -117,6 +117,16 @@ async fn a_bad_pool_is_refused_naming_the_field() {
     admin.put("/pools/ci", &spec()).await.expect(200);
     let over = admin.post("/pools/ci/scale", &json!({"min_idle": 6})).await;
     assert_eq!(over.expect(422)["field"], "min_idle");
+    admin
+        .post("/pools/ci/scale", &json!({"min_idle": 2.0}))
+        .await
+        .expect(200);
+    // A name no pool can have names no pool.
+    admin.delete("/pools/-not%20a%20name").await.expect(404);
+    admin
+        .post("/pools/-not%20a%20name/scale", &json!({"min_idle": 1}))
+        .await
+        .expect(404);
     let nowhere = admin
         .post("/pools/elsewhere/scale", &json!({"min_idle": 1}))
         .await;
@@ -332,6 +342,20 @@ async fn a_pools_lifetime_bounds_its_machines_and_the_requests_for_them() {
         .await
         .expect(200);
     assert_eq!(lifetime(&warm), 600);
+    // The document bounds a request for the pool as the server does.
+    let doc = client.get("/openapi.json").await.expect(200);
+    let branches = &doc["components"]["schemas"]["CreateInstanceBody"]["anyOf"];
+    let pool = branches
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["required"] == json!(["pool"]));
+    let pool = pool.expect("a branch for the pool");
+    assert_eq!(
+        pool["properties"]["ttl_seconds"]["anyOf"][1]["maximum"],
+        600
+    );
+    assert_eq!(pool["properties"]["image"]["anyOf"][1]["const"], "ubuntu");
     let too_long = json!({"pool": "ci", "ttl_seconds": 601});
     assert_eq!(
         client.post("/instances", &too_long).await.expect(422)["field"],
