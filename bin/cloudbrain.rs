@@ -3,7 +3,7 @@
 //! when invoked through a link of that name.
 
 use std::ffi::OsString;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
@@ -34,7 +34,12 @@ enum Command {
     /// Keep every instance in step with its cloud; reap stuck machines and orphans.
     RefreshWorker,
     /// Everything in one process on a throwaway database with the fake provider.
-    Dev,
+    Dev {
+        /// A fleet file to start from instead of the lone fake provider (e.g.
+        /// examples/fleet.yaml); its `{$env: CLOUDBRAIN_FAKE_STORE_URL}` is the database.
+        #[arg(short = 'f', long = "file")]
+        file: Option<PathBuf>,
+    },
     /// Apply pending database migrations.
     Migrate,
     /// Make an API token and print it (the only time its secret is shown).
@@ -150,8 +155,8 @@ async fn connect(config: &Config) -> anyhow::Result<AsyncPgConnection> {
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
-    if let Command::Dev = command {
-        return cloudbrain::dev::run().await;
+    if let Command::Dev { file } = command {
+        return cloudbrain::dev::run(file).await;
     }
     let config = Config::from_env()?;
     telemetry::init(config.log_json);
@@ -160,7 +165,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::CreateWorker => run_role(config, Role::JobWorker).await,
         Command::RefreshWorker => run_role(config, Role::RefreshWorker).await,
         // Handled above, before the environment is read.
-        Command::Dev => anyhow::bail!("dev cannot run with a configured environment"),
+        Command::Dev { .. } => anyhow::bail!("dev cannot run with a configured environment"),
         Command::Migrate => {
             let applied = db::run_migrations(&config.database_url).await?;
             if applied.is_empty() {
@@ -237,27 +242,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let shown = file.display().to_string();
-            let desired =
-                fleet::Fleet::parse(&text).map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
-            let secrets = SecretsFrom(file.parent().map(Path::to_path_buf).unwrap_or_default());
+            let secrets = fleet::LocalSecrets {
+                dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
+                env: Default::default(),
+            };
             let mut conn = connect(&config).await?;
-            let plan = fleet::apply(
-                &mut conn,
-                &key,
-                config.max_lifetime,
-                &desired,
-                &secrets,
-                prune,
-                dry_run,
-            )
-            .await
-            .map_err(|e| match e {
-                fleet::ApplyError::Fleet(mut e) => {
-                    e.line = e.line.or_else(|| fleet::locate(&text, &e.field));
-                    anyhow::anyhow!("{shown}: {e}")
-                }
-                other => anyhow::anyhow!("{other}"),
-            })?;
+            let how = fleet::How { prune, dry_run };
+            let max_lifetime = config.max_lifetime;
+            let plan = fleet::apply_document(&mut conn, &key, max_lifetime, &text, &secrets, how)
+                .await
+                .map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
             if plan.is_empty() {
                 println!("no changes");
             }
@@ -331,24 +325,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 println!("{}\t{}", p.name, p.kind);
             }
             Ok(())
-        }
-    }
-}
-
-/// A fleet file's references, read from this process's environment and from files
-/// (relative to the fleet file's directory).
-struct SecretsFrom(std::path::PathBuf);
-
-impl fleet::Secrets for SecretsFrom {
-    fn read(&self, _: &str, _: &str, reference: &fleet::Reference) -> Result<String, String> {
-        match reference {
-            fleet::Reference::Env(name) => std::env::var(name)
-                .map_err(|_unset| format!("environment variable {name} is not set")),
-            fleet::Reference::File(path) => {
-                let path = self.0.join(path);
-                std::fs::read_to_string(&path)
-                    .map_err(|e| format!("reading {}: {e}", path.display()))
-            }
         }
     }
 }

@@ -154,14 +154,15 @@ cb_ensure_schemathesis() {
     fi
 }
 
-# Fuzzes the API from its own /openapi.json for about a minute: `cloudbrain dev` (built
-# binary $1) on a throwaway cluster of its own, its token, every check schemathesis has
-# but the ones schemathesis.toml explains. Fails on any finding.
+# Fuzzes the API from its own /openapi.json for about a minute: `cloudbrain dev -f
+# examples/fleet.yaml` (built binary $1, so pool `ci` is there to ask for) on a throwaway
+# cluster of its own, its token, every check schemathesis has but the ones
+# schemathesis.toml explains. Fails on any finding.
 cb_run_schemathesis() {
     local bin=$1 port out pid token status=0
     port=$(cb_free_port)
     out=$(mktemp)
-    env -u DATABASE_URL CLOUDBRAIN_ADDR="127.0.0.1:$port" RUST_LOG=warn "$bin" dev >"$out" &
+    env -u DATABASE_URL CLOUDBRAIN_ADDR="127.0.0.1:$port" RUST_LOG=warn "$bin" dev -f examples/fleet.yaml >"$out" &
     pid=$!
     for _ in $(seq 300); do
         token=$(sed -n 's/^token: *//p' "$out")

@@ -1,6 +1,7 @@
 //! `cloudbrain dev`: everything in one process for a first try — a throwaway PostgreSQL
-//! (unless `DATABASE_URL` is set), migrations, a `fake` provider, a token, the API, a job
-//! worker and a refresh worker. Ctrl-C stops it all and removes the throwaway cluster.
+//! (unless `DATABASE_URL` is set), migrations, a `fake` provider (or the providers and
+//! pools of a fleet file), a token, the API, a job worker and a refresh worker. Ctrl-C
+//! stops it all and removes the throwaway cluster.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -11,10 +12,39 @@ use anyhow::{bail, Context};
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 
 use crate::auth::{store, Scope};
+use crate::broker::fleet;
 use crate::broker::providers::{insert_provider, InsertProviderError};
 use crate::config::Config;
 use crate::roles::{self, Services};
 use crate::{db, telemetry};
+
+/// Applies fleet file `file` (its `{$env: CLOUDBRAIN_FAKE_STORE_URL}` being this
+/// database, unless the environment says otherwise) and answers its pools.
+async fn apply_fleet_file(
+    conn: &mut AsyncPgConnection,
+    config: &Config,
+    file: &Path,
+) -> anyhow::Result<Vec<crate::broker::pools::PoolStatus>> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut env = std::collections::BTreeMap::new();
+    if std::env::var_os(FAKE_STORE_ENV).is_none() {
+        env.insert(FAKE_STORE_ENV.to_owned(), config.database_url.clone());
+    }
+    let secrets = fleet::LocalSecrets {
+        dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
+        env,
+    };
+    let key = config.require_encryption_key()?;
+    let how = fleet::How::default();
+    fleet::apply_document(conn, key, config.max_lifetime, &text, &secrets, how)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    Ok(crate::broker::pools::list(conn).await?)
+}
+
+/// The variable a fleet file names for the fake cloud's store.
+const FAKE_STORE_ENV: &str = "CLOUDBRAIN_FAKE_STORE_URL";
 
 /// A PostgreSQL cluster of its own in a temporary directory, removed on drop.
 pub struct ThrowawayPostgres {
@@ -178,7 +208,7 @@ fn httpie_command() -> String {
 }
 
 /// Runs `cloudbrain dev` until Ctrl-C or SIGTERM.
-pub async fn run() -> anyhow::Result<()> {
+pub async fn run(fleet_file: Option<PathBuf>) -> anyhow::Result<()> {
     let given_url = std::env::var("DATABASE_URL")
         .ok()
         .filter(|u| !u.trim().is_empty());
@@ -210,28 +240,27 @@ pub async fn run() -> anyhow::Result<()> {
         _ => std::env::var(name).ok(),
     })?;
     telemetry::init(config.log_json);
-    let result = serve(config).await;
+    let result = serve(config, fleet_file).await;
     drop(throwaway);
     result
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, fleet_file: Option<PathBuf>) -> anyhow::Result<()> {
     db::run_migrations(&config.database_url).await?;
     let mut conn = AsyncPgConnection::establish(&config.database_url).await?;
-    // The fake cloud keeps its machines in this database, where psql can show them.
-    let fake = serde_json::json!({"boot_time_ms": 3000, "store_url": config.database_url});
-    match insert_provider(
-        &mut conn,
-        config.require_encryption_key()?,
-        "fake",
-        "fake",
-        &fake,
-    )
-    .await
-    {
-        Ok(_) | Err(InsertProviderError::NameTaken(_)) => {}
-        Err(error) => return Err(error.into()),
-    }
+    let key = config.require_encryption_key()?;
+    let pools = match &fleet_file {
+        Some(file) => apply_fleet_file(&mut conn, &config, file).await?,
+        None => {
+            // The fake cloud keeps its machines in this database, where psql can show them.
+            let fake = serde_json::json!({"boot_time_ms": 3000, "store_url": config.database_url});
+            match insert_provider(&mut conn, key, "fake", "fake", &fake).await {
+                Ok(_) | Err(InsertProviderError::NameTaken(_)) => {}
+                Err(error) => return Err(error.into()),
+            }
+            Vec::new()
+        }
+    };
     let token = store::create_token(&mut conn, "cloudbrain dev", Scope::Client).await?;
     drop(conn);
 
@@ -252,6 +281,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let httpie = httpie_command();
     println!("try:      {httpie} --ignore-stdin POST {url}/instances \"Authorization: token {token}\" provider=fake image=ubuntu");
     println!("or:       curl -s -H \"Authorization: token {token}\" -H \"Content-Type: application/json\" -d '{{\"provider\":\"fake\",\"image\":\"ubuntu\"}}' {url}/instances");
+    for pool in &pools {
+        let name = &pool.pool.name;
+        println!(
+            "pool {name} keeps {} machines warm; this takes one, running at once:",
+            pool.pool.min_idle
+        );
+        println!("          curl -s -H \"Authorization: token {token}\" -H \"Content-Type: application/json\" -d '{{\"pool\":\"{name}\"}}' {url}/instances");
+    }
     println!("or put `machine {host} login token password {token}` in ~/.netrc and run");
     println!("          CLOUDBRAIN_URL={url} script/cloud-brain post instances provider=fake image=ubuntu");
     println!();

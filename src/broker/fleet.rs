@@ -524,6 +524,73 @@ impl From<InsertProviderError> for ApplyError {
     }
 }
 
+/// How a document is applied.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct How {
+    /// Also delete what the document does not name.
+    pub prune: bool,
+    /// Only plan; change nothing.
+    pub dry_run: bool,
+}
+
+/// Reads the fleet document `text` and applies it as [`apply`] does; an error names the
+/// field and, where it can, the line.
+pub async fn apply_document(
+    conn: &mut AsyncPgConnection,
+    key: &SecretKey,
+    max_lifetime: Option<std::time::Duration>,
+    text: &str,
+    secrets: &dyn Secrets,
+    how: How,
+) -> Result<Plan, ApplyError> {
+    let fleet = Fleet::parse(text)?;
+    let applied = apply(
+        conn,
+        key,
+        max_lifetime,
+        &fleet,
+        secrets,
+        how.prune,
+        how.dry_run,
+    )
+    .await;
+    applied.map_err(|error| match error {
+        ApplyError::Fleet(mut e) => {
+            e.line = e.line.or_else(|| locate(text, &e.field));
+            ApplyError::Fleet(e)
+        }
+        other => other,
+    })
+}
+
+/// The references of a fleet file, read from this process's environment (or `env`, which
+/// comes first) and from files relative to the fleet file's directory: what the CLI and
+/// `cloudbrain dev` use.
+pub struct LocalSecrets {
+    /// The fleet file's directory.
+    pub dir: std::path::PathBuf,
+    /// Values that stand in for environment variables.
+    pub env: BTreeMap<String, String>,
+}
+
+impl Secrets for LocalSecrets {
+    fn read(&self, _: &str, _: &str, reference: &Reference) -> Result<String, String> {
+        match reference {
+            Reference::Env(name) => self
+                .env
+                .get(name)
+                .cloned()
+                .or_else(|| std::env::var(name).ok())
+                .ok_or_else(|| format!("environment variable {name} is not set")),
+            Reference::File(path) => {
+                let path = self.dir.join(path);
+                std::fs::read_to_string(&path)
+                    .map_err(|e| format!("reading {}: {e}", path.display()))
+            }
+        }
+    }
+}
+
 /// Makes the plan for `fleet`, reading its references through `secrets`, and, unless
 /// `dry_run`, applies it in one transaction: all of it or none.
 pub async fn apply(
@@ -709,27 +776,11 @@ impl super::Broker {
         dry_run: bool,
     ) -> Result<Plan, ApplyError> {
         super::admin_only(caller, "change the fleet")?;
-        let fleet = Fleet::parse(text)?;
         let mut conn = self.conn().await?;
         let secrets = StoredSecrets::load(&mut conn, &self.key).await?;
         let max_lifetime = self.max_lifetime;
-        let applied = apply(
-            &mut conn,
-            &self.key,
-            max_lifetime,
-            &fleet,
-            &secrets,
-            prune,
-            dry_run,
-        )
-        .await;
-        applied.map_err(|error| match error {
-            ApplyError::Fleet(mut e) => {
-                e.line = e.line.or_else(|| locate(text, &e.field));
-                ApplyError::Fleet(e)
-            }
-            other => other,
-        })
+        let how = How { prune, dry_run };
+        apply_document(&mut conn, &self.key, max_lifetime, text, &secrets, how).await
     }
 }
 

@@ -19,6 +19,8 @@ struct Dev {
     try_httpie: String,
     /// The curl request it prints to paste.
     try_curl: String,
+    /// The curl request it prints for each pool of its fleet file.
+    pool_curls: Vec<String>,
 }
 
 impl Drop for Dev {
@@ -33,7 +35,7 @@ impl Drop for Dev {
     }
 }
 
-fn start_dev() -> Dev {
+fn start_dev(args: &[&str]) -> Dev {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -41,6 +43,7 @@ fn start_dev() -> Dev {
         .port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_cloudbrain"))
         .arg("dev")
+        .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env_remove("DATABASE_URL")
         .env_remove("CLOUDBRAIN_DATABASE_ENCRYPTION_KEY")
@@ -52,12 +55,18 @@ fn start_dev() -> Dev {
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let (mut url, mut token, mut database) = (None, None, None);
-    let (mut try_httpie, mut try_curl) = (None, None);
-    while try_curl.is_none() {
+    let (mut try_httpie, mut try_curl, mut pool_curls) = (None, None, Vec::new());
+    loop {
         let line = lines
             .next()
-            .expect("cloudbrain dev ended before printing its database")
+            .expect("cloudbrain dev ended before saying how it stops")
             .unwrap();
+        if line.starts_with("Ctrl-C") {
+            break;
+        }
+        if line.starts_with(' ') && line.contains("\"pool\"") {
+            pool_curls.push(line.trim().to_owned());
+        }
         let field = |name: &str| line.strip_prefix(name).map(|v| v.trim().to_owned());
         url = url.or(field("url:"));
         token = token.or(field("token:"));
@@ -74,6 +83,7 @@ fn start_dev() -> Dev {
         database: database.unwrap(),
         try_httpie: try_httpie.unwrap(),
         try_curl: try_curl.unwrap(),
+        pool_curls,
     }
 }
 
@@ -97,6 +107,22 @@ fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// What `line`, printed by dev, answers when pasted into a shell that has only the
+/// system's PATH.
+fn pasted(line: &str, home: &Path) -> Value {
+    let output = Command::new("bash")
+        .arg("-c")
+        .arg(line)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", home)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{line}: {output:?}");
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|_| panic!("{line}: {}", String::from_utf8_lossy(&output.stdout)))
+}
+
 fn home_with_netrc(token: Option<&str>) -> TempDir {
     let dir = TempDir::new("cloudbrain-home");
     let home = dir.path();
@@ -118,7 +144,7 @@ fn home_with_netrc(token: Option<&str>) -> TempDir {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dev_and_the_httpie_helper_take_an_instance_from_request_to_terminated() {
-    let mut dev = start_dev();
+    let mut dev = start_dev(&[]);
     let home_dir = home_with_netrc(Some(&dev.token));
     let home = home_dir.path();
 
@@ -162,17 +188,7 @@ async fn dev_and_the_httpie_helper_take_an_instance_from_request_to_terminated()
 
     // The requests it prints work as pasted into a shell that has only the system's PATH.
     for line in [&dev.try_httpie, &dev.try_curl] {
-        let output = Command::new("bash")
-            .arg("-c")
-            .arg(line)
-            .env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-            .env("HOME", home)
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{line}: {output:?}");
-        let body: Value = serde_json::from_slice(&output.stdout)
-            .unwrap_or_else(|_| panic!("{line}: {}", String::from_utf8_lossy(&output.stdout)));
+        let body = pasted(line, home);
         assert_eq!(body["state"], "creating", "{line}: {body}");
     }
 
@@ -227,4 +243,26 @@ async fn dev_and_the_httpie_helper_take_an_instance_from_request_to_terminated()
         AsyncPgConnection::establish(&dev.database).await.is_err(),
         "the throwaway database outlived dev"
     );
+}
+
+#[tokio::test]
+async fn dev_from_the_sample_fleet_file_hands_out_a_warm_machine_at_once() {
+    let dev = start_dev(&["-f", "examples/fleet.yaml"]);
+    let home = home_with_netrc(Some(&dev.token));
+    let home = home.path();
+    let idle = || cloud_brain(home, &dev.url, &["get", "pools/ci"]).1["counts"]["idle"] == 2;
+    wait_for("pool ci filled", Duration::from_secs(30), idle);
+    // The request it prints for the pool gets a machine already running.
+    assert_eq!(dev.pool_curls.len(), 1, "{:?}", dev.pool_curls);
+    let body = pasted(&dev.pool_curls[0], home);
+    assert_eq!(body["state"], "running", "{body}");
+    assert!(body["ip_address"].is_string(), "{body}");
+    // It expires as the file says: an hour after it was made.
+    let at =
+        |field: &str| chrono::DateTime::parse_from_rfc3339(body[field].as_str().unwrap()).unwrap();
+    assert_eq!((at("expires_at") - at("created_at")).num_seconds(), 3600);
+    // The pool boots a replacement.
+    wait_for("pool ci refilled", Duration::from_secs(30), idle);
+    let (_, pool) = cloud_brain(home, &dev.url, &["get", "pools/ci"]);
+    assert_eq!(pool["counts"]["busy"], 1, "{pool}");
 }
