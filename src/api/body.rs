@@ -89,13 +89,19 @@ fn parse<T: RequestBody>(body: &[u8]) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|error| {
         let path = error.path().to_string();
         let message = error.inner().to_string();
-        let named =
-            |name: &&str| path == *name || message.starts_with(&format!("missing field `{name}`"));
+        // A field's own value, or one inside it (`fallbacks[0].provider`).
+        let within = |name: &str| {
+            path.strip_prefix(name)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['[', '.']))
+        };
+        let missing = |name: &str| message.starts_with(&format!("missing field `{name}`"));
+        let named = |name: &&str| within(name) || missing(name);
         match T::FIELDS.iter().copied().find(named) {
-            Some(field) if message.starts_with("invalid type: null") || path != field => {
+            Some(field) if path == field && message.starts_with("invalid type: null") => {
                 ApiError::invalid(field, format!("{field} is required"))
             }
-            Some(field) => ApiError::invalid(field, T::expected(field)),
+            Some(field) if within(field) => ApiError::invalid(field, T::expected(field)),
+            Some(field) => ApiError::invalid(field, format!("{field} is required")),
             None => ApiError::BadRequest(format!("request body: {message}")),
         }
     })

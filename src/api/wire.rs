@@ -34,6 +34,9 @@ pub struct InstanceBody {
     pub updated_at: DateTime<Utc>,
     /// When its machine is destroyed whether or not it was given back; null: never.
     pub expires_at: Option<DateTime<Utc>>,
+    /// Where its machine was made (a zone of its provider config), when it has a choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<String>,
     /// Its machine's ECS container instance, for providers whose machines join a cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ecs: Option<EcsBody>,
@@ -66,6 +69,7 @@ impl From<Instance> for InstanceBody {
             created_at: i.created_at,
             updated_at: i.updated_at,
             expires_at: i.expires_at,
+            placement: i.placement,
             ecs: i
                 .details
                 .as_ref()
@@ -224,6 +228,10 @@ pub struct PoolSpecBody {
     /// The longest one of its machines lives, in seconds; absent: the broker's longest.
     #[schema(minimum = 1)]
     pub max_lifetime_secs: Option<u64>,
+    /// Offerings to fall back to, in order, when the pool's own shape has no room: each
+    /// another instance type, another provider config, or both.
+    #[serde(default)]
+    pub fallbacks: Vec<crate::broker::offerings::Fallback>,
 }
 
 impl RequestBody for PoolSpecBody {
@@ -234,11 +242,15 @@ impl RequestBody for PoolSpecBody {
         "min_idle",
         "max_size",
         "max_lifetime_secs",
+        "fallbacks",
     ];
 
     fn expected(field: &str) -> String {
         match field {
             "provider" | "image" | "instance_type" => format!("{field} must be a string"),
+            "fallbacks" => {
+                "fallbacks must be a list of {\"provider\", \"instance_type\"} objects".to_owned()
+            }
             other => format!("{other} must be a whole number"),
         }
     }
@@ -253,6 +265,7 @@ impl From<PoolSpecBody> for crate::broker::pools::PoolSpec {
             min_idle: body.min_idle,
             max_size: body.max_size,
             max_lifetime_secs: body.max_lifetime_secs,
+            fallbacks: body.fallbacks,
         }
     }
 }
@@ -304,6 +317,8 @@ pub struct PoolBody {
     pub max_size: u32,
     /// The longest one of its machines lives, in seconds; null: the broker's longest.
     pub max_lifetime_secs: Option<u64>,
+    /// The offerings it falls back to, in order, when its own shape has no room.
+    pub fallbacks: Vec<crate::broker::offerings::Fallback>,
     /// How its instances stand.
     pub counts: PoolCountsBody,
     /// The reasons of its latest errored instances, newest first.
@@ -325,6 +340,7 @@ impl From<crate::broker::pools::PoolStatus> for PoolBody {
             min_idle: u32::try_from(pool.min_idle).unwrap_or_default(),
             max_size: u32::try_from(pool.max_size).unwrap_or_default(),
             max_lifetime_secs: pool.max_lifetime_secs.and_then(|s| u64::try_from(s).ok()),
+            fallbacks: crate::broker::offerings::fallbacks_of(&pool.fallbacks),
             counts: PoolCountsBody {
                 idle: c.idle,
                 busy: c.busy,

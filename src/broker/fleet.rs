@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::model::PoolRow;
+use super::offerings::{fallbacks_of, Fallback};
 use super::pools::{self, PoolSpec};
 use super::providers::{self as stored, InsertProviderError};
 use super::BrokerError;
@@ -61,6 +62,9 @@ pub struct PoolEntry {
     /// The longest one of its machines lives, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_lifetime_secs: Option<u64>,
+    /// The offerings to fall back to, in order, when its own shape has no room.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallbacks: Vec<Fallback>,
 }
 
 /// A fleet document that could not be read: where and why.
@@ -361,7 +365,7 @@ fn differences(a: &Value, b: &Value, at: &str, out: &mut Vec<String>) {
 }
 
 /// The pool a fleet entry describes, as the stored row would read.
-fn pool_fields(pool: &PoolEntry) -> [(&'static str, String); 6] {
+fn pool_fields(pool: &PoolEntry) -> [(&'static str, String); 7] {
     [
         ("provider", pool.provider.clone()),
         ("image", pool.image.clone()),
@@ -377,6 +381,10 @@ fn pool_fields(pool: &PoolEntry) -> [(&'static str, String); 6] {
                 .map(|s| s.to_string())
                 .unwrap_or_default(),
         ),
+        (
+            "fallbacks",
+            serde_json::to_string(&pool.fallbacks).unwrap_or_default(),
+        ),
     ]
 }
 
@@ -388,6 +396,7 @@ fn entry_of(row: &PoolRow) -> PoolEntry {
         min_idle: u32::try_from(row.min_idle).unwrap_or_default(),
         max_size: u32::try_from(row.max_size).unwrap_or_default(),
         max_lifetime_secs: row.max_lifetime_secs.and_then(|s| u64::try_from(s).ok()),
+        fallbacks: fallbacks_of(&row.fallbacks),
     }
 }
 
@@ -658,6 +667,7 @@ pub async fn apply(
                 min_idle: pool.min_idle,
                 max_size: pool.max_size,
                 max_lifetime_secs: pool.max_lifetime_secs,
+                fallbacks: pool.fallbacks.clone(),
             };
             pools::put(conn, key, max_lifetime, name, &spec)
                 .await
@@ -839,6 +849,7 @@ mod tests {
             min_idle,
             max_size: 5,
             max_lifetime_secs: None,
+            fallbacks: Vec::new(),
         }
     }
 

@@ -263,6 +263,7 @@ mod tests {
             expires_at: None,
             pool_name: None,
             assigned_at: None,
+            placement: None,
         }
     }
 

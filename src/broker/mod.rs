@@ -7,6 +7,7 @@ mod for_workers;
 pub mod instances;
 pub mod lifecycle;
 pub mod model;
+pub mod offerings;
 pub mod pools;
 pub mod providers;
 pub mod state;

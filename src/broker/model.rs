@@ -87,6 +87,9 @@ pub struct Instance {
     pub pool_name: Option<String>,
     /// When a request took it from its pool.
     pub assigned_at: Option<DateTime<Utc>>,
+    /// Where its machine is made (a zone of its provider config); `None`: the provider's
+    /// own choice.
+    pub placement: Option<String>,
 }
 
 /// A new row of `instances`.
@@ -181,6 +184,9 @@ pub struct PoolRow {
     pub created_at: DateTime<Utc>,
     /// When its shape or size last changed.
     pub updated_at: DateTime<Utc>,
+    /// The offerings to fall back to after its own shape has no room
+    /// ([`crate::broker::offerings::Fallback`]s, in order).
+    pub fallbacks: serde_json::Value,
 }
 
 /// A pool's shape and size, as written by `PUT /pools/<name>`.
@@ -201,4 +207,6 @@ pub struct NewPool<'a> {
     pub max_size: i32,
     /// The longest one of its machines lives, in seconds.
     pub max_lifetime_secs: Option<i64>,
+    /// The offerings to fall back to, in order.
+    pub fallbacks: serde_json::Value,
 }

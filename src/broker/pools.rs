@@ -38,6 +38,8 @@ pub struct PoolSpec {
     pub max_size: u32,
     /// The longest one of its machines lives; absent: the broker's longest.
     pub max_lifetime_secs: Option<u64>,
+    /// The offerings to fall back to, in order, when its own shape has no room.
+    pub fallbacks: Vec<super::offerings::Fallback>,
 }
 
 /// How a pool's live instances stand.
@@ -183,6 +185,9 @@ pub async fn put(
         })?;
     }
     let instance_type = offered_type(conn, key, &provider, spec.instance_type.as_deref()).await?;
+    super::offerings::check_fallbacks(conn, key, provider.as_str(), &spec.fallbacks).await?;
+    let fallbacks = serde_json::to_value(&spec.fallbacks)
+        .map_err(|e| BrokerError::Internal(anyhow::anyhow!("fallbacks: {e}")))?;
     let new = NewPool {
         name: name.as_str(),
         provider_name: provider.as_str(),
@@ -191,6 +196,7 @@ pub async fn put(
         min_idle: i32::try_from(spec.min_idle).unwrap_or(i32::MAX),
         max_size: i32::try_from(spec.max_size).unwrap_or(i32::MAX),
         max_lifetime_secs: spec.max_lifetime_secs.and_then(|s| i64::try_from(s).ok()),
+        fallbacks,
     };
     diesel::insert_into(pools::table)
         .values(&new)

@@ -44,6 +44,7 @@ diesel::table! {
         expires_at -> Nullable<Timestamptz>,
         pool_name -> Nullable<Text>,
         assigned_at -> Nullable<Timestamptz>,
+        placement -> Nullable<Text>,
     }
 }
 
@@ -73,6 +74,7 @@ diesel::table! {
         max_lifetime_secs -> Nullable<Int8>,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        fallbacks -> Jsonb,
     }
 }
 
@@ -90,6 +92,16 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    unavailable_offerings (provider_name, instance_type, placement) {
+        provider_name -> Text,
+        instance_type -> Text,
+        placement -> Text,
+        until -> Timestamptz,
+        reason -> Text,
+    }
+}
+
 diesel::joinable!(instance_events -> instances (instance_id));
 diesel::joinable!(instances -> auth_tokens (owner_token_id));
 diesel::joinable!(instances -> pools (pool_name));
@@ -102,4 +114,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     jobs,
     pools,
     providers,
+    unavailable_offerings,
 );

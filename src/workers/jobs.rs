@@ -51,15 +51,21 @@ impl JobContext {
                 false => Err(JobError::Lost),
             };
         };
-        let Some(provider) =
-            super::provider(&self.broker, &self.providers, &instance.provider_name).await
-        else {
-            let reason = format!("provider {} is not registered", instance.provider_name);
-            return Err(JobError::Refused(reason));
-        };
+        let provider = self.provider(&instance.provider_name).await?;
         Ok(Some((instance, provider)))
     }
+
+    /// The live provider named `name`.
+    async fn provider(&self, name: &str) -> Result<Arc<LimitedProvider>, JobError> {
+        super::provider(&self.broker, &self.providers, name)
+            .await
+            .ok_or_else(|| JobError::Refused(format!("provider {name} is not registered")))
+    }
 }
+
+/// Most offerings one create job moves through before it hands the instance back to
+/// the queue.
+const MAX_MOVES: usize = 32;
 
 /// Makes the machine for an instance still `creating`.
 pub struct CreateInstance<'a>(pub &'a Lease);
@@ -77,16 +83,43 @@ impl CreateInstance<'_> {
             ctx.metrics
                 .observe_dispatch(waited.to_std().unwrap_or_default());
         }
-        let spec = InstanceSpec {
-            image: instance.image,
-            instance_type: instance.instance_type,
-            public_ssh_key: instance.public_ssh_key,
-        };
-        let machine = provider.create(instance.id.0, &spec).await?;
-        ctx.broker
-            .finish_with(lease, &lifecycle::launched(&machine))
-            .await?;
-        Ok(())
+        // Each offering that has no room is marked so and the next one tried, until one
+        // makes the machine or none is left (then the job is retried, counted).
+        let mut provider = provider;
+        let mut instance = instance;
+        let mut tried = 0;
+        loop {
+            let Some(offering) = ctx.broker.place(&instance).await? else {
+                return Err(JobError::NotYet(
+                    "every offering of this instance is out of capacity".to_owned(),
+                ));
+            };
+            if offering.provider != provider.name() {
+                provider = ctx.provider(&offering.provider).await?;
+            }
+            let spec = InstanceSpec {
+                image: instance.image.clone(),
+                instance_type: offering.instance_type.clone(),
+                public_ssh_key: instance.public_ssh_key.clone(),
+                placement: offering.placement.clone(),
+            };
+            match provider.create(instance.id.0, &spec).await {
+                Ok(machine) => {
+                    ctx.broker
+                        .finish_with(lease, &lifecycle::launched(&machine))
+                        .await?;
+                    return Ok(());
+                }
+                Err(ProviderError::Capacity(reason)) if tried < MAX_MOVES => {
+                    ctx.broker.out_of_capacity(&offering, &reason).await?;
+                    tried += 1;
+                    instance.provider_name = offering.provider;
+                    instance.instance_type = offering.instance_type;
+                    instance.placement = offering.placement;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
     }
 }
 

@@ -80,6 +80,7 @@ impl Cloud {
             image: self.image().into(),
             instance_type: "standard".into(),
             public_ssh_key: Some(crate::common::ED25519.into()),
+            placement: None,
         }
     }
 }

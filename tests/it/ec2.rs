@@ -162,6 +162,7 @@ fn spec(image: &str) -> InstanceSpec {
         image: image.into(),
         instance_type: "standard".into(),
         public_ssh_key: Some(ED25519.into()),
+        placement: None,
     }
 }
 

@@ -27,8 +27,7 @@ async fn an_admin_applies_a_fleet_document_and_reads_it_back_without_secrets() {
         .start()
         .await;
     let admin = s.client_with(Scope::Admin).await;
-    let yaml =
-        "pools:\n  ci:\n    provider: fake\n    image: ubuntu\n    min_idle: 0\n    max_size: 3\n";
+    let yaml = "pools:\n  ci:\n    provider: fake\n    image: ubuntu\n    min_idle: 0\n    max_size: 3\n    fallbacks:\n      - instance_type: premium\n";
     let dry = put(&s, &admin.token, "?dry_run=true", yaml, "application/yaml").await;
     let dry = dry.expect(200);
     assert_eq!(dry["applied"], false);
@@ -53,6 +52,10 @@ async fn an_admin_applies_a_fleet_document_and_reads_it_back_without_secrets() {
     );
     assert!(!fleet.to_string().contains(&s.db.url));
     assert_eq!(fleet["pools"]["ci"]["max_size"], 3);
+    assert_eq!(
+        fleet["pools"]["ci"]["fallbacks"],
+        json!([{"instance_type": "premium"}])
+    );
     // Applied back as it was read, it changes nothing: the reference keeps the stored value.
     let again = put(
         &s,

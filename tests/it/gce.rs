@@ -52,6 +52,7 @@ fn spec() -> InstanceSpec {
         image: "default".into(),
         instance_type: "standard".into(),
         public_ssh_key: Some(ED25519.into()),
+        placement: None,
     }
 }
 
@@ -221,14 +222,28 @@ async fn an_image_family_resolves_to_its_image() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_exhausted_zone_moves_the_next_attempt_to_the_next_zone() {
+async fn an_exhausted_zone_moves_the_create_to_the_next_zone_and_is_skipped_after() {
     let fake = FakeCompute::start();
     fake.inject("us-central1-a", Inject::Exhausted, 1);
     let b = broker(&fake, json!({})).await;
     let id = b.app.create_on(&b.token, "gce", "default").await;
-    b.settle(&id, "running").await;
+    let running = b.settle(&id, "running").await;
+    assert_eq!(running["placement"], "us-central1-b", "{running}");
     assert_eq!(fake.vms_in("us-central1-a").len(), 0);
     assert_eq!(fake.vms_in("us-central1-b").len(), 1);
+    // Every worker skips the exhausted zone for a while: the next VM goes straight to b.
+    let next = b.app.create_on(&b.token, "gce", "default").await;
+    b.settle(&next, "running").await;
+    let inserts_in_a = fake
+        .state
+        .lock()
+        .unwrap()
+        .requests
+        .iter()
+        .filter(|r| r.starts_with("POST ") && r.contains("us-central1-a/"))
+        .count();
+    assert_eq!(inserts_in_a, 1);
+    assert_eq!(fake.vms_in("us-central1-b").len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -165,6 +165,7 @@ async fn orphans_are_destroyed_after_the_grace_period_only() {
         image: "x".into(),
         instance_type: "standard".into(),
         public_ssh_key: None,
+        placement: None,
     };
     fake.create(Uuid::new_v4(), &spec).await.unwrap();
     // Another provider config's machines are not ours to judge.

@@ -52,6 +52,13 @@ pub struct FakeConfig {
     /// Images that do not exist: creating from one is refused as invalid.
     #[serde(default)]
     pub invalid_images: Vec<String>,
+    /// Zones it makes machines in, tried in this order (none: it offers no choice).
+    #[serde(default)]
+    pub zones: Vec<String>,
+    /// Offerings with no room: creating one fails for lack of capacity, every time. Each
+    /// names an instance type (`premium`), a zone (`@zone-a`) or both (`premium@zone-a`).
+    #[serde(default)]
+    pub no_capacity: Vec<String>,
     /// Seed of the error dice, so a run can be replayed.
     #[serde(default)]
     pub seed: u64,
@@ -97,6 +104,8 @@ impl Default for FakeConfig {
             throttle_retry_after_ms: default_retry_after_ms(),
             capacity_error_rate: 0.0,
             invalid_images: Vec::new(),
+            zones: Vec::new(),
+            no_capacity: Vec::new(),
             seed: 0,
             max_concurrency: cloudbrain_provider::default_max_concurrency(),
             rate_limit: default_rate_limit(),
@@ -123,11 +132,22 @@ impl FakeConfig {
                 return Err(ConfigError::new(field, "must be between 0 and 1"));
             }
         }
+        for (i, full) in config.no_capacity.iter().enumerate() {
+            let (kind, zone) = full.split_once('@').unwrap_or((full, ""));
+            let known_type = kind.is_empty() || config.instance_types.iter().any(|t| t == kind);
+            let known_zone = zone.is_empty() || config.zones.iter().any(|z| z == zone);
+            if !known_type || !known_zone || full.is_empty() || full == "@" {
+                return Err(ConfigError::new(
+                    format!("no_capacity.{i}"),
+                    "must name an offered instance type, @ and one of zones, or both",
+                ));
+            }
+        }
         config.offer()?;
         Ok(config)
     }
 
-    /// What this config offers: its instance types, default type and call limits.
+    /// What this config offers: its instance types, default type, call limits and zones.
     pub fn offer(&self) -> Result<Offer, ConfigError> {
         Offer::new(
             &self.instance_types,
@@ -135,6 +155,38 @@ impl FakeConfig {
             self.max_concurrency,
             self.rate_limit,
         )
+        .map(|offer| offer.placed_in(&self.zones))
+    }
+
+    /// The zone a create for `spec` lands in, and whether that offering has room.
+    fn place(&self, spec: &InstanceSpec) -> Result<Option<String>, ProviderError> {
+        if !self.instance_types.contains(&spec.instance_type) {
+            return Err(ProviderError::Invalid(format!(
+                "fake cloud: instance type {:?} is not offered",
+                spec.instance_type
+            )));
+        }
+        let zone = match &spec.placement {
+            Some(zone) if !self.zones.contains(zone) => {
+                return Err(ProviderError::Invalid(format!(
+                    "fake cloud: no zone {zone:?}"
+                )))
+            }
+            Some(zone) => Some(zone.clone()),
+            None => self.zones.first().cloned(),
+        };
+        let here = zone.as_deref().unwrap_or_default();
+        let full = self.no_capacity.iter().any(|full| {
+            let (kind, at) = full.split_once('@').unwrap_or((full, ""));
+            (kind.is_empty() || kind == spec.instance_type) && (at.is_empty() || at == here)
+        });
+        if full {
+            return Err(ProviderError::Capacity(format!(
+                "fake cloud: no room for {} in zone {here:?}",
+                spec.instance_type
+            )));
+        }
+        Ok(zone)
     }
 }
 
@@ -426,6 +478,7 @@ fn transient(err: tokio_postgres::Error) -> ProviderError {
 impl Provider for FakeCloud {
     async fn create(&self, id: Uuid, spec: &InstanceSpec) -> Result<CloudInstance, ProviderError> {
         self.dice(Call::Create)?;
+        self.config.place(spec)?;
         if self.config.invalid_images.contains(&spec.image) {
             return Err(ProviderError::Invalid(format!(
                 "fake cloud: image {:?} does not exist",
@@ -479,6 +532,7 @@ mod tests {
             image: "ubuntu".into(),
             instance_type: "standard".into(),
             public_ssh_key: None,
+            placement: None,
         };
         let id = Uuid::new_v4();
         let made = cloud.create(id, &spec).await.unwrap();

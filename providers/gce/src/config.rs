@@ -211,7 +211,8 @@ impl GceConfig {
         Ok(config)
     }
 
-    /// What this config offers: its instance types, default type and call limits.
+    /// What this config offers: its instance types, default type, call limits and
+    /// placements (its zones).
     pub fn offer(&self) -> Result<Offer, ConfigError> {
         Offer::new(
             self.machine_types.keys(),
@@ -219,6 +220,7 @@ impl GceConfig {
             self.max_concurrency,
             self.rate_limit,
         )
+        .map(|offer| offer.placed_in(&self.zones))
     }
 }
 

@@ -4,12 +4,12 @@
 //! `cloudbrain-provider`; inserts carry `requestId` = instance id, so a retried create never
 //! makes a second VM, and an `alreadyExists` for our own name is adoption. Every zone
 //! operation is waited on with a deadline, so an asynchronous failure (quota, an exhausted
-//! zone) becomes an error of the right kind.
+//! zone) becomes an error of the right kind. The zones are the config's placements: a
+//! create goes to the zone the broker names (after an exhausted zone, the next one).
 
 pub mod config;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
@@ -105,8 +105,6 @@ pub struct GceProvider {
     config: GceConfig,
     instances: Instances,
     images: Images,
-    /// The zone the next create of an instance tries, after a capacity error moved it.
-    next_zone: Mutex<HashMap<Uuid, usize>>,
     families: TtlCache,
 }
 
@@ -155,7 +153,6 @@ impl GceProvider {
                 .await
                 .map_err(|e| BuildError(e.to_string()))?,
             config,
-            next_zone: Mutex::new(HashMap::new()),
             families: TtlCache::new(Duration::from_secs(300)),
         })
     }
@@ -439,13 +436,15 @@ impl Provider for GceProvider {
         let machine_type = spec.cloud_type(&self.config.machine_types)?;
         let image = spec.image_or(&self.config.image);
         let image = self.source_image(image).await?;
-        let index = *self
-            .next_zone
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&id)
-            .unwrap_or(&0);
-        let zone = self.config.zones[index % self.config.zones.len()].clone();
+        let zone = spec
+            .placement
+            .clone()
+            .unwrap_or_else(|| self.config.zones[0].clone());
+        let Some(index) = self.config.zones.iter().position(|z| *z == zone) else {
+            return Err(ProviderError::Invalid(format!(
+                "zone {zone:?} is not one of this config's zones"
+            )));
+        };
         let body = self.instance_body(id, spec, &zone, machine_type, image);
         let inserted = self
             .instances
@@ -462,17 +461,9 @@ impl Provider for GceProvider {
             Err(err) => Err(from_gax(err)),
         };
         if let Err(ProviderError::Capacity(reason)) = &result {
-            tracing::warn!(instance.id = %id, zone, reason, "zone {zone} has no room; the next attempt tries the next zone");
-            self.next_zone
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id, index + 1);
+            tracing::warn!(instance.id = %id, zone, reason, "zone {zone} has no room");
         }
         result?;
-        self.next_zone
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
         tracing::info!(instance.id = %id, zone, provider = %self.name, "inserted GCE VM for {id}");
         match self.find(id).await? {
             Some((_, vm)) => self.view(&vm),

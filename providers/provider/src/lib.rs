@@ -20,6 +20,11 @@ pub struct InstanceSpec {
     pub instance_type: String,
     /// One OpenSSH public key line to authorise on the machine, already validated.
     pub public_ssh_key: Option<String>,
+    /// Where to make it: one of the config's [`Offer::placements`] (a zone, a subnet);
+    /// `None` is the provider's own choice. The broker moves an instance to another
+    /// placement after a [`ProviderError::Capacity`].
+    #[serde(default)]
+    pub placement: Option<String>,
 }
 
 impl InstanceSpec {
@@ -199,6 +204,10 @@ pub struct Offer {
     pub default_instance_type: String,
     /// Limits on calls to its cloud.
     pub limits: CallLimits,
+    /// Where it can make a machine (zones, subnets), in the order to try them; empty when
+    /// it has no choice to offer.
+    #[serde(default)]
+    pub placements: Vec<String>,
 }
 
 impl Offer {
@@ -222,7 +231,14 @@ impl Offer {
             instance_types,
             default_instance_type,
             limits,
+            placements: Vec::new(),
         })
+    }
+
+    /// The offer, with machines made in `placements`, tried in that order.
+    pub fn placed_in(mut self, placements: &[String]) -> Self {
+        self.placements = placements.to_vec();
+        self
     }
 }
 
