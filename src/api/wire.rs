@@ -53,6 +53,35 @@ pub struct EcsBody {
     pub status: Option<String>,
     /// Whether the ECS agent is connected.
     pub agent_connected: bool,
+    /// Tasks running on it.
+    #[serde(default)]
+    pub running_tasks: i32,
+    /// Tasks placed on it and not started yet.
+    #[serde(default)]
+    pub pending_tasks: i32,
+}
+
+impl EcsBody {
+    /// The `ecs` detail a provider keeps with an instance, if it has one.
+    fn of(details: Option<&serde_json::Value>) -> Option<Self> {
+        details
+            .and_then(|d| d.get("ecs"))
+            .and_then(|v| Self::deserialize(v).ok())
+    }
+}
+
+/// One machine of a pool that is an ECS district, as a container instance of its cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ContainerInstanceBody {
+    /// The instance.
+    pub instance_id: uuid::Uuid,
+    /// The instance's state.
+    pub state: State,
+    /// Whether a client holds it.
+    pub assigned: bool,
+    /// How it stands in the cluster.
+    #[serde(flatten)]
+    pub ecs: EcsBody,
 }
 
 impl From<Instance> for InstanceBody {
@@ -70,11 +99,7 @@ impl From<Instance> for InstanceBody {
             updated_at: i.updated_at,
             expires_at: i.expires_at,
             placement: i.placement,
-            ecs: i
-                .details
-                .as_ref()
-                .and_then(|d| d.get("ecs"))
-                .and_then(|v| EcsBody::deserialize(v).ok()),
+            ecs: EcsBody::of(i.details.as_ref()),
         }
     }
 }
@@ -323,6 +348,10 @@ pub struct PoolBody {
     pub counts: PoolCountsBody,
     /// The reasons of its latest errored instances, newest first.
     pub last_errors: Vec<String>,
+    /// For a pool on an EC2 config with `ecs_cluster` (an ECS district): its machines as
+    /// container instances of the cluster; absent otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub container_instances: Vec<ContainerInstanceBody>,
     /// When it was made.
     pub created_at: DateTime<Utc>,
     /// When its shape or size last changed.
@@ -349,6 +378,18 @@ impl From<crate::broker::pools::PoolStatus> for PoolBody {
                 expiring: c.expiring,
             },
             last_errors: status.last_errors,
+            container_instances: status
+                .machines
+                .iter()
+                .filter_map(|m| {
+                    Some(ContainerInstanceBody {
+                        instance_id: m.id.0,
+                        state: m.state,
+                        assigned: m.assigned,
+                        ecs: EcsBody::of(m.details.as_ref())?,
+                    })
+                })
+                .collect(),
             created_at: pool.created_at,
             updated_at: pool.updated_at,
         }

@@ -86,6 +86,21 @@ pub struct PoolStatus {
     pub counts: PoolCounts,
     /// The reasons of its latest errored instances, newest first.
     pub last_errors: Vec<String>,
+    /// Its live instances, oldest first.
+    pub machines: Vec<PoolMachine>,
+}
+
+/// One live instance of a pool.
+#[derive(Debug, Clone)]
+pub struct PoolMachine {
+    /// The instance.
+    pub id: crate::ids::InstanceId,
+    /// Its state.
+    pub state: State,
+    /// Whether a client holds it.
+    pub assigned: bool,
+    /// What its provider says of its machine beyond the contract (`ecs`, …).
+    pub details: Option<serde_json::Value>,
 }
 
 fn admin_only(caller: Caller) -> Result<(), BrokerError> {
@@ -324,10 +339,22 @@ pub(crate) async fn with_counts(
             );
         }
     }
+    let mut live: Vec<&Instance> = rows.iter().filter(|r| r.state != State::Errored).collect();
+    live.sort_by_key(|row| (row.created_at, row.id.0));
+    let machines = live
+        .into_iter()
+        .map(|row| PoolMachine {
+            id: row.id,
+            state: row.state,
+            assigned: row.owner_token_id.is_some(),
+            details: row.details.clone(),
+        })
+        .collect();
     Ok(PoolStatus {
         pool,
         counts,
         last_errors: errored.into_values().take(LAST_ERRORS).collect(),
+        machines,
     })
 }
 

@@ -132,6 +132,11 @@ impl Provider for LimitedProvider {
     async fn destroy(&self, id: Uuid) -> Result<(), ProviderError> {
         self.call("destroy", self.inner.destroy(id)).await
     }
+
+    #[tracing::instrument(level = "debug", skip(self), fields(provider = %self.name, instance.id = %id))]
+    async fn drain(&self, id: Uuid) -> Result<cloudbrain_provider::Drain, ProviderError> {
+        self.call("drain", self.inner.drain(id)).await
+    }
 }
 
 #[cfg(test)]

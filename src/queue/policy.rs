@@ -26,7 +26,7 @@ pub enum JobError {
     #[error("waiting for {what}")]
     Wait {
         /// What it waits for.
-        what: &'static str,
+        what: std::borrow::Cow<'static, str>,
         /// How long before it is tried again.
         delay: Duration,
     },
@@ -181,7 +181,7 @@ mod tests {
             ),
             (
                 JobError::Wait {
-                    what: "the create call",
+                    what: "the create call".into(),
                     delay: Duration::from_secs(1),
                 },
                 4,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use cloudbrain_provider::{InstanceSpec, Provider, ProviderError};
+use cloudbrain_provider::{Drain, InstanceSpec, Provider, ProviderError};
 
 use crate::broker::model::Instance;
 use crate::broker::{lifecycle, Broker, BrokerError};
@@ -66,6 +66,9 @@ impl JobContext {
 /// Most offerings one create job moves through before it hands the instance back to
 /// the queue.
 const MAX_MOVES: usize = 32;
+
+/// How often a machine being drained is looked at again.
+const DRAIN_POLL: Duration = Duration::from_secs(5);
 
 /// Makes the machine for an instance still `creating`.
 pub struct CreateInstance<'a>(pub &'a Lease);
@@ -142,9 +145,21 @@ impl RemoveInstance<'_> {
             .map_err(JobError::Store)?
         {
             return Err(JobError::Wait {
-                what: "the create call still running",
+                what: "the create call still running".into(),
                 delay: Duration::from_secs(1),
             });
+        }
+        // Work still on the machine (ECS tasks) may finish first, for as long as the
+        // provider allows, counted from when the instance was given up.
+        if let Drain::Draining { what, at_most } = provider.drain(instance.id.0).await? {
+            let waited = Utc::now().signed_duration_since(lease.enqueued_at);
+            if waited.to_std().unwrap_or_default() < at_most {
+                return Err(JobError::Wait {
+                    what: what.into(),
+                    delay: DRAIN_POLL,
+                });
+            }
+            tracing::warn!(instance.id = %instance.id, "destroying it after {} s of draining: {what}", at_most.as_secs());
         }
         provider.destroy(instance.id.0).await?;
         let left = match provider.get(instance.id.0).await {

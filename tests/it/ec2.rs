@@ -2,13 +2,14 @@
 //! on a free loopback port, and against a canned endpoint for errors moto cannot make.
 //! Nothing here reaches beyond loopback: the endpoint, credentials and region are fixed.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::{machine_ids, TestBroker, ED25519};
 use aws_sdk_ec2::types::{Filter, InstanceStateName};
 use base64::Engine;
+use cloudbrain::broker::State;
 use cloudbrain_provider::{InstanceSpec, Provider, ProviderError};
 use cloudbrain_provider_ec2::{Ec2Config, Ec2Provider};
 use serde_json::{json, Value};
@@ -25,27 +26,30 @@ impl Moto {
         std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
         let program = std::env::var("MOTO_SERVER")
             .unwrap_or_else(|_| format!("{}/.venv/bin/moto_server", env!("CARGO_MANIFEST_DIR")));
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(&program)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        // Port 0: the server binds a free port itself and says which, so two tests never
+        // race for one (a port picked here and released could be taken meanwhile).
+        let mut child = Command::new(&program)
+            .args(["-H", "127.0.0.1", "-p", "0"])
             .envs(env.iter().copied())
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| {
                 panic!("cannot start {program} ({e}); script/test installs moto into .venv")
             });
-        let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let url = loop {
+            let line = lines
+                .next()
+                .expect("moto_server ended before saying where it listens")
+                .unwrap();
+            if let Some(at) = line.find("http://127.0.0.1:") {
+                break line[at..].trim().to_owned();
+            }
+        };
+        // It logs every request there: keep reading so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
         Self { child, url }
     }
 
@@ -105,6 +109,22 @@ impl Moto {
             .provider("ec2", "ec2", config)
             .start()
             .await
+    }
+
+    /// ECS cluster `builds`, and the broker with an `ec2` config whose machines join it
+    /// (and `extra`).
+    async fn with_cluster(&self, extra: Value) -> (aws_sdk_ecs::Client, TestBroker) {
+        let (_, ecs) = self.clients().await;
+        ecs.create_cluster()
+            .cluster_name("builds")
+            .send()
+            .await
+            .unwrap();
+        let mut config = json!({"ecs_cluster": "builds"});
+        for (k, v) in extra.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        (ecs, self.broker(config).await)
     }
 
     async fn provider(&self, name: &str, config: &Value) -> Ec2Provider {
@@ -415,13 +435,7 @@ async fn api_errors_map_to_the_broker_kinds() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_ecs_instance_runs_once_registered_and_is_drained_on_delete() {
     let moto = Moto::start(&[]);
-    let (_, ecs) = moto.clients().await;
-    ecs.create_cluster()
-        .cluster_name("builds")
-        .send()
-        .await
-        .unwrap();
-    let b = moto.broker(json!({"ecs_cluster": "builds"})).await;
+    let (ecs, b) = moto.with_cluster(json!({})).await;
     let id = b.app.create_on(&b.token, "ec2", "ami-12c6146b").await;
     b.workers.run_pending_jobs().await;
     b.workers.refresh.refresh_all().await;
@@ -438,20 +452,7 @@ async fn an_ecs_instance_runs_once_registered_and_is_drained_on_delete() {
     assert!(user_data.contains("ECS_CLUSTER=builds"), "{user_data}");
 
     // moto runs no ECS agent: register the machine as the agent would.
-    let document = json!({"instanceId": upstream, "region": "us-east-1"}).to_string();
-    let registered = ecs
-        .register_container_instance()
-        .cluster("builds")
-        .instance_identity_document(document)
-        .send()
-        .await
-        .unwrap();
-    let arn = registered
-        .container_instance()
-        .unwrap()
-        .container_instance_arn()
-        .unwrap()
-        .to_owned();
+    let arn = register(&ecs, &upstream).await;
     b.workers.refresh.refresh_all().await;
     let (_, running) = b.instance(&id).await;
     assert_eq!(running["state"], "running", "{running}");
@@ -477,4 +478,149 @@ async fn an_ecs_instance_runs_once_registered_and_is_drained_on_delete() {
         "still registered: {left:?}"
     );
     assert_eq!(moto.machines(&id).await, [InstanceStateName::Terminated]);
+}
+
+#[tokio::test]
+async fn an_ecs_district_shows_its_container_instances_and_drains_before_scaling_in() {
+    let moto = Moto::start(&[]);
+    let (ecs, b) = moto.with_cluster(json!({"drain_timeout_secs": 600})).await;
+    let admin = b.client_with(cloudbrain::auth::Scope::Admin).await;
+    let pool = json!({"provider": "ec2", "image": "ami-12c6146b", "min_idle": 1, "max_size": 2});
+    admin.put("/pools/district", &pool).await.expect(200);
+    b.workers.refresh.reconcile_pools().await;
+    b.workers.run_pending_jobs().await;
+    b.workers.refresh.refresh_all().await;
+    let district = b.client().get("/pools/district").await.expect(200);
+    let members = &district["container_instances"];
+    assert_eq!(members.as_array().map(Vec::len), Some(1), "{district}");
+    assert_eq!(members[0]["cluster"], "builds");
+    assert!(members[0]["container_instance_arn"].is_null(), "{district}");
+    let id = members[0]["instance_id"].as_str().unwrap().to_owned();
+    let upstream = b.row(&id).await.upstream_id.unwrap();
+
+    // The agent registers it; ECS places a task on it.
+    let (arn, task) = register_with_a_task(&ecs, &upstream).await;
+    b.workers.refresh.refresh_all().await;
+    let district = b.client().get("/pools/district").await.expect(200);
+    let member = &district["container_instances"][0];
+    assert_eq!(member["state"], "running", "{district}");
+    assert_eq!(member["container_instance_arn"], arn.as_str());
+    assert_eq!(member["status"], "ACTIVE");
+    assert_eq!(member["running_tasks"], 1, "{district}");
+    assert_eq!(member["assigned"], false);
+
+    // Scaled in: the machine is set DRAINING and kept while its task runs.
+    admin
+        .post("/pools/district/scale", &json!({"min_idle": 0}))
+        .await
+        .expect(200);
+    b.workers.refresh.reconcile_pools().await;
+    b.workers.run_pending_jobs().await;
+    assert_eq!(
+        stands(&b, &moto, &id).await,
+        (State::Terminating, vec![InstanceStateName::Running])
+    );
+    let described = ecs
+        .describe_container_instances()
+        .cluster("builds")
+        .container_instances(&arn)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        described.container_instances()[0].status(),
+        Some("DRAINING")
+    );
+
+    // Its task ends: the machine goes, and leaves the cluster.
+    ecs.stop_task()
+        .cluster("builds")
+        .task(&task)
+        .send()
+        .await
+        .unwrap();
+    b.make_jobs_due().await;
+    b.workers.run_pending_jobs().await;
+    assert_eq!(
+        stands(&b, &moto, &id).await,
+        (State::Terminated, vec![InstanceStateName::Terminated])
+    );
+    let left = ecs
+        .list_container_instances()
+        .cluster("builds")
+        .send()
+        .await
+        .unwrap();
+    assert!(left.container_instance_arns().is_empty(), "{left:?}");
+}
+
+/// How instance `id` stands: its row's state and its machines' states in EC2.
+async fn stands(b: &TestBroker, moto: &Moto, id: &str) -> (State, Vec<InstanceStateName>) {
+    (b.row(id).await.state, moto.machines(id).await)
+}
+
+/// Registers EC2 instance `upstream` in cluster `builds` as its ECS agent would (moto runs
+/// none): its container instance ARN.
+async fn register(ecs: &aws_sdk_ecs::Client, upstream: &str) -> String {
+    let document = json!({"instanceId": upstream, "region": "us-east-1"}).to_string();
+    let registered = ecs
+        .register_container_instance()
+        .cluster("builds")
+        .instance_identity_document(document)
+        .send()
+        .await
+        .unwrap();
+    registered
+        .container_instance()
+        .unwrap()
+        .container_instance_arn()
+        .unwrap()
+        .to_owned()
+}
+
+/// Registers `upstream` (see [`register`]) and starts a task on it: its container
+/// instance ARN and the task's.
+async fn register_with_a_task(ecs: &aws_sdk_ecs::Client, upstream: &str) -> (String, String) {
+    let arn = register(ecs, upstream).await;
+    let container = aws_sdk_ecs::types::ContainerDefinition::builder()
+        .name("build")
+        .image("ci:latest")
+        .memory(128)
+        .build();
+    ecs.register_task_definition()
+        .family("build")
+        .container_definitions(container)
+        .send()
+        .await
+        .unwrap();
+    let started = ecs
+        .start_task()
+        .cluster("builds")
+        .task_definition("build")
+        .container_instances(&arn)
+        .send()
+        .await
+        .unwrap();
+    let task = started.tasks()[0].task_arn().unwrap().to_owned();
+    (arn, task)
+}
+
+#[tokio::test]
+async fn a_machine_whose_tasks_outlast_the_drain_timeout_is_terminated_anyway() {
+    let moto = Moto::start(&[]);
+    let (ecs, b) = moto.with_cluster(json!({"drain_timeout_secs": 0})).await;
+    let id = b.app.create_on(&b.token, "ec2", "ami-12c6146b").await;
+    b.workers.run_pending_jobs().await;
+    let upstream = b.row(&id).await.upstream_id.unwrap();
+    register_with_a_task(&ecs, &upstream).await;
+    b.workers.refresh.refresh_all().await;
+    b.client()
+        .delete(&format!("/instances/{id}"))
+        .await
+        .expect(200);
+    b.workers.run_pending_jobs().await;
+    assert_eq!(
+        stands(&b, &moto, &id).await,
+        (State::Terminated, vec![InstanceStateName::Terminated])
+    );
 }

@@ -51,6 +51,10 @@ pub struct Ec2Config {
     /// With `ecs_cluster`: count a machine as running only once it registered (default true).
     #[serde(default = "yes")]
     pub require_ecs_registration: bool,
+    /// With `ecs_cluster`: how long a machine being taken away may keep running its tasks
+    /// (DRAINING) before it is terminated anyway, in seconds (default 600).
+    #[serde(default = "default_drain_timeout_secs")]
+    pub drain_timeout_secs: u64,
     /// Extra tags on every machine and volume.
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
@@ -64,6 +68,13 @@ pub struct Ec2Config {
 
 fn default_image_owners() -> Vec<String> {
     vec!["self".to_owned()]
+}
+
+/// The longest `drain_timeout_secs`: a day.
+pub const MAX_DRAIN_TIMEOUT_SECS: u64 = 86_400;
+
+fn default_drain_timeout_secs() -> u64 {
+    600
 }
 
 fn yes() -> bool {
@@ -150,6 +161,12 @@ impl Ec2Config {
         }
         if let Some(cluster) = &config.ecs_cluster {
             required("ecs_cluster", cluster)?;
+        }
+        if config.drain_timeout_secs > MAX_DRAIN_TIMEOUT_SECS {
+            return Err(ConfigError::new(
+                "drain_timeout_secs",
+                format!("must be at most {MAX_DRAIN_TIMEOUT_SECS} (a day)"),
+            ));
         }
         if let Some(key) = config
             .tags

@@ -23,7 +23,7 @@ use aws_sdk_ec2::types::{
 use aws_sdk_ecs::types::ContainerInstanceStatus;
 use base64::Engine;
 use cloudbrain_provider::{
-    CloudInstance, CloudState, ConfigError, Details, Factory, InstanceSpec, Offer, Provider,
+    CloudInstance, CloudState, ConfigError, Details, Drain, Factory, InstanceSpec, Offer, Provider,
     ProviderError, TtlCache,
 };
 use uuid::Uuid;
@@ -54,6 +54,12 @@ pub struct EcsMembership {
     pub status: Option<String>,
     /// Whether the ECS agent is connected.
     pub agent_connected: bool,
+    /// Tasks running on it.
+    #[serde(default)]
+    pub running_tasks: i32,
+    /// Tasks placed on it and not started yet.
+    #[serde(default)]
+    pub pending_tasks: i32,
 }
 
 /// EC2 as the broker's catalog knows it: kind `ec2`.
@@ -270,12 +276,57 @@ impl Ec2Provider {
                             container_instance_arn: ci.container_instance_arn().map(str::to_owned),
                             status: ci.status().map(str::to_owned),
                             agent_connected: ci.agent_connected(),
+                            running_tasks: ci.running_tasks_count(),
+                            pending_tasks: ci.pending_tasks_count(),
                         },
                     );
                 }
             }
         }
         Ok(members)
+    }
+
+    /// The EC2 ids of instance `id`'s machines, and the cluster's container instances by
+    /// EC2 id (none without `ecs_cluster`).
+    async fn membership(
+        &self,
+        id: Uuid,
+    ) -> Result<(Vec<String>, HashMap<String, EcsMembership>), ProviderError> {
+        let ids: Vec<String> = self
+            .find(id)
+            .await?
+            .iter()
+            .filter_map(|m| m.instance_id().map(str::to_owned))
+            .collect();
+        if ids.is_empty() || self.config.ecs_cluster.is_none() {
+            return Ok((ids, HashMap::new()));
+        }
+        Ok((ids, self.container_instances().await?))
+    }
+
+    /// Stops ECS placing tasks on these container instances (DRAINING), as Barcelona did
+    /// before taking one away.
+    async fn set_draining(&self, members: &[&EcsMembership]) -> Result<(), ProviderError> {
+        let active: Vec<String> = members
+            .iter()
+            .filter(|m| m.status.as_deref() != Some("DRAINING"))
+            .filter_map(|m| m.container_instance_arn.clone())
+            .collect();
+        let Some(cluster) = self.config.ecs_cluster.as_deref() else {
+            return Ok(());
+        };
+        if active.is_empty() {
+            return Ok(());
+        }
+        self.ecs
+            .update_container_instances_state()
+            .cluster(cluster)
+            .set_container_instances(Some(active))
+            .status(ContainerInstanceStatus::Draining)
+            .send()
+            .await
+            .map_err(from_sdk)?;
+        Ok(())
     }
 
     /// Turns an EC2 instance into the broker's view of it.
@@ -297,6 +348,8 @@ impl Ec2Provider {
                 container_instance_arn: None,
                 status: None,
                 agent_connected: false,
+                running_tasks: 0,
+                pending_tasks: 0,
             })
         });
         let registered = ecs
@@ -454,36 +507,32 @@ impl Provider for Ec2Provider {
             .collect())
     }
 
+    async fn drain(&self, id: Uuid) -> Result<Drain, ProviderError> {
+        let (ids, members) = self.membership(id).await?;
+        let mine: Vec<&EcsMembership> = ids.iter().filter_map(|i| members.get(i)).collect();
+        let busy: i32 = mine.iter().map(|m| m.running_tasks + m.pending_tasks).sum();
+        self.set_draining(&mine).await?;
+        if busy == 0 {
+            return Ok(Drain::Done);
+        }
+        Ok(Drain::Draining {
+            what: format!("{busy} ECS tasks still on its container instance"),
+            at_most: Duration::from_secs(self.config.drain_timeout_secs),
+        })
+    }
+
     async fn destroy(&self, id: Uuid) -> Result<(), ProviderError> {
-        let machines = self.find(id).await?;
-        let ids: Vec<String> = machines
-            .iter()
-            .filter_map(|m| m.instance_id().map(str::to_owned))
-            .collect();
+        let (ids, members) = self.membership(id).await?;
         if ids.is_empty() {
             return Ok(());
         }
-        let members = self.container_instances().await?;
-        let registered: Vec<String> = ids
+        let mine: Vec<&EcsMembership> = ids.iter().filter_map(|i| members.get(i)).collect();
+        self.set_draining(&mine).await?;
+        let registered: Vec<String> = mine
             .iter()
-            .filter_map(|i| {
-                members
-                    .get(i)
-                    .and_then(|m| m.container_instance_arn.clone())
-            })
+            .filter_map(|m| m.container_instance_arn.clone())
             .collect();
         let cluster = self.config.ecs_cluster.as_deref();
-        if let (Some(cluster), false) = (cluster, registered.is_empty()) {
-            // Stop ECS placing tasks on it before it goes, as Barcelona did.
-            self.ecs
-                .update_container_instances_state()
-                .cluster(cluster)
-                .set_container_instances(Some(registered.clone()))
-                .status(ContainerInstanceStatus::Draining)
-                .send()
-                .await
-                .map_err(from_sdk)?;
-        }
         match self
             .ec2
             .terminate_instances()

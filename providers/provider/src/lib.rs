@@ -171,6 +171,28 @@ pub trait Provider: Send + Sync {
     async fn list(&self) -> Result<Vec<CloudInstance>, ProviderError>;
     /// Destroys the machine for instance `id`; a machine that is already gone is success.
     async fn destroy(&self, id: Uuid) -> Result<(), ProviderError>;
+    /// Gets the machine of instance `id` ready to be destroyed (an ECS container instance
+    /// set to DRAINING, its tasks let finish): [`Drain::Done`] when it may go now. The
+    /// broker asks again until it is, or for at most the time the answer gives. Called
+    /// again after `Done` it stays done; a machine that is gone is done.
+    async fn drain(&self, id: Uuid) -> Result<Drain, ProviderError> {
+        let _ = id;
+        Ok(Drain::Done)
+    }
+}
+
+/// How far a machine is from being ready to go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Drain {
+    /// Nothing runs on it any more: destroy it.
+    Done,
+    /// Work still runs on it.
+    Draining {
+        /// What is still running, for the logs and the instance's events.
+        what: String,
+        /// How long from the first ask the broker waits before destroying it anyway.
+        at_most: Duration,
+    },
 }
 
 /// One kind of cloud, as the broker's catalog knows it: its name, how a config document
