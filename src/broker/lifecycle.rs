@@ -135,6 +135,18 @@ pub fn refresh(row: &Instance, machine: Option<&CloudInstance>, clock: &RefreshC
         return Decision::Keep;
     }
     let recorded = match (row.state, machine) {
+        // A machine on its way out may still say something new of itself (an ECS
+        // container instance DRAINING, its tasks ending): that is kept, the state is not.
+        (State::Terminating, Some(machine)) => {
+            let seen = Seen::of(machine);
+            if seen.details.is_some() && row.details != seen.details {
+                return Decision::Record {
+                    to: State::Terminating,
+                    seen,
+                };
+            }
+            return Decision::Keep;
+        }
         (State::Terminating | State::Terminated, _) => return Decision::Keep,
         (State::Errored, Some(_)) => return Decision::Destroy,
         (State::Errored, None) => return Decision::Keep,
@@ -431,6 +443,25 @@ mod tests {
                 assert_ne!(decision, expired, "{state:?} with {cloud:?}");
             }
         }
+        // A machine on its way out keeps what it says of itself, and its state.
+        let mut draining = machine(C::Running);
+        draining
+            .details
+            .insert("ecs".into(), serde_json::json!({"status": "DRAINING"}));
+        let leaving = refresh(&row(S::Terminating), Some(&draining), &clock(60));
+        assert_eq!(
+            leaving,
+            Decision::Record {
+                to: S::Terminating,
+                seen: Seen::of(&draining)
+            }
+        );
+        let mut recorded = row(S::Terminating);
+        recorded.details = Seen::of(&draining).details;
+        assert_eq!(
+            refresh(&recorded, Some(&draining), &clock(60)),
+            Decision::Keep
+        );
         // Rows on their way out, or out, are left to the rules of their state.
         for (state, cloud, then) in [
             (S::Terminating, Some(C::Running), Decision::Keep),

@@ -108,16 +108,22 @@ pub async fn apply(
     match decision {
         Decision::Keep | Decision::Destroy | Decision::Gone | Decision::NotYet(_) => Ok(None),
         Decision::Record { to, seen } => {
-            if let Some(updated) = transition(conn, id, *to, None, seen_change(seen)).await? {
-                tracing::info!(state = to.as_str(), "instance {id} {}", to.as_str());
-                return Ok(Some(updated));
+            // Recording never moves a row into `terminating` (only BeginTermination does,
+            // with its remove job): for a row already there it only notes what is new.
+            let moves = *to != State::Terminating;
+            if moves {
+                if let Some(updated) = transition(conn, id, *to, None, seen_change(seen)).await? {
+                    tracing::info!(state = to.as_str(), "instance {id} {}", to.as_str());
+                    return Ok(Some(updated));
+                }
             }
             // Same state (or the row moved on): only fill in what the cloud newly says, and
-            // only on a row still launching or running.
+            // only on a row whose machine still stands.
+            let standing = [State::Starting, State::Running, State::Terminating];
             diesel::update(
                 instances::table
                     .filter(instances::id.eq(id))
-                    .filter(instances::state.eq_any([State::Starting, State::Running])),
+                    .filter(instances::state.eq_any(standing)),
             )
             .set((
                 instances::updated_at.eq(diesel::dsl::now),

@@ -531,6 +531,15 @@ async fn an_ecs_district_shows_its_container_instances_and_drains_before_scaling
         described.container_instances()[0].status(),
         Some("DRAINING")
     );
+    // The district shows it so, the refresh noting what a leaving machine says.
+    b.workers.refresh.refresh_all().await;
+    let district = b.client().get("/pools/district").await.expect(200);
+    let member = &district["container_instances"][0];
+    assert_eq!(
+        (&member["state"], &member["status"], &member["running_tasks"]),
+        (&json!("terminating"), &json!("DRAINING"), &json!(1)),
+        "{district}"
+    );
 
     // Its task ends: the machine goes, and leaves the cluster.
     ecs.stop_task()
