@@ -4,11 +4,10 @@ use actix_web::{web, HttpResponse};
 use serde::Serialize;
 
 use super::error::ApiError;
-use super::openapi::PoolShape;
+use super::openapi::{PoolShape, ProviderShape};
 use super::wire::ErrorBody;
 use super::AppState;
 use crate::auth::Caller;
-use crate::broker::pools::longest_lifetime;
 use crate::broker::providers::ProviderSummary;
 use crate::broker::validate::Lifetime;
 
@@ -81,16 +80,35 @@ pub async fn list_providers(
     (status = 503, description = "Database unreachable", body = ErrorBody),
 ))]
 pub async fn openapi(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let offered = state.broker.offered_instance_types().await?;
-    let pools: Vec<PoolShape> = state
-        .broker
+    let broker = &state.broker;
+    let policies = broker.provider_policies().await?;
+    let bound = |provider: &str| policies.get(provider).and_then(|p| p.max_lifetime_secs);
+    let offered: Vec<ProviderShape> = broker
+        .offered_instance_types()
+        .await?
+        .into_iter()
+        .map(|(name, instance_types)| ProviderShape {
+            most_ttl: Lifetime::most_seconds(Lifetime::longest(
+                None,
+                bound(&name),
+                broker.max_lifetime(),
+            )),
+            name,
+            instance_types,
+        })
+        .collect();
+    let pools: Vec<PoolShape> = broker
         .pools()
         .await?
         .into_iter()
         .map(|status| PoolShape {
-            most_ttl: Lifetime::most_seconds(longest_lifetime(
-                &status.pool,
-                state.broker.max_lifetime(),
+            most_ttl: Lifetime::most_seconds(Lifetime::longest(
+                status
+                    .pool
+                    .max_lifetime_secs
+                    .and_then(|s| u64::try_from(s).ok()),
+                bound(&status.pool.provider_name),
+                broker.max_lifetime(),
             )),
             name: status.pool.name,
             provider: status.pool.provider_name,
@@ -98,8 +116,8 @@ pub async fn openapi(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
             instance_type: status.pool.instance_type,
         })
         .collect();
-    let most_ttl = Lifetime::most_seconds(state.broker.max_lifetime());
-    let document = super::openapi::document(&offered, &pools, most_ttl)?;
+    let broker_most = Lifetime::most_seconds(broker.max_lifetime());
+    let document = super::openapi::document(&offered, &pools, broker_most)?;
     Ok(HttpResponse::Ok().json(document))
 }
 

@@ -36,12 +36,23 @@ pub struct PoolShape {
     pub most_ttl: u64,
 }
 
-/// The document for a server whose providers offer `offered` (name, instance types),
-/// whose pools are `pools` and whose instances may live `most_ttl` seconds at the most.
+/// What a provider config offers a request.
+#[derive(Debug, Clone)]
+pub struct ProviderShape {
+    /// Its name.
+    pub name: String,
+    /// The instance types it offers.
+    pub instance_types: Vec<String>,
+    /// The longest lifetime a request on it may ask, in seconds.
+    pub most_ttl: u64,
+}
+
+/// The document for a server whose providers offer `offered`, whose pools are `pools`
+/// and whose own longest lifetime is `broker_most` seconds (what bounds a pool's).
 pub fn document(
-    offered: &[(String, Vec<String>)],
+    offered: &[ProviderShape],
     pools: &[PoolShape],
-    most_ttl: u64,
+    broker_most: u64,
 ) -> Result<Value, ApiError> {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).map_err(|error| {
         tracing::error!(%error, "the OpenAPI document does not serialise");
@@ -57,26 +68,34 @@ pub fn document(
     };
     let every_type: Vec<&str> = offered
         .iter()
-        .flat_map(|(_, types)| types.iter().map(String::as_str))
+        .flat_map(|p| p.instance_types.iter().map(String::as_str))
         .collect();
+    let ttl = |most: u64| json!({"anyOf": [{"type": "null"}, {"type": "integer", "minimum": 1, "maximum": most}]});
+    let most_ttl = (offered.iter().map(|p| p.most_ttl))
+        .chain(pools.iter().map(|p| p.most_ttl))
+        .chain([broker_most])
+        .max()
+        .unwrap_or(broker_most);
     // A request names a provider and an image, or a pool (restating, at most, what the
     // pool makes): one branch each.
     let null_or = |value: &str| json!({"anyOf": [{"type": "null"}, {"const": value}]});
     let by_provider: Vec<Value> = offered
         .iter()
-        .map(|(name, types)| {
+        .map(|p| {
             json!({"properties": {
-                "provider": {"const": name},
-                "instance_type": instance_type(types.iter().map(String::as_str).collect()),
+                "provider": {"const": p.name},
+                "instance_type": instance_type(p.instance_types.iter().map(String::as_str).collect()),
             }})
         })
         .collect();
     let branches: Vec<Value> = by_provider
         .iter()
-        .map(|branch| {
+        .zip(offered)
+        .map(|(branch, p)| {
             let mut branch = branch.clone();
             branch["required"] = json!(["provider", "image"]);
             branch["properties"]["pool"] = json!({"type": "null"});
+            branch["properties"]["ttl_seconds"] = ttl(p.most_ttl);
             branch
         })
         .chain(pools.iter().map(|pool| {
@@ -85,12 +104,11 @@ pub fn document(
                 "provider": null_or(&pool.provider),
                 "image": null_or(&pool.image),
                 "instance_type": instance_type(vec![&pool.instance_type]),
-                "ttl_seconds": {"anyOf": [{"type": "null"},
-                    {"type": "integer", "minimum": 1, "maximum": pool.most_ttl}]},
+                "ttl_seconds": ttl(pool.most_ttl),
             }})
         }))
         .collect();
-    let names: Vec<&str> = offered.iter().map(|(name, _)| name.as_str()).collect();
+    let names: Vec<&str> = offered.iter().map(|p| p.name.as_str()).collect();
     let body = &mut doc["components"]["schemas"]["CreateInstanceBody"];
     body["properties"]["provider"] = json!({
         "type": "string", "enum": names, "maxLength": MAX_PROVIDER_LEN,
@@ -132,7 +150,7 @@ pub fn document(
         spec["properties"][size]["maximum"] = json!(MAX_POOL_SIZE);
     }
     spec["properties"]["max_lifetime_secs"] = json!({"anyOf": [{"type": "null"},
-        {"type": "integer", "minimum": 1, "maximum": most_ttl}]});
+        {"type": "integer", "minimum": 1, "maximum": broker_most}]});
     doc["components"]["schemas"]["ScaleBody"]["properties"]["min_idle"]["maximum"] =
         json!(MAX_POOL_SIZE);
     for (path, method) in [

@@ -12,6 +12,7 @@ use serde_json::Value;
 use super::model::PoolRow;
 use super::offerings::{fallbacks_of, Fallback};
 use super::pools::{self, PoolSpec};
+use super::providers::ProviderPolicy;
 use super::providers::{self as stored, InsertProviderError};
 use super::BrokerError;
 use crate::crypto::SecretKey;
@@ -41,6 +42,12 @@ pub struct ProviderEntry {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub config: Value,
+    /// The longest an instance on it lives, in seconds (absent: the broker's longest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lifetime_secs: Option<u64>,
+    /// The offerings its instances fall back to, in order, when it has no room.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallbacks: Vec<Fallback>,
 }
 
 /// One pool's shape and size.
@@ -272,6 +279,8 @@ pub struct StoredConfig {
     pub config: Value,
     /// Where its secrets came from, by dotted path.
     pub refs: BTreeMap<String, Reference>,
+    /// What it says beyond its cloud's config.
+    pub policy: ProviderPolicy,
 }
 
 /// What applying a fleet changes.
@@ -364,6 +373,23 @@ fn differences(a: &Value, b: &Value, at: &str, out: &mut Vec<String>) {
     }
 }
 
+/// A provider's policy fields that differ, as `field old → new`.
+fn policy_changes(have: &ProviderPolicy, want: &ProviderPolicy) -> Vec<String> {
+    let lifetime = |p: &ProviderPolicy| {
+        p.max_lifetime_secs
+            .map_or("(default)".to_owned(), |s| s.to_string())
+    };
+    let fallbacks = |p: &ProviderPolicy| serde_json::to_string(&p.fallbacks).unwrap_or_default();
+    [
+        ("max_lifetime_secs", lifetime(have), lifetime(want)),
+        ("fallbacks", fallbacks(have), fallbacks(want)),
+    ]
+    .into_iter()
+    .filter(|(_, old, new)| old != new)
+    .map(|(field, old, new)| format!("{field} {old} → {new}"))
+    .collect()
+}
+
 /// The pool a fleet entry describes, as the stored row would read.
 fn pool_fields(pool: &PoolEntry) -> [(&'static str, String); 7] {
     [
@@ -430,6 +456,7 @@ pub fn plan(
                 // as no change when the values are the same.
                 let mut changed = Vec::new();
                 differences(&have.config, &want.config, "", &mut changed);
+                changed.extend(policy_changes(&have.policy, &want.policy));
                 if !changed.is_empty() {
                     plan.update_providers.push((name.clone(), want.clone(), changed));
                 }
@@ -486,7 +513,7 @@ async fn current(
     key: &SecretKey,
 ) -> Result<(BTreeMap<String, StoredConfig>, BTreeMap<String, PoolEntry>), BrokerError> {
     let mut providers = BTreeMap::new();
-    for (stored, refs) in stored::load_with_refs(conn, key).await? {
+    for (stored, refs, policy) in stored::load_with_refs(conn, key).await? {
         let refs = refs
             .and_then(|r| serde_json::from_value(r).ok())
             .unwrap_or_default();
@@ -496,6 +523,7 @@ async fn current(
                 kind: stored.kind,
                 config: stored.config,
                 refs,
+                policy,
             },
         );
     }
@@ -636,6 +664,10 @@ pub async fn apply(
                 kind: entry.kind.clone(),
                 config,
                 refs,
+                policy: ProviderPolicy {
+                    max_lifetime_secs: entry.max_lifetime_secs,
+                    fallbacks: entry.fallbacks.clone(),
+                },
             },
         );
     }
@@ -652,10 +684,20 @@ pub async fn apply(
             write_refs(conn, name, &c.refs).await?;
         }
         for (name, c, _) in &plan.update_providers {
-            stored::update_provider(conn, key, name, &c.config)
-                .await
-                .map_err(|e| named(name, e))?;
+            if have_providers.get(name).map(|h| &h.config) != Some(&c.config) {
+                stored::update_provider(conn, key, name, &c.config)
+                    .await
+                    .map_err(|e| named(name, e))?;
+            }
             write_refs(conn, name, &c.refs).await?;
+        }
+        // Once every provider exists, since a fallback may name one made just now.
+        let policies = (plan.create_providers.iter().map(|(name, c)| (name, c)))
+            .chain(plan.update_providers.iter().map(|(name, c, _)| (name, c)));
+        for (name, c) in policies {
+            stored::set_policy(conn, key, max_lifetime, name, &c.policy)
+                .await
+                .map_err(|e| field_error("providers", name, e))?;
         }
         let pool_writes = (plan.create_pools.iter().map(|(name, pool)| (name, pool)))
             .chain(plan.update_pools.iter().map(|(name, pool, _)| (name, pool)));
@@ -671,7 +713,7 @@ pub async fn apply(
             };
             pools::put(conn, key, max_lifetime, name, &spec)
                 .await
-                .map_err(|e| pool_error(name, e))?;
+                .map_err(|e| field_error("pools", name, e))?;
         }
         for name in &plan.delete_pools {
             pools::delete(conn, name).await?;
@@ -716,11 +758,12 @@ fn named(name: &str, error: InsertProviderError) -> ApplyError {
     }
 }
 
-fn pool_error(name: &str, error: BrokerError) -> ApplyError {
+/// A refusal of a field of `section.name` (`pools.ci.max_size`), where the document has it.
+fn field_error(section: &str, name: &str, error: BrokerError) -> ApplyError {
     match error {
         BrokerError::Invalid { field, message } => ApplyError::Fleet(FleetError {
             line: None,
-            field: format!("pools.{name}.{field}"),
+            field: format!("{section}.{name}.{field}"),
             message,
         }),
         other => ApplyError::Broker(other),
@@ -761,6 +804,8 @@ pub async fn export(conn: &mut AsyncPgConnection, key: &SecretKey) -> Result<Fle
             ProviderEntry {
                 kind: c.kind,
                 config,
+                max_lifetime_secs: c.policy.max_lifetime_secs,
+                fallbacks: c.policy.fallbacks,
             },
         );
     }
@@ -838,6 +883,7 @@ mod tests {
             kind: "fake".into(),
             config: doc,
             refs: BTreeMap::new(),
+            policy: ProviderPolicy::default(),
         }
     }
 

@@ -112,9 +112,14 @@ impl Broker {
 
         let mut conn = self.conn().await?;
         let shape = pools::shape_of(&mut conn, &self.key, &request).await?;
-        let longest = shape.pool.as_ref().map_or(self.max_lifetime, |pool| {
-            pools::longest_lifetime(pool, self.max_lifetime)
-        });
+        let longest = match &shape.pool {
+            Some(pool) => pools::pool_lifetime(&mut conn, pool, self.max_lifetime).await?,
+            None => {
+                let policy = super::providers::policy_of(&mut conn, &shape.provider).await?;
+                let bound = policy.and_then(|p| p.max_lifetime_secs);
+                Lifetime::longest(None, bound, self.max_lifetime)
+            }
+        };
         let lifetime = Lifetime::parse(request.ttl_seconds, longest)?;
 
         let id = InstanceId::new();

@@ -276,6 +276,7 @@ mod tests {
             pool_name: None,
             assigned_at: None,
             placement: None,
+            asked: None,
         }
     }
 

@@ -30,6 +30,10 @@ pub struct ProviderRow {
     pub updated_at: DateTime<Utc>,
     /// Where its secrets came from, by dotted field path, when a fleet file named them.
     pub secret_refs: Option<serde_json::Value>,
+    /// The longest an instance on it lives, in seconds (`None`: the broker's longest).
+    pub max_lifetime_secs: Option<i64>,
+    /// The offerings its instances fall back to ([`crate::broker::offerings::Fallback`]s).
+    pub fallbacks: serde_json::Value,
 }
 
 /// A new row of `providers`.
@@ -90,6 +94,9 @@ pub struct Instance {
     /// Where its machine is made (a zone of its provider config); `None`: the provider's
     /// own choice.
     pub placement: Option<String>,
+    /// The provider and instance type it was asked for, once a capacity fallback moved
+    /// it elsewhere (`{"provider", "instance_type"}`).
+    pub asked: Option<serde_json::Value>,
 }
 
 /// A new row of `instances`.

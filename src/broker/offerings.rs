@@ -39,6 +39,13 @@ pub struct Fallback {
     pub instance_type: Option<String>,
 }
 
+/// What an instance was asked for, kept once a fallback moved it elsewhere.
+#[derive(Debug, Deserialize)]
+struct Asked {
+    provider: String,
+    instance_type: String,
+}
+
 /// Where a machine can be made.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Offering {
@@ -157,8 +164,8 @@ impl Broker {
     /// event when it moved); `None` when every offering of it is out of capacity now.
     pub async fn place(&self, instance: &Instance) -> Result<Option<Offering>, BrokerError> {
         let mut conn = self.conn().await?;
-        // A pool's machine falls back from the pool's shape through its list; another
-        // stays with its provider and type, moving between placements only.
+        // A pool's machine falls back from the pool's shape through the pool's list, then
+        // its provider's; another from what it was asked for, through its provider's.
         let pool = match &instance.pool_name {
             Some(pool) => pools::table
                 .find(pool)
@@ -168,16 +175,23 @@ impl Broker {
                 .optional()?,
             None => None,
         };
-        let (provider, instance_type, fallbacks) = match pool {
-            Some((provider, instance_type, stored)) => {
+        let asked = instance
+            .asked
+            .as_ref()
+            .and_then(|a| Asked::deserialize(a).ok());
+        let (provider, instance_type, mut fallbacks) = match (pool, asked) {
+            (Some((provider, instance_type, stored)), _) => {
                 (provider, instance_type, fallbacks_of(&stored))
             }
-            None => (
+            (None, Some(asked)) => (asked.provider, asked.instance_type, Vec::new()),
+            (None, None) => (
                 instance.provider_name.clone(),
                 instance.instance_type.clone(),
                 Vec::new(),
             ),
         };
+        let policy = super::providers::policy_of(&mut conn, &provider).await?;
+        fallbacks.extend(policy.map(|p| p.fallbacks).unwrap_or_default());
         let mut placements = BTreeMap::new();
         let names = std::iter::once(provider.as_str())
             .chain(fallbacks.iter().filter_map(|f| f.provider.as_deref()));
@@ -211,12 +225,18 @@ impl Broker {
                 .contains(&current)
                 .then(|| format!("placed on {chosen} ({current} has no room)"));
             conn.transaction::<_, BrokerError, _>(async |conn| {
+                // What it was asked for is kept once it leaves it.
+                let asked = instance.asked.clone().or_else(|| {
+                    let left = chosen.provider != provider || chosen.instance_type != instance_type;
+                    left.then(|| serde_json::json!({"provider": provider, "instance_type": instance_type}))
+                });
                 let moved = diesel::update(instances::table.find(instance.id))
                     .filter(instances::state.eq(State::Creating))
                     .set((
                         instances::provider_name.eq(&chosen.provider),
                         instances::instance_type.eq(&chosen.instance_type),
                         instances::placement.eq(&chosen.placement),
+                        instances::asked.eq(&asked),
                     ))
                     .execute(conn)
                     .await?;

@@ -189,15 +189,7 @@ pub async fn put(
         ));
     }
     if let Some(secs) = spec.max_lifetime_secs {
-        Lifetime::parse(Some(secs), max_lifetime).map_err(|_out_of_range| {
-            BrokerError::invalid(
-                "max_lifetime_secs",
-                format!(
-                    "max_lifetime_secs must be from 1 to {}",
-                    Lifetime::most_seconds(max_lifetime)
-                ),
-            )
-        })?;
+        Lifetime::check_bound("max_lifetime_secs", secs, max_lifetime)?;
     }
     let instance_type = offered_type(conn, key, &provider, spec.instance_type.as_deref()).await?;
     super::offerings::check_fallbacks(conn, key, provider.as_str(), &spec.fallbacks).await?;
@@ -459,15 +451,18 @@ pub(super) async fn shape_of(
     })
 }
 
-/// The longest a machine of `pool` lives: the pool's own bound, else the broker's.
-pub fn longest_lifetime(
+/// The longest a machine of `pool` lives: the shorter of its own bound and its
+/// provider's, else the broker's, `broker`.
+pub(super) async fn pool_lifetime(
+    conn: &mut AsyncPgConnection,
     pool: &PoolRow,
-    broker_longest: Option<std::time::Duration>,
-) -> Option<std::time::Duration> {
-    pool.max_lifetime_secs
-        .and_then(|secs| u64::try_from(secs).ok())
-        .map(std::time::Duration::from_secs)
-        .or(broker_longest)
+    broker: Option<std::time::Duration>,
+) -> Result<Option<std::time::Duration>, BrokerError> {
+    let provider = super::providers::policy_of(conn, &pool.provider_name)
+        .await?
+        .and_then(|p| p.max_lifetime_secs);
+    let own = pool.max_lifetime_secs.and_then(|s| u64::try_from(s).ok());
+    Ok(Lifetime::longest(own, provider, broker))
 }
 
 /// Hands the caller an idle running machine of `pool` as `new` asks (its token, its
@@ -624,7 +619,8 @@ impl Broker {
             let min_idle = u32::try_from(pool.min_idle).unwrap_or_default();
             let max_size = u32::try_from(pool.max_size).unwrap_or_default();
             let plan = plan(min_idle, max_size, &status.counts);
-            let lifetime = Lifetime::parse(None, longest_lifetime(&pool, self.max_lifetime))?;
+            let longest = pool_lifetime(conn, &pool, self.max_lifetime).await?;
+            let lifetime = Lifetime::parse(None, longest)?;
             for _ in 0..plan.make {
                 let new = NewInstance {
                     id: InstanceId::new(),

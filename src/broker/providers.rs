@@ -20,6 +20,10 @@ pub struct ProviderSummary {
     /// `fake`, `ec2` or `gce`.
     #[serde(rename = "type")]
     pub kind: String,
+    /// The longest an instance on it lives, in seconds; null: the broker's longest.
+    pub max_lifetime_secs: Option<u64>,
+    /// The offerings its instances fall back to when it has no room.
+    pub fallbacks: Vec<super::offerings::Fallback>,
 }
 
 /// Why a provider config could not be registered.
@@ -131,7 +135,7 @@ pub async fn set_secret_refs(
 pub async fn load_with_refs(
     conn: &mut AsyncPgConnection,
     key: &SecretKey,
-) -> Result<Vec<(StoredProvider, Option<serde_json::Value>)>, BrokerError> {
+) -> Result<Vec<(StoredProvider, Option<serde_json::Value>, ProviderPolicy)>, BrokerError> {
     let rows: Vec<ProviderRow> = providers::table
         .select(ProviderRow::as_select())
         .order(providers::name)
@@ -140,7 +144,8 @@ pub async fn load_with_refs(
     rows.into_iter()
         .map(|row| {
             let refs = row.secret_refs.clone();
-            open(key, row).map(|stored| (stored, refs))
+            let policy = ProviderPolicy::of(row.max_lifetime_secs, &row.fallbacks);
+            open(key, row).map(|stored| (stored, refs, policy))
         })
         .collect()
 }
@@ -195,20 +200,91 @@ pub async fn delete_provider(
     .await
 }
 
+/// What a provider config says beyond its cloud's config, for every instance on it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderPolicy {
+    /// The longest an instance on it lives, in seconds (`None`: the broker's longest).
+    pub max_lifetime_secs: Option<u64>,
+    /// The offerings its instances fall back to, in order, when it has no room.
+    pub fallbacks: Vec<super::offerings::Fallback>,
+}
+
+impl ProviderPolicy {
+    fn of(row_lifetime: Option<i64>, row_fallbacks: &serde_json::Value) -> Self {
+        Self {
+            max_lifetime_secs: row_lifetime.and_then(|s| u64::try_from(s).ok()),
+            fallbacks: super::offerings::fallbacks_of(row_fallbacks),
+        }
+    }
+}
+
+/// The policy of provider `name`; `None` if there is no such provider.
+pub async fn policy_of(
+    conn: &mut AsyncPgConnection,
+    name: &str,
+) -> Result<Option<ProviderPolicy>, BrokerError> {
+    let row: Option<(Option<i64>, serde_json::Value)> = providers::table
+        .filter(providers::name.eq(name))
+        .select((providers::max_lifetime_secs, providers::fallbacks))
+        .first(conn)
+        .await
+        .optional()?;
+    Ok(row.map(|(lifetime, fallbacks)| ProviderPolicy::of(lifetime, &fallbacks)))
+}
+
+/// Sets provider `name`'s policy, checked against the broker's longest lifetime
+/// `max_lifetime` and the providers and types its fallbacks name.
+pub async fn set_policy(
+    conn: &mut AsyncPgConnection,
+    key: &SecretKey,
+    max_lifetime: Option<std::time::Duration>,
+    name: &str,
+    policy: &ProviderPolicy,
+) -> Result<(), BrokerError> {
+    if let Some(secs) = policy.max_lifetime_secs {
+        super::validate::Lifetime::check_bound("max_lifetime_secs", secs, max_lifetime)?;
+    }
+    super::offerings::check_fallbacks(conn, key, name, &policy.fallbacks).await?;
+    let fallbacks = serde_json::to_value(&policy.fallbacks)
+        .map_err(|e| BrokerError::Internal(anyhow::anyhow!("fallbacks: {e}")))?;
+    let lifetime = policy.max_lifetime_secs.and_then(|s| i64::try_from(s).ok());
+    diesel::update(providers::table.filter(providers::name.eq(name)))
+        .set((
+            providers::max_lifetime_secs.eq(lifetime),
+            providers::fallbacks.eq(fallbacks),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 fn offer_json(offer: &Offer) -> serde_json::Value {
     serde_json::to_value(offer).unwrap_or_default()
 }
 
 /// Every registered provider, by name.
 pub async fn list_providers(conn: &mut AsyncPgConnection) -> QueryResult<Vec<ProviderSummary>> {
-    let rows: Vec<(String, String)> = providers::table
-        .select((providers::name, providers::type_))
+    let rows: Vec<(String, String, Option<i64>, serde_json::Value)> = providers::table
+        .select((
+            providers::name,
+            providers::type_,
+            providers::max_lifetime_secs,
+            providers::fallbacks,
+        ))
         .order(providers::name)
         .load(conn)
         .await?;
     Ok(rows
         .into_iter()
-        .map(|(name, kind)| ProviderSummary { name, kind })
+        .map(|(name, kind, lifetime, fallbacks)| {
+            let policy = ProviderPolicy::of(lifetime, &fallbacks);
+            ProviderSummary {
+                name,
+                kind,
+                max_lifetime_secs: policy.max_lifetime_secs,
+                fallbacks: policy.fallbacks,
+            }
+        })
         .collect())
 }
 
@@ -333,6 +409,25 @@ impl Broker {
     pub async fn stored_providers(&self) -> Result<Vec<StoredProvider>, BrokerError> {
         let mut conn = self.conn().await?;
         load_stored(&mut conn, &self.key).await
+    }
+
+    /// Every provider config's policy, by name.
+    pub async fn provider_policies(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, ProviderPolicy>, BrokerError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<(String, Option<i64>, serde_json::Value)> = providers::table
+            .select((
+                providers::name,
+                providers::max_lifetime_secs,
+                providers::fallbacks,
+            ))
+            .load(&mut conn)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, lifetime, fallbacks)| (name, ProviderPolicy::of(lifetime, &fallbacks)))
+            .collect())
     }
 
     /// Every usable provider config's name and the instance type names it offers.

@@ -232,6 +232,38 @@ impl Lifetime {
         Ok(Some(Self(std::time::Duration::from_secs(asked))))
     }
 
+    /// Checks a pool's or a provider's longest lifetime `secs` (its `field`) against the
+    /// broker's longest, `broker`.
+    pub fn check_bound(
+        field: &'static str,
+        secs: u64,
+        broker: Option<std::time::Duration>,
+    ) -> Result<(), BrokerError> {
+        Self::parse(Some(secs), broker)
+            .map(|_| ())
+            .map_err(|_out_of_range| {
+                BrokerError::invalid(
+                    field,
+                    format!("{field} must be from 1 to {}", Self::most_seconds(broker)),
+                )
+            })
+    }
+
+    /// The longest an instance lives under the bounds of its pool and its provider (in
+    /// seconds; the shorter wins), else under the broker's, `broker`.
+    pub fn longest(
+        pool: Option<u64>,
+        provider: Option<u64>,
+        broker: Option<std::time::Duration>,
+    ) -> Option<std::time::Duration> {
+        match (pool, provider) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+        .map(std::time::Duration::from_secs)
+        .or(broker)
+    }
+
     /// The largest `ttl_seconds` a request may ask for where the longest lifetime is
     /// `longest`.
     pub fn most_seconds(longest: Option<std::time::Duration>) -> u64 {

@@ -45,6 +45,7 @@ diesel::table! {
         pool_name -> Nullable<Text>,
         assigned_at -> Nullable<Timestamptz>,
         placement -> Nullable<Text>,
+        asked -> Nullable<Jsonb>,
     }
 }
 
@@ -89,6 +90,8 @@ diesel::table! {
         offer -> Nullable<Jsonb>,
         updated_at -> Timestamptz,
         secret_refs -> Nullable<Jsonb>,
+        max_lifetime_secs -> Nullable<Int8>,
+        fallbacks -> Jsonb,
     }
 }
 

@@ -116,9 +116,11 @@ impl CreateInstance<'_> {
                 Err(ProviderError::Capacity(reason)) if tried < MAX_MOVES => {
                     ctx.broker.out_of_capacity(&offering, &reason).await?;
                     tried += 1;
-                    instance.provider_name = offering.provider;
-                    instance.instance_type = offering.instance_type;
-                    instance.placement = offering.placement;
+                    // Read again: where it stands now, and what it was asked for.
+                    match ctx.broker.job_instance(instance.id).await? {
+                        Some(fresh) if lifecycle::create_wanted(fresh.state) => instance = fresh,
+                        _ => return Err(ProviderError::Capacity(reason).into()),
+                    }
                 }
                 Err(error) => return Err(error.into()),
             }

@@ -127,3 +127,70 @@ async fn with_every_offering_full_the_instance_errors_saying_so() {
     s.assert_errored(&id, "out of capacity").await;
     assert_eq!(s.machines().await, 0);
 }
+
+#[tokio::test]
+async fn a_provider_config_bounds_its_instances_lives_and_falls_back_for_them() {
+    let s = TestBroker::new()
+        .fake(json!({"boot_time_ms": 0}))
+        .provider("fake", "spare", json!({"boot_time_ms": 0}))
+        .start()
+        .await;
+    let admin = s.client_with(Scope::Admin).await;
+    // The fake's config as it is stored, with a policy: an hour at most, then `spare`.
+    let mut fleet = admin.get("/fleet").await.expect(200);
+    fleet["providers"]["fake"]["max_lifetime_secs"] = json!(3600);
+    fleet["providers"]["fake"]["fallbacks"] = json!([{"provider": "spare"}]);
+    fleet["providers"]["fake"]["config"]["no_capacity"] = json!(["standard"]);
+    let applied = admin.put("/fleet", &fleet).await.expect(200);
+    assert_eq!(applied["applied"], true, "{applied}");
+    let again = admin.put("/fleet", &fleet).await.expect(200);
+    assert_eq!(
+        again["applied"], false,
+        "applied back, nothing changes: {again}"
+    );
+    let listed = s.client().get("/providers").await.expect(200);
+    assert_eq!(
+        listed["providers"][0]["max_lifetime_secs"], 3600,
+        "{listed}"
+    );
+
+    // Its instances live an hour at most; asking for longer is refused, and so says the
+    // document.
+    let ask = |ttl: Value| json!({"provider": "fake", "image": "ubuntu", "ttl_seconds": ttl});
+    let too_long = s.client().post("/instances", &ask(json!(3601))).await;
+    assert_eq!(too_long.expect(422)["field"], "ttl_seconds");
+    let doc = s.client().get("/openapi.json").await.expect(200);
+    let branches = &doc["components"]["schemas"]["CreateInstanceBody"]["anyOf"];
+    let fake = branches
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["properties"]["provider"]["const"] == "fake");
+    assert_eq!(
+        fake.unwrap()["properties"]["ttl_seconds"]["anyOf"][1]["maximum"],
+        3600
+    );
+    let made = s
+        .client()
+        .post("/instances", &ask(Value::Null))
+        .await
+        .expect(200);
+    let id = made["id"].as_str().unwrap().to_owned();
+    let at =
+        |b: &Value, f: &str| chrono::DateTime::parse_from_rfc3339(b[f].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (at(&made, "expires_at") - at(&made, "created_at")).num_seconds(),
+        3600
+    );
+
+    // `fake` has no room for it: it runs on `spare`.
+    let body = running(&s, &id).await;
+    assert_eq!(body["provider"], "spare", "{body}");
+    assert!(
+        reasons(&s, &id)
+            .await
+            .iter()
+            .any(|r| r.contains("placed on spare standard")),
+        "{body}"
+    );
+}

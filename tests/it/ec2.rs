@@ -536,7 +536,11 @@ async fn an_ecs_district_shows_its_container_instances_and_drains_before_scaling
     let district = b.client().get("/pools/district").await.expect(200);
     let member = &district["container_instances"][0];
     assert_eq!(
-        (&member["state"], &member["status"], &member["running_tasks"]),
+        (
+            &member["state"],
+            &member["status"],
+            &member["running_tasks"]
+        ),
         (&json!("terminating"), &json!("DRAINING"), &json!(1)),
         "{district}"
     );

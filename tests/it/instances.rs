@@ -278,9 +278,10 @@ async fn providers_are_listed_without_configuration() {
     app.provider("fake-slow", json!({"boot_time_ms": 60000, "seed": 99}))
         .await;
     let body = s.client().get("/providers").await.expect(200);
+    let listed = |name: &str| json!({"name": name, "type": "fake", "max_lifetime_secs": null, "fallbacks": []});
     assert_eq!(
         body,
-        json!({"providers": [{"name": "fake", "type": "fake"}, {"name": "fake-slow", "type": "fake"}]})
+        json!({"providers": [listed("fake"), listed("fake-slow")]})
     );
     assert_eq!(app.anonymous_status("/providers").await, 401);
 }
