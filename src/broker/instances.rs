@@ -93,6 +93,12 @@ async fn find_visible(
     Ok(instance)
 }
 
+/// How long a request with a key that took a warm machine waits for the key to be on it.
+pub const KEY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How often it looks.
+const KEY_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
 impl Broker {
     /// Records a request for a machine and its `create` job in one transaction.
     pub async fn create_instance(
@@ -134,12 +140,22 @@ impl Broker {
             idempotency_key: idempotency_key.as_ref().map(IdempotencyKey::as_str),
             pool_name: shape.pool.as_ref().map(|pool| pool.name.as_str()),
         };
-        // A warm machine booted before the caller's key was known: only requests without
-        // a key may take one.
-        if let (Some(pool), None) = (&shape.pool, &public_ssh_key) {
+        // A warm machine booted before the caller's key was known: a request with a key
+        // may take one only where the provider can put the key on it now.
+        let warm = match (&shape.pool, &public_ssh_key) {
+            (Some(pool), None) => Some(pool),
+            (Some(pool), Some(_)) => {
+                let provider = super::validate::ProviderName::parse(&shape.provider)?;
+                let offer = super::providers::find_offer(&mut conn, &self.key, &provider).await?;
+                offer.is_some_and(|o| o.authorizes_keys).then_some(pool)
+            }
+            (None, _) => None,
+        };
+        if let Some(pool) = warm {
             let asked = request.ttl_seconds.and(lifetime);
             if let Some(created) = pools::take_idle(&mut conn, caller, pool, &new, asked).await? {
-                return Ok(created);
+                drop(conn);
+                return self.with_key_on(created).await;
             }
         }
         let created = conn
@@ -166,6 +182,30 @@ impl Broker {
             );
         }
         Ok(created)
+    }
+
+    /// `created` as it stands once a key job has put the caller's key on the warm machine
+    /// it took (at once for a machine without a pending key), or after [`KEY_WAIT`], when
+    /// the key is still on its way.
+    async fn with_key_on(&self, created: Created) -> Result<Created, BrokerError> {
+        let deadline = tokio::time::Instant::now() + KEY_WAIT;
+        let mut instance = created.instance;
+        while instance.key_pending_since.is_some()
+            && instance.state == State::Running
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(KEY_POLL).await;
+            let mut conn = self.conn().await?;
+            instance = instances::table
+                .find(instance.id)
+                .select(Instance::as_select())
+                .first(&mut conn)
+                .await?;
+        }
+        Ok(Created {
+            instance,
+            replayed: created.replayed,
+        })
     }
 
     /// Reads one instance the caller may see, terminated ones too.

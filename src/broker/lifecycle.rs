@@ -72,6 +72,8 @@ pub enum Decision {
         /// Who asked.
         reason: String,
     },
+    /// The caller's key is on the warm machine it took.
+    KeyAuthorized,
     /// The instance is terminated already: the request is for something gone.
     Gone,
     /// Nothing to write yet; look again later, for the reason given.
@@ -163,6 +165,17 @@ pub fn refresh(row: &Instance, machine: Option<&CloudInstance>, clock: &RefreshC
         },
     };
     let cloud_state = machine.map(|m| &m.state);
+    // A warm machine taken with a key whose key job never got the key on it.
+    if let (State::Running, Some(since)) = (row.state, row.key_pending_since) {
+        let waited = clock.now.signed_duration_since(since).to_std();
+        if waited.is_ok_and(|waited| waited > clock.launch_timeout) {
+            let reason = format!(
+                "the caller's key was not on the machine {} s after it was taken",
+                clock.launch_timeout.as_secs()
+            );
+            return Decision::fail(reason, recorded);
+        }
+    }
     if !matches!(cloud_state, Some(CloudState::Running)) && launch_timed_out(row, clock) {
         let reason = format!(
             "the machine was not running {} s after it was asked for",
@@ -238,6 +251,11 @@ pub fn create_wanted(state: State) -> bool {
     state == State::Creating
 }
 
+/// True when a key job has a key to put on the machine of `row`.
+pub fn key_wanted(row: &Instance) -> bool {
+    row.state == State::Running && row.key_pending_since.is_some()
+}
+
 /// True when a remove job has a machine to destroy for an instance in `state`.
 pub fn remove_wanted(state: State) -> bool {
     state == State::Terminating
@@ -277,6 +295,7 @@ mod tests {
             assigned_at: None,
             placement: None,
             asked: None,
+            key_pending_since: None,
         }
     }
 
@@ -444,6 +463,17 @@ mod tests {
                 assert_ne!(decision, expired, "{state:?} with {cloud:?}");
             }
         }
+        // A key that never got onto a warm machine taken with it errors the instance.
+        let mut keyed = row(S::Running);
+        keyed.upstream_id = Some("i-1".into());
+        keyed.ip_address = Some("10.0.0.1".into());
+        keyed.key_pending_since = Some(at(0));
+        let running = machine(C::Running);
+        assert_eq!(refresh(&keyed, Some(&running), &clock(60)), Decision::Keep);
+        assert!(matches!(
+            refresh(&keyed, Some(&running), &clock(1)),
+            Decision::Fail { reason, .. } if reason.contains("key was not on the machine")
+        ));
         // A machine on its way out keeps what it says of itself, and its state.
         let mut draining = machine(C::Running);
         draining

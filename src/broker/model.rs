@@ -97,6 +97,8 @@ pub struct Instance {
     /// The provider and instance type it was asked for, once a capacity fallback moved
     /// it elsewhere (`{"provider", "instance_type"}`).
     pub asked: Option<serde_json::Value>,
+    /// Since when it waits for its key to be put on its warm machine.
+    pub key_pending_since: Option<DateTime<Utc>>,
 }
 
 /// A new row of `instances`.

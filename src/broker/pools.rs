@@ -511,26 +511,31 @@ pub(super) async fn take_idle(
                 asked.map(Lifetime::interval),
             )
             .sql(")");
+            // With a key, a key job puts the key on it; the request waits for that.
+            let keyed = new.public_ssh_key.is_some();
+            let pending = diesel::dsl::sql::<
+                diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>,
+            >(if keyed { "now()" } else { "NULL" });
             let instance: Instance = diesel::update(instances::table.find(id))
                 .set((
                     instances::owner_token_id.eq(caller.token_id),
                     instances::assigned_at.eq(diesel::dsl::now),
                     instances::idempotency_key.eq(new.idempotency_key),
                     instances::expires_at.eq(expires_at),
+                    instances::public_ssh_key.eq(new.public_ssh_key),
+                    instances::key_pending_since.eq(pending),
                     instances::updated_at.eq(diesel::dsl::now),
                 ))
                 .returning(Instance::as_returning())
                 .get_result(conn)
                 .await?;
-            let reason = format!("taken from pool {} by token {}", pool.name, caller.token_id);
-            record_event(
-                conn,
-                id,
-                Some(State::Running),
-                State::Running,
-                Some(&reason),
-            )
-            .await?;
+            let mut reason = format!("taken from pool {} by token {}", pool.name, caller.token_id);
+            if keyed {
+                reason.push_str("; its key is being put on the machine");
+                crate::queue::enqueue(conn, crate::queue::JobKind::AuthorizeKey, id).await?;
+            }
+            let (from, to) = (Some(State::Running), State::Running);
+            record_event(conn, id, from, to, Some(&reason)).await?;
             Ok(Some(instance))
         })
         .await;

@@ -155,6 +155,25 @@ pub async fn apply(
             }
             Ok(updated)
         }
+        Decision::KeyAuthorized => {
+            let cleared = diesel::update(instances::table.find(id))
+                .filter(instances::state.eq(State::Running))
+                .filter(instances::key_pending_since.is_not_null())
+                .set((
+                    instances::key_pending_since.eq(None::<chrono::DateTime<chrono::Utc>>),
+                    instances::updated_at.eq(diesel::dsl::now),
+                ))
+                .returning(Instance::as_returning())
+                .get_result(conn)
+                .await
+                .optional()?;
+            if cleared.is_some() {
+                let (from, to) = (Some(State::Running), State::Running);
+                let reason = Some("the caller's key is on the machine");
+                record_event(conn, id, from, to, reason).await?;
+            }
+            Ok(cleared)
+        }
         Decision::BeginTermination { reason } => {
             let change = InstanceChange::default();
             let updated = transition(conn, id, State::Terminating, Some(reason), change).await?;

@@ -46,6 +46,7 @@ diesel::table! {
         assigned_at -> Nullable<Timestamptz>,
         placement -> Nullable<Text>,
         asked -> Nullable<Jsonb>,
+        key_pending_since -> Nullable<Timestamptz>,
     }
 }
 

@@ -137,6 +137,12 @@ impl Provider for LimitedProvider {
     async fn drain(&self, id: Uuid) -> Result<cloudbrain_provider::Drain, ProviderError> {
         self.call("drain", self.inner.drain(id)).await
     }
+
+    #[tracing::instrument(level = "debug", skip(self, key), fields(provider = %self.name, instance.id = %id))]
+    async fn authorize_key(&self, id: Uuid, key: &str) -> Result<(), ProviderError> {
+        self.call("authorize_key", self.inner.authorize_key(id, key))
+            .await
+    }
 }
 
 #[cfg(test)]

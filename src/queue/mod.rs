@@ -43,6 +43,8 @@ crate::text_enum! {
         CreateInstance => "create",
         /// Destroy the machine of an instance.
         RemoveInstance => "remove",
+        /// Put the caller's key on the warm machine it took.
+        AuthorizeKey => "authorize_key",
     }
 }
 

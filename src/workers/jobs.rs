@@ -1,8 +1,9 @@
 //! The jobs, as types: [`CreateInstance`] makes an instance's machine, [`RemoveInstance`]
-//! destroys it. Each runs with no transaction or pooled connection held while the
-//! provider is called, decides through [`crate::broker::lifecycle`], and finishes its job
-//! in the transaction that writes the decision. [`JobContext`] is what they run with, and
-//! the [`Handler`] the queue's runner calls.
+//! destroys it, [`AuthorizeKey`] puts a caller's key on the warm machine it took. Each
+//! runs with no transaction or pooled connection held while the provider is called,
+//! decides through [`crate::broker::lifecycle`], and finishes its job in the transaction
+//! that writes the decision. [`JobContext`] is what they run with, and the [`Handler`]
+//! the queue's runner calls.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,10 +42,10 @@ impl JobContext {
     async fn instance(
         &self,
         lease: &Lease,
-        wanted: fn(crate::broker::State) -> bool,
+        wanted: fn(&Instance) -> bool,
     ) -> Result<Option<(Instance, Arc<LimitedProvider>)>, JobError> {
         let instance = self.broker.job_instance(lease.instance_id).await?;
-        let Some(instance) = instance.filter(|i| wanted(i.state)) else {
+        let Some(instance) = instance.filter(wanted) else {
             // Gone, or moved on (deleted or errored before its machine was made).
             return match self.queue.finish(lease).await.map_err(JobError::Store)? {
                 true => Ok(None),
@@ -77,7 +78,9 @@ impl CreateInstance<'_> {
     /// Asks the cloud for the machine and records what it made.
     pub async fn run(&self, ctx: &JobContext) -> Result<(), JobError> {
         let lease = self.0;
-        let Some((instance, provider)) = ctx.instance(lease, lifecycle::create_wanted).await?
+        let Some((instance, provider)) = ctx
+            .instance(lease, |i| lifecycle::create_wanted(i.state))
+            .await?
         else {
             return Ok(());
         };
@@ -135,7 +138,9 @@ impl RemoveInstance<'_> {
     /// Destroys the machine, checks that it is gone, and records the instance terminated.
     pub async fn run(&self, ctx: &JobContext) -> Result<(), JobError> {
         let lease = self.0;
-        let Some((instance, provider)) = ctx.instance(lease, lifecycle::remove_wanted).await?
+        let Some((instance, provider)) = ctx
+            .instance(lease, |i| lifecycle::remove_wanted(i.state))
+            .await?
         else {
             return Ok(());
         };
@@ -176,12 +181,34 @@ impl RemoveInstance<'_> {
     }
 }
 
+/// Puts the caller's key on the warm machine it took, then it runs again.
+pub struct AuthorizeKey<'a>(pub &'a Lease);
+
+impl AuthorizeKey<'_> {
+    /// Asks the cloud to let the key in, and records the instance running.
+    pub async fn run(&self, ctx: &JobContext) -> Result<(), JobError> {
+        let lease = self.0;
+        let Some((instance, provider)) = ctx.instance(lease, lifecycle::key_wanted).await? else {
+            return Ok(());
+        };
+        let Some(key) = instance.public_ssh_key.as_deref() else {
+            return Err(JobError::Refused("no key to put on the machine".into()));
+        };
+        provider.authorize_key(instance.id.0, key).await?;
+        ctx.broker
+            .finish_with(lease, &lifecycle::Decision::KeyAuthorized)
+            .await?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl Handler for JobContext {
     async fn run(&self, lease: &Lease) -> Result<(), JobError> {
         match lease.kind {
             JobKind::CreateInstance => CreateInstance(lease).run(self).await,
             JobKind::RemoveInstance => RemoveInstance(lease).run(self).await,
+            JobKind::AuthorizeKey => AuthorizeKey(lease).run(self).await,
         }
     }
 
@@ -205,7 +232,11 @@ pub fn job_worker(
         id,
         queue,
         Arc::new(context),
-        &[JobKind::CreateInstance, JobKind::RemoveInstance],
+        &[
+            JobKind::CreateInstance,
+            JobKind::RemoveInstance,
+            JobKind::AuthorizeKey,
+        ],
         metrics,
         settings,
     )

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 use crate::common::fake_compute::{FakeCompute, Inject};
 use crate::common::{machine_ids, TestBroker, ED25519};
@@ -420,6 +421,8 @@ async fn the_fake_answers_in_the_shapes_google_does() {
     let p = provider(&fake, "gce", json!({"service_account": "ci@p.iam.gserviceaccount.com", "scopes": ["https://www.googleapis.com/auth/devstorage.read_only"]})).await;
     let id = Uuid::new_v4();
     p.create(id, &spec()).await.unwrap();
+    // Its metadata as setMetadata leaves it is checked too.
+    p.authorize_key(id, ED25519).await.unwrap();
     let client = reqwest::Client::new();
     let base = format!(
         "{}/compute/v1/projects/cloudbrain-test/zones/us-central1-a",
@@ -566,4 +569,45 @@ async fn the_fake_answers_in_the_shapes_google_does() {
         "the fake strays from Google's shapes:\n{}",
         problems.join("\n")
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_with_a_key_takes_a_warm_vm_and_the_key_goes_into_its_metadata() {
+    let fake = FakeCompute::start();
+    let b = broker(&fake, json!({})).await;
+    let admin = b.client_with(cloudbrain::auth::Scope::Admin).await;
+    let pool = json!({"provider": "gce", "image": "default", "min_idle": 1, "max_size": 2});
+    admin.put("/pools/warm", &pool).await.expect(200);
+    b.workers.refresh.reconcile_pools().await;
+    b.workers.run_pending_jobs().await;
+    crate::common::wait_for("the warm VM", Duration::from_secs(20), async || {
+        b.workers.refresh.refresh_all().await;
+        b.client().get("/pools/warm").await.expect(200)["counts"]["idle"] == 1
+    })
+    .await;
+    let keyed = json!({"pool": "warm", "public_ssh_key": ED25519});
+    let client = b.client();
+    let (taken, ()) = tokio::join!(client.post("/instances", &keyed), async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        b.workers.run_pending_jobs().await;
+    });
+    let taken = taken.expect(200);
+    assert_eq!(taken["state"], "running", "{taken}");
+    let vm = &fake.vms_in("us-central1-a")[0];
+    let items = vm["metadata"]["items"].as_array().unwrap();
+    let keys = items.iter().find(|i| i["key"] == "ssh-keys").unwrap();
+    assert!(
+        keys["value"]
+            .as_str()
+            .unwrap()
+            .ends_with(ED25519.trim_end()),
+        "{vm}"
+    );
+    let asked = fake.state.lock().unwrap().requests.clone();
+    assert!(
+        asked.iter().any(|r| r.starts_with("SETMETADATA ")),
+        "{asked:?}"
+    );
+    b.workers.refresh.reconcile_pools().await;
+    b.workers.run_pending_jobs().await;
 }

@@ -224,17 +224,18 @@ async fn a_pooled_request_gets_a_running_machine_at_once_and_the_pool_refills() 
 async fn with_no_idle_machine_a_request_goes_on_demand_and_a_full_pool_answers_429() {
     let s = warm(1, 2).await;
     let client = s.client();
-    // A key cannot be put on a machine booted before it was known: on demand.
-    let keyed = json!({"pool": "ci", "public_ssh_key": crate::common::ED25519});
-    let on_demand = client.post("/instances", &keyed).await.expect(200);
-    assert_eq!(on_demand["state"], "creating");
-    assert_eq!(counts(&s).await, counted(1, 1, 0, 0));
-
     let warm = client
         .post("/instances", &json!({"pool": "ci"}))
         .await
         .expect(200);
     assert_eq!(warm["state"], "running");
+    assert_eq!(counts(&s).await, counted(0, 1, 0, 0));
+    // No idle machine left: one is made on demand, for the pool.
+    let on_demand = client
+        .post("/instances", &json!({"pool": "ci"}))
+        .await
+        .expect(200);
+    assert_eq!(on_demand["state"], "creating");
     // Two live instances: the pool is full, and a cycle makes nothing.
     let answer = s
         .app
@@ -371,4 +372,74 @@ async fn a_pools_lifetime_bounds_its_machines_and_the_requests_for_them() {
         "on demand, the pool being empty: {short}"
     );
     s.workers.run_pending_jobs().await;
+}
+
+/// The key the fake cloud let in on instance `id`'s machine.
+async fn key_on(s: &TestBroker, id: &str) -> Option<String> {
+    let mut conn = s.db.conn().await;
+    let sql = format!("SELECT ssh_key AS v FROM fake_cloud.machines WHERE instance_id = '{id}'");
+    crate::common::text(&mut conn, &sql).await
+}
+
+#[tokio::test]
+async fn a_request_with_a_key_takes_a_warm_machine_once_its_key_is_on_it() {
+    let s = warm(1, 3).await;
+    let idle = s.workers.broker.pools().await.unwrap()[0].machines[0].id;
+    let keyed = json!({"pool": "ci", "public_ssh_key": crate::common::ED25519});
+    // The request waits while a key job puts its key on the warm machine.
+    let client = s.client();
+    let (taken, ()) = tokio::join!(client.post("/instances", &keyed), async {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        s.workers.run_pending_jobs().await;
+    });
+    let taken = taken.expect(200);
+    let id = taken["id"].as_str().unwrap().to_owned();
+    assert_eq!(id, idle.to_string(), "the warm machine, not a new one");
+    assert_eq!(taken["state"], "running", "{taken}");
+    assert_eq!(
+        key_on(&s, &id).await.as_deref(),
+        Some(crate::common::ED25519)
+    );
+    assert_eq!(counts(&s).await, counted(0, 1, 0, 0));
+    let events = s
+        .client()
+        .get(&format!("/instances/{id}/events"))
+        .await
+        .expect(200);
+    let reasons: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["reason"].as_str())
+        .collect();
+    let n = reasons.len();
+    assert!(
+        reasons[n - 2].ends_with("its key is being put on the machine"),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons[n - 1], "the caller's key is on the machine");
+    fill(&s).await;
+}
+
+#[tokio::test]
+async fn where_keys_cannot_be_put_on_running_machines_a_keyed_request_goes_on_demand() {
+    let s = TestBroker::new()
+        .fake(json!({"boot_time_ms": 0, "authorize_keys": false}))
+        .start()
+        .await;
+    let admin = s.client_with(Scope::Admin).await;
+    let body = json!({"provider": "fake", "image": "ubuntu", "min_idle": 1, "max_size": 3});
+    admin.put("/pools/ci", &body).await.expect(200);
+    fill(&s).await;
+    let keyed = json!({"pool": "ci", "public_ssh_key": crate::common::ED25519});
+    let made = s.client().post("/instances", &keyed).await.expect(200);
+    assert_eq!(made["state"], "creating", "{made}");
+    assert_eq!(counts(&s).await["idle"], 1);
+    s.workers.run_pending_jobs().await;
+    let id = made["id"].as_str().unwrap();
+    assert_eq!(
+        key_on(&s, id).await.as_deref(),
+        Some(crate::common::ED25519)
+    );
+    fill(&s).await;
 }

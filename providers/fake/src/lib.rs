@@ -55,6 +55,9 @@ pub struct FakeConfig {
     /// Zones it makes machines in, tried in this order (none: it offers no choice).
     #[serde(default)]
     pub zones: Vec<String>,
+    /// Whether it puts a key on a running machine when asked (default true).
+    #[serde(default = "yes")]
+    pub authorize_keys: bool,
     /// Offerings with no room: creating one fails for lack of capacity, every time. Each
     /// names an instance type (`premium`), a zone (`@zone-a`) or both (`premium@zone-a`).
     #[serde(default)]
@@ -76,6 +79,10 @@ pub struct FakeConfig {
 
 fn default_instance_types() -> Vec<String> {
     vec!["standard".to_owned(), "premium".to_owned()]
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_boot_time_ms() -> u64 {
@@ -105,6 +112,7 @@ impl Default for FakeConfig {
             capacity_error_rate: 0.0,
             invalid_images: Vec::new(),
             zones: Vec::new(),
+            authorize_keys: true,
             no_capacity: Vec::new(),
             seed: 0,
             max_concurrency: cloudbrain_provider::default_max_concurrency(),
@@ -155,7 +163,11 @@ impl FakeConfig {
             self.max_concurrency,
             self.rate_limit,
         )
-        .map(|offer| offer.placed_in(&self.zones))
+        .map(|offer| {
+            offer
+                .placed_in(&self.zones)
+                .authorizing_keys(self.authorize_keys)
+        })
     }
 
     /// The zone a create for `spec` lands in, and whether that offering has room.
@@ -241,6 +253,7 @@ impl Factory for FakeFactory {
 struct Machine {
     upstream_id: String,
     ip_address: String,
+    ssh_key: Option<String>,
     created_at: SystemTime,
     boots_at: SystemTime,
 }
@@ -253,6 +266,7 @@ impl Machine {
             upstream_id: format!("fake-{}", &id.simple().to_string()[..12]),
             // TEST-NET-1 (RFC 5737): addresses that are never routed anywhere.
             ip_address: format!("192.0.2.{}", 1 + bytes[15] % 254),
+            ssh_key: None,
             created_at: now,
             boots_at: now + boot_time,
         }
@@ -345,7 +359,10 @@ impl FakeCloud {
 
     /// Adds the machine for `id` unless it exists.
     async fn put(&self, id: Uuid, spec: &InstanceSpec) -> Result<(), ProviderError> {
-        let machine = Machine::new(id, Duration::from_millis(self.config.boot_time_ms));
+        let machine = Machine {
+            ssh_key: spec.public_ssh_key.clone(),
+            ..Machine::new(id, Duration::from_millis(self.config.boot_time_ms))
+        };
         match &self.store {
             Store::Memory(machines) => {
                 let mut machines = machines.lock().unwrap_or_else(|e| e.into_inner());
@@ -394,7 +411,7 @@ impl FakeCloud {
                 let client = connected(url, client).await?;
                 let rows = client
                     .query(
-                        "SELECT instance_id, upstream_id, ip_address, created_at, \
+                        "SELECT instance_id, upstream_id, ip_address, ssh_key, created_at, \
                          clock_timestamp() >= boots_at AS booted FROM fake_cloud.machines \
                          WHERE provider = $1 AND ($2::uuid IS NULL OR instance_id = $2) \
                          ORDER BY instance_id",
@@ -408,6 +425,7 @@ impl FakeCloud {
                         let machine = Machine {
                             upstream_id: row.get("upstream_id"),
                             ip_address: row.get("ip_address"),
+                            ssh_key: row.get("ssh_key"),
                             created_at: row.get("created_at"),
                             boots_at: SystemTime::UNIX_EPOCH,
                         };
@@ -507,6 +525,41 @@ impl Provider for FakeCloud {
     async fn destroy(&self, id: Uuid) -> Result<(), ProviderError> {
         self.dice(Call::Other)?;
         self.remove(id).await
+    }
+
+    async fn authorize_key(&self, id: Uuid, key: &str) -> Result<(), ProviderError> {
+        self.dice(Call::Other)?;
+        if !self.config.authorize_keys {
+            return Err(ProviderError::Invalid(
+                "fake cloud: keys are not put on running machines here".into(),
+            ));
+        }
+        let found = match &self.store {
+            Store::Memory(machines) => {
+                let mut machines = machines.lock().unwrap_or_else(|e| e.into_inner());
+                machines
+                    .get_mut(&id)
+                    .map(|m| m.ssh_key = Some(key.to_owned()))
+                    .is_some()
+            }
+            Store::Postgres { url, client } => {
+                let client = connected(url, client).await?;
+                client
+                    .execute(
+                        "UPDATE fake_cloud.machines SET ssh_key = $3 \
+                         WHERE provider = $1 AND instance_id = $2",
+                        &[&self.name, &id, &key],
+                    )
+                    .await
+                    .map_err(transient)?
+                    == 1
+            }
+        };
+        if found {
+            Ok(())
+        } else {
+            Err(ProviderError::NotFound)
+        }
     }
 }
 

@@ -220,7 +220,8 @@ impl GceConfig {
             self.max_concurrency,
             self.rate_limit,
         )
-        .map(|offer| offer.placed_in(&self.zones))
+        // A key goes into a running VM's `ssh-keys` metadata as it would at insert.
+        .map(|offer| offer.placed_in(&self.zones).authorizing_keys(true))
     }
 }
 

@@ -48,6 +48,9 @@ pub fn label_value(name: &str) -> String {
     value
 }
 
+/// The metadata item GCE's guest agent reads SSH keys from.
+const SSH_KEYS: &str = "ssh-keys";
+
 /// The VM name for an instance.
 pub fn vm_name(id: Uuid) -> String {
     format!("cloudbrain-{id}")
@@ -241,11 +244,8 @@ impl GceProvider {
         vm.network_interfaces = vec![nic];
         if let Some(key) = &spec.public_ssh_key {
             // The key goes into metadata, never into a startup script.
-            let mut item = model::metadata::Items::default();
-            item.key = Some("ssh-keys".to_owned());
-            item.value = Some(format!("{}:{}", self.config.ssh_user, key.trim_end()));
             let mut metadata = Metadata::default();
-            metadata.items = vec![item];
+            self.add_key(&mut metadata, key);
             vm.metadata = Some(metadata);
         }
         if let Some(email) = &self.config.service_account {
@@ -304,6 +304,32 @@ impl GceProvider {
                 .send()
                 .await
                 .map_err(from_gax)?;
+        }
+    }
+
+    /// Adds `key` for the config's `ssh_user` to `metadata`'s `ssh-keys`, once.
+    fn add_key(&self, metadata: &mut Metadata, key: &str) {
+        let line = format!("{}:{}", self.config.ssh_user, key.trim_end());
+        let keys = metadata
+            .items
+            .iter_mut()
+            .find(|item| item.key.as_deref() == Some(SSH_KEYS));
+        match keys {
+            Some(item) => {
+                let value = item.value.get_or_insert_default();
+                if !value.lines().any(|l| l == line) {
+                    if !value.is_empty() {
+                        value.push('\n');
+                    }
+                    value.push_str(&line);
+                }
+            }
+            None => {
+                let mut item = model::metadata::Items::default();
+                item.key = Some(SSH_KEYS.to_owned());
+                item.value = Some(line);
+                metadata.items.push(item);
+            }
         }
     }
 
@@ -525,6 +551,28 @@ impl Provider for GceProvider {
             Err(ProviderError::NotFound) => Ok(()),
             Err(other) => Err(other),
         }
+    }
+
+    async fn authorize_key(&self, id: Uuid, key: &str) -> Result<(), ProviderError> {
+        let Some((zone, vm)) = self.find(id).await? else {
+            return Err(ProviderError::NotFound);
+        };
+        // The fingerprint read with the metadata guards against a concurrent change.
+        let mut metadata = vm.metadata.unwrap_or_default();
+        self.add_key(&mut metadata, key);
+        let op = self
+            .instances
+            .set_metadata()
+            .set_project(&self.config.project)
+            .set_zone(&zone)
+            .set_instance(vm_name(id))
+            .set_body(metadata)
+            .send()
+            .await
+            .map_err(from_gax)?;
+        self.wait(&zone, op).await.map(|_| ())?;
+        tracing::info!(instance.id = %id, zone, "put a key on GCE VM {}", vm_name(id));
+        Ok(())
     }
 }
 

@@ -179,6 +179,15 @@ pub trait Provider: Send + Sync {
         let _ = id;
         Ok(Drain::Done)
     }
+    /// Lets OpenSSH public key `key` (one line, already validated) log in to the running
+    /// machine of instance `id`, for a provider whose offer says
+    /// [`Offer::authorizes_keys`]; doing it twice is the same as once.
+    async fn authorize_key(&self, id: Uuid, key: &str) -> Result<(), ProviderError> {
+        let _ = (id, key);
+        Err(ProviderError::Invalid(
+            "this provider cannot put a key on a running machine".into(),
+        ))
+    }
 }
 
 /// How far a machine is from being ready to go.
@@ -230,6 +239,10 @@ pub struct Offer {
     /// it has no choice to offer.
     #[serde(default)]
     pub placements: Vec<String>,
+    /// Whether it can put an SSH key on a running machine ([`Provider::authorize_key`]),
+    /// so a request with a key may take a machine booted before the key was known.
+    #[serde(default)]
+    pub authorizes_keys: bool,
 }
 
 impl Offer {
@@ -254,7 +267,14 @@ impl Offer {
             default_instance_type,
             limits,
             placements: Vec::new(),
+            authorizes_keys: false,
         })
+    }
+
+    /// The offer, saying whether it can put a key on a running machine.
+    pub fn authorizing_keys(mut self, can: bool) -> Self {
+        self.authorizes_keys = can;
+        self
     }
 
     /// The offer, with machines made in `placements`, tried in that order.

@@ -55,6 +55,16 @@ fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, false)
 }
 
+/// GCE's 404 for resource `path`.
+fn not_found(path: &str) -> HttpResponse {
+    error(
+        404,
+        "NOT_FOUND",
+        "notFound",
+        &format!("The resource '{path}' was not found"),
+    )
+}
+
 fn error(code: u16, status: &str, reason: &str, message: &str) -> HttpResponse {
     let body = json!({"error": {
         "code": code,
@@ -280,6 +290,39 @@ async fn insert(
     HttpResponse::Ok().json(op)
 }
 
+/// instances.setMetadata: replaces a VM's metadata when the request's fingerprint is the
+/// VM's current one (412 conditionNotMet otherwise, as GCE answers).
+async fn set_metadata(
+    data: Shared,
+    path: web::Path<(String, String, String)>,
+    body: web::Json<Value>,
+) -> HttpResponse {
+    let (project, zone, name) = path.into_inner();
+    let base = data.1.clone();
+    let mut state = data.0.lock().unwrap();
+    state
+        .requests
+        .push(format!("SETMETADATA {zone}/instances/{name}"));
+    let Some(vm) = state.vms.get_mut(&(zone.clone(), name.clone())) else {
+        return not_found(&format!("projects/{project}/zones/{zone}/instances/{name}"));
+    };
+    let current = vm["metadata"]["fingerprint"].as_str().map(str::to_owned);
+    let mut metadata = body.into_inner();
+    if current.is_some() && metadata["fingerprint"].as_str() != current.as_deref() {
+        return error(
+            412,
+            "FAILED_PRECONDITION",
+            "conditionNotMet",
+            "Supplied fingerprint does not match current metadata fingerprint.",
+        );
+    }
+    metadata["kind"] = json!("compute#metadata");
+    metadata["fingerprint"] = json!(format!("fp-{}", uuid::Uuid::new_v4().simple()));
+    vm["metadata"] = metadata;
+    let op = state.operation(&base, &project, &zone, "setMetadata", &name, None);
+    HttpResponse::Ok().json(op)
+}
+
 async fn get_vm(data: Shared, path: web::Path<(String, String, String)>) -> HttpResponse {
     let (project, zone, name) = path.into_inner();
     let mut state = data.0.lock().unwrap();
@@ -290,14 +333,7 @@ async fn get_vm(data: Shared, path: web::Path<(String, String, String)>) -> Http
             advance_vm(vm);
             HttpResponse::Ok().json(answer)
         }
-        None => error(
-            404,
-            "NOT_FOUND",
-            "notFound",
-            &format!(
-                "The resource 'projects/{project}/zones/{zone}/instances/{name}' was not found"
-            ),
-        ),
+        None => not_found(&format!("projects/{project}/zones/{zone}/instances/{name}")),
     }
 }
 
@@ -309,14 +345,7 @@ async fn delete_vm(data: Shared, path: web::Path<(String, String, String)>) -> H
         .requests
         .push(format!("DELETE {zone}/instances/{name}"));
     if state.vms.remove(&(zone.clone(), name.clone())).is_none() {
-        return error(
-            404,
-            "NOT_FOUND",
-            "notFound",
-            &format!(
-                "The resource 'projects/{project}/zones/{zone}/instances/{name}' was not found"
-            ),
-        );
+        return not_found(&format!("projects/{project}/zones/{zone}/instances/{name}"));
     }
     let op = state.operation(&base, &project, &zone, "delete", &name, None);
     HttpResponse::Ok().json(op)
@@ -370,14 +399,9 @@ async fn get_operation(data: Shared, path: web::Path<(String, String, String)>) 
     let mut state = data.0.lock().unwrap();
     state.requests.push(format!("GET {zone}/operations"));
     let Some((op, polls, failure)) = state.ops.get_mut(&name) else {
-        return error(
-            404,
-            "NOT_FOUND",
-            "notFound",
-            &format!(
-                "The resource 'projects/{project}/zones/{zone}/operations/{name}' was not found"
-            ),
-        );
+        return not_found(&format!(
+            "projects/{project}/zones/{zone}/operations/{name}"
+        ));
     };
     *polls += 1;
     match polls {
@@ -414,14 +438,7 @@ async fn image_family(data: Shared, path: web::Path<(String, String)>) -> HttpRe
             "creationTimestamp": now(),
             "selfLink": format!("{base}/compute/v1/projects/{project}/global/images/{image}"),
         })),
-        None => error(
-            404,
-            "NOT_FOUND",
-            "notFound",
-            &format!(
-                "The resource 'projects/{project}/global/images/family/{family}' was not found"
-            ),
-        ),
+        None => not_found(&format!("projects/{project}/global/images/family/{family}")),
     }
 }
 
@@ -460,6 +477,10 @@ impl FakeCompute {
                 .route(
                     &format!("{p}/zones/{{zone}}/instances/{{name}}"),
                     web::delete().to(delete_vm),
+                )
+                .route(
+                    &format!("{p}/zones/{{zone}}/instances/{{name}}/setMetadata"),
+                    web::post().to(set_metadata),
                 )
                 .route(
                     &format!("{p}/zones/{{zone}}/operations/{{op}}"),
