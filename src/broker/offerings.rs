@@ -18,7 +18,8 @@ use super::state::{record_event, State};
 use super::validate::ProviderName;
 use super::{Broker, BrokerError};
 use crate::crypto::SecretKey;
-use crate::db::schema::{instances, pools, unavailable_offerings};
+use crate::db::schema::{instances, pools, providers, unavailable_offerings};
+use cloudbrain_provider::Offer;
 
 /// How long an offering that had no room is skipped.
 pub const UNAVAILABLE_FOR: Duration = Duration::from_secs(180);
@@ -67,13 +68,35 @@ impl std::fmt::Display for Offering {
     }
 }
 
-/// Every offering of a machine of `instance_type` on `provider` with `fallbacks`, in the
-/// order to try them; `placements` are each provider's (none: the provider's choice).
+/// Where a provider config makes machines: its placements, a preference order or equals.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Placements {
+    /// Zones or subnets; empty: the provider's own choice.
+    pub names: Vec<String>,
+    /// Equals: instance `id` starts at [`cloudbrain_provider::first_placement`].
+    pub spread: bool,
+}
+
+impl Placements {
+    /// The placements for instance `id`, in the order to try them.
+    fn for_instance(&self, id: uuid::Uuid) -> Vec<String> {
+        let mut names = self.names.clone();
+        if self.spread && !names.is_empty() {
+            let first = cloudbrain_provider::first_placement(id, names.len());
+            names.rotate_left(first);
+        }
+        names
+    }
+}
+
+/// Every offering of instance `id`, a machine of `instance_type` on `provider` with
+/// `fallbacks`, in the order to try them; `placements` are each provider's.
 pub fn candidates(
+    id: uuid::Uuid,
     provider: &str,
     instance_type: &str,
     fallbacks: &[Fallback],
-    placements: &BTreeMap<String, Vec<String>>,
+    placements: &BTreeMap<String, Placements>,
 ) -> Vec<Offering> {
     let shapes = std::iter::once((provider, instance_type)).chain(fallbacks.iter().map(|f| {
         (
@@ -83,10 +106,14 @@ pub fn candidates(
     }));
     let mut all: Vec<Offering> = Vec::new();
     for (provider, instance_type) in shapes {
-        let zones = placements.get(provider).filter(|z| !z.is_empty());
-        let zones: Vec<Option<String>> = match zones {
-            Some(zones) => zones.iter().cloned().map(Some).collect(),
-            None => vec![None],
+        let names = placements
+            .get(provider)
+            .map(|p| p.for_instance(id))
+            .unwrap_or_default();
+        let zones: Vec<Option<String>> = if names.is_empty() {
+            vec![None]
+        } else {
+            names.into_iter().map(Some).collect()
         };
         for placement in zones {
             let offering = Offering {
@@ -190,21 +217,49 @@ impl Broker {
                 Vec::new(),
             ),
         };
-        let policy = super::providers::policy_of(&mut conn, &provider).await?;
-        fallbacks.extend(policy.map(|p| p.fallbacks).unwrap_or_default());
+        // Every provider config's offer and fallbacks, in one read.
+        let stored: Vec<(String, Option<serde_json::Value>, serde_json::Value)> = providers::table
+            .select((providers::name, providers::offer, providers::fallbacks))
+            .load(&mut conn)
+            .await?;
+        let mut offers = BTreeMap::new();
+        for (name, offer, provider_fallbacks) in stored {
+            if name == provider {
+                fallbacks.extend(fallbacks_of(&provider_fallbacks));
+            }
+            offers.insert(name, offer);
+        }
         let mut placements = BTreeMap::new();
-        let names = std::iter::once(provider.as_str())
-            .chain(fallbacks.iter().filter_map(|f| f.provider.as_deref()));
+        let names: Vec<String> = std::iter::once(provider.clone())
+            .chain(fallbacks.iter().filter_map(|f| f.provider.clone()))
+            .collect();
         for name in names {
-            let Ok(parsed) = ProviderName::parse(name) else {
-                continue;
+            let offer = match offers.get(&name) {
+                Some(Some(stored)) => Offer::deserialize(stored).ok(),
+                // Registered before offers were stored: worked out once, and kept.
+                Some(None) => match ProviderName::parse(&name) {
+                    Ok(parsed) => {
+                        super::providers::find_offer(&mut conn, &self.key, &parsed).await?
+                    }
+                    Err(_) => None,
+                },
+                None => None,
             };
-            if let Some(offer) = super::providers::find_offer(&mut conn, &self.key, &parsed).await?
-            {
-                placements.insert(name.to_owned(), offer.placements);
+            if let Some(offer) = offer {
+                let found = Placements {
+                    names: offer.placements,
+                    spread: offer.spread,
+                };
+                placements.insert(name, found);
             }
         }
-        let mut all = candidates(&provider, &instance_type, &fallbacks, &placements);
+        let mut all = candidates(
+            instance.id.0,
+            &provider,
+            &instance_type,
+            &fallbacks,
+            &placements,
+        );
         // Where an earlier attempt went comes first: it may have made the machine.
         let current = Offering {
             provider: instance.provider_name.clone(),
@@ -325,10 +380,15 @@ mod tests {
 
     #[test]
     fn candidates_are_the_shape_in_each_zone_then_each_fallback_in_its_providers_zones() {
+        let zones = |names: &[&str], spread: bool| Placements {
+            names: names.iter().map(|n| (*n).to_owned()).collect(),
+            spread,
+        };
         let placements = BTreeMap::from([
-            ("gce".to_owned(), vec!["a".to_owned(), "b".to_owned()]),
-            ("ec2".to_owned(), vec![]),
+            ("gce".to_owned(), zones(&["a", "b"], false)),
+            ("ec2".to_owned(), zones(&[], false)),
         ]);
+        let id = uuid::Uuid::from_bytes([1; 16]);
         let fallbacks = [
             Fallback {
                 provider: None,
@@ -345,7 +405,7 @@ mod tests {
             },
         ];
         assert_eq!(
-            candidates("gce", "big", &fallbacks, &placements),
+            candidates(id, "gce", "big", &fallbacks, &placements),
             [
                 offering("gce", "big", Some("a")),
                 offering("gce", "big", Some("b")),
@@ -355,9 +415,23 @@ mod tests {
             ]
         );
         assert_eq!(
-            candidates("fake", "standard", &[], &BTreeMap::new()),
+            candidates(id, "fake", "standard", &[], &BTreeMap::new()),
             [offering("fake", "standard", None)]
         );
+        // Equal placements (EC2's subnets): each instance starts at the one its id picks
+        // and goes round.
+        let subnets = BTreeMap::from([("ec2".to_owned(), zones(&["s0", "s1", "s2"], true))]);
+        let order = |first: u8| -> Vec<Option<String>> {
+            let id = uuid::Uuid::from_bytes([first; 16]);
+            candidates(id, "ec2", "big", &[], &subnets)
+                .into_iter()
+                .map(|o| o.placement)
+                .collect()
+        };
+        let named = |names: [&str; 3]| names.map(|n| Some(n.to_owned())).to_vec();
+        assert_eq!(order(0), named(["s0", "s1", "s2"]));
+        assert_eq!(order(1), named(["s1", "s2", "s0"]));
+        assert_eq!(order(5), named(["s2", "s0", "s1"]));
     }
 
     #[test]

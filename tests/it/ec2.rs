@@ -150,6 +150,15 @@ impl Moto {
 
     /// EC2 instances carrying our instance-id tag, in any state, with their states.
     async fn machines(&self, id: &str) -> Vec<InstanceStateName> {
+        self.described(id)
+            .await
+            .iter()
+            .filter_map(|i| i.state().and_then(|s| s.name()).cloned())
+            .collect()
+    }
+
+    /// The EC2 instances tagged with instance id `id`.
+    async fn described(&self, id: &str) -> Vec<aws_sdk_ec2::types::Instance> {
         let (ec2, _) = self.clients().await;
         let out = ec2
             .describe_instances()
@@ -165,7 +174,7 @@ impl Moto {
         out.reservations()
             .iter()
             .flat_map(|r| r.instances())
-            .filter_map(|i| i.state().and_then(|s| s.name()).cloned())
+            .cloned()
             .collect()
     }
 }
@@ -636,4 +645,52 @@ async fn a_machine_whose_tasks_outlast_the_drain_timeout_is_terminated_anyway() 
         stands(&b, &moto, &id).await,
         (State::Terminated, vec![InstanceStateName::Terminated])
     );
+}
+
+#[tokio::test]
+async fn a_create_goes_to_the_subnet_it_is_placed_in_and_a_key_goes_through_instance_connect() {
+    let moto = Moto::start(&[]);
+    let mut config = moto
+        .config(json!({"instance_connect_user": "ec2-user"}))
+        .await;
+    let (ec2, _) = moto.clients().await;
+    let first = config["subnet_ids"][0].as_str().unwrap().to_owned();
+    let described = ec2
+        .describe_subnets()
+        .subnet_ids(&first)
+        .send()
+        .await
+        .unwrap();
+    let vpc = described.subnets()[0].vpc_id().unwrap().to_owned();
+    let made = ec2
+        .create_subnet()
+        .vpc_id(&vpc)
+        .cidr_block("10.9.2.0/24")
+        .send()
+        .await
+        .unwrap();
+    let second = made.subnet().unwrap().subnet_id().unwrap().to_owned();
+    config["subnet_ids"] = json!([first, second]);
+    // Its subnets are its placements, equals; with a user, it puts keys on running machines.
+    let offer = Ec2Config::parse(&config).unwrap().offer().unwrap();
+    assert_eq!(offer.placements, [first.clone(), second.clone()]);
+    assert!(offer.spread && offer.authorizes_keys);
+
+    let p = moto.provider("ec2", &config).await;
+    let id = Uuid::new_v4();
+    let mut placed = spec("ami-12c6146b");
+    placed.placement = Some(second.clone());
+    p.create(id, &placed).await.unwrap();
+    let machine = &moto.described(&id.to_string()).await[0];
+    assert_eq!(machine.subnet_id(), Some(second.as_str()));
+    placed.placement = Some("subnet-elsewhere".into());
+    let refused = p.create(Uuid::new_v4(), &placed).await;
+    assert!(
+        matches!(refused, Err(ProviderError::Invalid(_))),
+        "{refused:?}"
+    );
+
+    p.authorize_key(id, ED25519).await.unwrap();
+    let nowhere = p.authorize_key(Uuid::new_v4(), ED25519).await;
+    assert_eq!(nowhere, Err(ProviderError::NotFound));
 }

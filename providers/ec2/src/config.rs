@@ -51,6 +51,11 @@ pub struct Ec2Config {
     /// With `ecs_cluster`: count a machine as running only once it registered (default true).
     #[serde(default = "yes")]
     pub require_ecs_registration: bool,
+    /// The OS user EC2 Instance Connect lets a key in as (e.g. `ec2-user`, `ubuntu`); set,
+    /// a request with a key may take a warm machine (the AMI needs the Instance Connect
+    /// agent, and a key sent is good for 60 seconds).
+    #[serde(default)]
+    pub instance_connect_user: Option<String>,
     /// With `ecs_cluster`: how long a machine being taken away may keep running its tasks
     /// (DRAINING) before it is terminated anyway, in seconds (default 600).
     #[serde(default = "default_drain_timeout_secs")]
@@ -162,6 +167,9 @@ impl Ec2Config {
         if let Some(cluster) = &config.ecs_cluster {
             required("ecs_cluster", cluster)?;
         }
+        if let Some(user) = &config.instance_connect_user {
+            required("instance_connect_user", user)?;
+        }
         if config.drain_timeout_secs > MAX_DRAIN_TIMEOUT_SECS {
             return Err(ConfigError::new(
                 "drain_timeout_secs",
@@ -179,7 +187,8 @@ impl Ec2Config {
         Ok(config)
     }
 
-    /// What this config offers: its instance types, default type and call limits.
+    /// What this config offers: its instance types, default type, call limits, subnets
+    /// and whether it puts keys on running machines.
     pub fn offer(&self) -> Result<Offer, ConfigError> {
         Offer::new(
             self.instance_types.keys(),
@@ -187,6 +196,13 @@ impl Ec2Config {
             self.max_concurrency,
             self.rate_limit,
         )
+        // Subnets are equals: instances spread over them, and move on after no room.
+        .map(|offer| {
+            offer
+                .placed_in(&self.subnet_ids)
+                .spreading()
+                .authorizing_keys(self.instance_connect_user.is_some())
+        })
     }
 }
 

@@ -95,6 +95,7 @@ pub struct Ec2Provider {
     config: Ec2Config,
     ec2: aws_sdk_ec2::Client,
     ecs: aws_sdk_ecs::Client,
+    connect: aws_sdk_ec2instanceconnect::Client,
     images: TtlCache,
     page_size: i32,
 }
@@ -129,6 +130,7 @@ impl Ec2Provider {
             name: name.to_owned(),
             ec2: aws_sdk_ec2::Client::new(&shared),
             ecs: aws_sdk_ecs::Client::new(&shared),
+            connect: aws_sdk_ec2instanceconnect::Client::new(&shared),
             config,
             images: TtlCache::new(IMAGE_CACHE_TTL),
             page_size: PAGE_SIZE,
@@ -429,9 +431,23 @@ impl Provider for Ec2Provider {
         let instance_type = spec.cloud_type(&self.config.instance_types)?;
         let image = spec.image_or(&self.config.image);
         let image_id = self.image_id(image).await?;
-        // The same instance always lands in the same subnet, so a retry asks for the same thing.
-        let subnet =
-            &self.config.subnet_ids[id.as_bytes()[0] as usize % self.config.subnet_ids.len()];
+        // The subnet the broker places it in (after no room elsewhere), else the one its id
+        // picks; a retry asks for the same thing.
+        let subnets = &self.config.subnet_ids;
+        let picked = &subnets[cloudbrain_provider::first_placement(id, subnets.len())];
+        let subnet = spec.placement.as_ref().unwrap_or(picked);
+        if !subnets.contains(subnet) {
+            return Err(ProviderError::Invalid(format!(
+                "subnet {subnet:?} is not one of this config's subnet_ids"
+            )));
+        }
+        // EC2 answers a repeated ClientToken with the first call's result: a move to
+        // another subnet needs its own, derived from the instance id and the subnet.
+        let client_token = if subnet == picked {
+            id.to_string()
+        } else {
+            Uuid::new_v5(&id, subnet.as_bytes()).to_string()
+        };
         let user_data = user_data(
             spec.public_ssh_key.as_deref(),
             self.config.ecs_cluster.as_deref(),
@@ -449,7 +465,7 @@ impl Provider for Ec2Provider {
                 Some(self.config.security_group_ids.clone()).filter(|g| !g.is_empty()),
             )
             .user_data(base64::engine::general_purpose::STANDARD.encode(user_data))
-            .client_token(id.to_string())
+            .client_token(client_token)
             .tag_specifications(
                 TagSpecification::builder()
                     .resource_type(ResourceType::Instance)
@@ -505,6 +521,28 @@ impl Provider for Ec2Provider {
             .iter()
             .filter_map(|m| self.cloud_instance(m, &members))
             .collect())
+    }
+
+    async fn authorize_key(&self, id: Uuid, key: &str) -> Result<(), ProviderError> {
+        let Some(user) = &self.config.instance_connect_user else {
+            return Err(ProviderError::Invalid(
+                "instance_connect_user is not set: keys go only on new machines".into(),
+            ));
+        };
+        let machines = self.find(id).await?;
+        let Some(instance_id) = machines.iter().find_map(|m| m.instance_id()) else {
+            return Err(ProviderError::NotFound);
+        };
+        self.connect
+            .send_ssh_public_key()
+            .instance_id(instance_id)
+            .instance_os_user(user)
+            .ssh_public_key(key)
+            .send()
+            .await
+            .map_err(from_sdk)?;
+        tracing::info!(instance.id = %id, "sent a key to {instance_id} through EC2 Instance Connect");
+        Ok(())
     }
 
     async fn drain(&self, id: Uuid) -> Result<Drain, ProviderError> {

@@ -190,6 +190,12 @@ pub trait Provider: Send + Sync {
     }
 }
 
+/// Where among `count` equal placements instance `id` starts: the same for every attempt,
+/// spread evenly over instances.
+pub fn first_placement(id: Uuid, count: usize) -> usize {
+    usize::from(id.as_bytes()[0]) % count.max(1)
+}
+
 /// How far a machine is from being ready to go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Drain {
@@ -239,6 +245,11 @@ pub struct Offer {
     /// it has no choice to offer.
     #[serde(default)]
     pub placements: Vec<String>,
+    /// Whether its placements are equals (subnets spread over zones): each instance starts
+    /// at the one [`first_placement`] picks for its id and goes round from there; else
+    /// the order is a preference, the first tried first.
+    #[serde(default)]
+    pub spread: bool,
     /// Whether it can put an SSH key on a running machine ([`Provider::authorize_key`]),
     /// so a request with a key may take a machine booted before the key was known.
     #[serde(default)]
@@ -267,8 +278,15 @@ impl Offer {
             default_instance_type,
             limits,
             placements: Vec::new(),
+            spread: false,
             authorizes_keys: false,
         })
+    }
+
+    /// The offer, its placements equals (see [`Offer::spread`]).
+    pub fn spreading(mut self) -> Self {
+        self.spread = true;
+        self
     }
 
     /// The offer, saying whether it can put a key on a running machine.
