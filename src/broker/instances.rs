@@ -120,11 +120,7 @@ impl Broker {
         let shape = pools::shape_of(&mut conn, &self.key, &request).await?;
         let longest = match &shape.pool {
             Some(pool) => pools::pool_lifetime(&mut conn, pool, self.max_lifetime).await?,
-            None => {
-                let policy = super::providers::policy_of(&mut conn, &shape.provider).await?;
-                let bound = policy.and_then(|p| p.max_lifetime_secs);
-                Lifetime::longest(None, bound, self.max_lifetime)
-            }
+            None => Lifetime::longest(None, shape.provider_lifetime, self.max_lifetime),
         };
         let lifetime = Lifetime::parse(request.ttl_seconds, longest)?;
 

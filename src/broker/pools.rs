@@ -191,7 +191,8 @@ pub async fn put(
     if let Some(secs) = spec.max_lifetime_secs {
         Lifetime::check_bound("max_lifetime_secs", secs, max_lifetime)?;
     }
-    let instance_type = offered_type(conn, key, &provider, spec.instance_type.as_deref()).await?;
+    let (instance_type, _) =
+        offered_type(conn, key, &provider, spec.instance_type.as_deref()).await?;
     super::offerings::check_fallbacks(conn, key, provider.as_str(), &spec.fallbacks).await?;
     let fallbacks = serde_json::to_value(&spec.fallbacks)
         .map_err(|e| BrokerError::Internal(anyhow::anyhow!("fallbacks: {e}")))?;
@@ -385,6 +386,9 @@ pub struct Shape {
     pub image: String,
     /// The instance type.
     pub instance_type: String,
+    /// The provider's longest lifetime, in seconds, when the request names no pool
+    /// (read with its offer).
+    pub provider_lifetime: Option<u64>,
 }
 
 /// The shape `request` asks for: its pool's (fields it also names must agree), or its
@@ -423,6 +427,7 @@ pub(super) async fn shape_of(
             image: pool.image.clone(),
             instance_type: pool.instance_type.clone(),
             pool: Some(pool),
+            provider_lifetime: None,
         });
     }
     let required = |field: &'static str, value: &Option<String>| {
@@ -432,7 +437,7 @@ pub(super) async fn shape_of(
     };
     let provider = ProviderName::parse(&required("provider", &request.provider)?)?;
     let image = ImageName::parse(&required("image", &request.image)?)?;
-    let instance_type =
+    let (instance_type, policy) =
         offered_type(conn, key, &provider, request.instance_type.as_deref()).await?;
     let pool: Option<PoolRow> = pools::table
         .filter(pools::provider_name.eq(provider.as_str()))
@@ -448,6 +453,7 @@ pub(super) async fn shape_of(
         provider: provider.as_str().to_owned(),
         image: image.as_str().to_owned(),
         instance_type,
+        provider_lifetime: policy.max_lifetime_secs,
     })
 }
 

@@ -335,8 +335,9 @@ pub async fn offered_type(
     key: &SecretKey,
     provider: &super::validate::ProviderName,
     instance_type: Option<&str>,
-) -> Result<String, BrokerError> {
-    let offered = find_offer(conn, key, provider).await?.ok_or_else(|| {
+) -> Result<(String, ProviderPolicy), BrokerError> {
+    let found = find_provider(conn, key, provider).await?;
+    let (offered, policy) = found.ok_or_else(|| {
         BrokerError::invalid(
             "provider",
             format!("provider {:?} does not exist", provider.as_str()),
@@ -361,7 +362,7 @@ pub async fn offered_type(
             ),
         ));
     }
-    Ok(instance_type)
+    Ok((instance_type, policy))
 }
 
 /// What the provider named `name` offers; `None` if there is none.
@@ -370,6 +371,18 @@ pub async fn find_offer(
     key: &SecretKey,
     name: &super::validate::ProviderName,
 ) -> Result<Option<Offer>, BrokerError> {
+    Ok(find_provider(conn, key, name)
+        .await?
+        .map(|(offer, _)| offer))
+}
+
+/// What the provider named `name` offers and its policy, in one read; `None` if there is
+/// no such provider.
+async fn find_provider(
+    conn: &mut AsyncPgConnection,
+    key: &SecretKey,
+    name: &super::validate::ProviderName,
+) -> Result<Option<(Offer, ProviderPolicy)>, BrokerError> {
     let Some(row) = providers::table
         .filter(providers::name.eq(name.as_str()))
         .select(ProviderRow::as_select())
@@ -379,7 +392,8 @@ pub async fn find_offer(
     else {
         return Ok(None);
     };
-    Ok(Some(offer_of(conn, key, row).await?))
+    let policy = ProviderPolicy::of(row.max_lifetime_secs, &row.fallbacks);
+    Ok(Some((offer_of(conn, key, row).await?, policy)))
 }
 
 /// Every stored provider config, opened; a row that cannot be opened is logged and skipped.

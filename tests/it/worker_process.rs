@@ -174,9 +174,9 @@ async fn killing_the_pool_worker_mid_fill_ten_times_leaks_nothing_and_overshoots
         tokio::time::sleep(Duration::from_millis(40 + 23 * kill)).await;
         pool_worker.kill().unwrap();
         pool_worker.wait().unwrap();
-        let live = s.db.count_instances(Some(State::Creating)).await
-            + s.db.count_instances(Some(State::Starting)).await
-            + s.db.count_instances(Some(State::Running)).await;
+        let live =
+            s.db.count_in(vec![State::Creating, State::Starting, State::Running])
+                .await;
         assert!(
             live <= 12,
             "{live} live instances in a pool of 12 after kill {kill}"

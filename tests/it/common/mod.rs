@@ -211,11 +211,15 @@ pub enum Jobs<'a> {
 impl TestDb {
     /// How many instances there are, in `state` or in any.
     pub async fn count_instances(&self, state: Option<State>) -> i64 {
-        let mut query = instances::table.into_boxed();
-        if let Some(state) = state {
-            query = query.filter(instances::state.eq(state));
-        }
-        query
+        self.count_in(state.map_or_else(|| State::ALL.to_vec(), |s| vec![s]))
+            .await
+    }
+
+    /// How many instances are in one of `states`, counted at one moment (states summed
+    /// from several counts would count a row moving between them twice).
+    pub async fn count_in(&self, states: Vec<State>) -> i64 {
+        instances::table
+            .filter(instances::state.eq_any(states))
             .count()
             .get_result(&mut self.conn().await)
             .await
