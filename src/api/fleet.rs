@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::body::read_body;
 use super::error::ApiError;
+use super::openapi::{AdminRefusals, BodyRefusals, TokenRefusals};
 use super::wire::ErrorBody;
 use super::AppState;
 use crate::auth::Caller;
@@ -59,9 +60,7 @@ fn wants_yaml(req: &HttpRequest) -> bool {
             (Fleet = "application/json"),
             (Fleet = "application/yaml"),
         )),
-        (status = 401, body = ErrorBody),
-        (status = 403, description = "Not an admin token", body = ErrorBody),
-        (status = 503, body = ErrorBody),
+        TokenRefusals, AdminRefusals,
     ),
     security(("token" = []), ("basic" = []))
 )]
@@ -95,14 +94,8 @@ pub async fn get_fleet(
     )),
     responses(
         (status = 200, body = FleetChanges),
-        (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody),
-        (status = 403, description = "Not an admin token", body = ErrorBody),
-        (status = 408, body = ErrorBody),
-        (status = 413, body = ErrorBody),
-        (status = 415, body = ErrorBody),
         (status = 422, description = "The document is wrong; the field is a dotted path", body = ErrorBody),
-        (status = 503, body = ErrorBody),
+        TokenRefusals, AdminRefusals, BodyRefusals,
     ),
     security(("token" = []), ("basic" = []))
 )]

@@ -5,6 +5,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::body::read_json;
 use super::error::ApiError;
+use super::openapi::{BodyRefusals, TokenRefusals};
 use super::wire::{
     CreateInstanceBody, ErrorBody, EventBody, EventList, InstanceBody, InstanceList, ListParams,
 };
@@ -39,15 +40,10 @@ fn answer(instance: Instance) -> HttpResponse {
     responses(
         (status = 200, description = "Recorded; a create job is queued (200, not 201, as Cloud Brain answered and its clients expect)", body = InstanceBody,
          headers(("Location" = String, description = "/instances/<id>"))),
-        (status = 400, description = "Malformed JSON, or a key given twice", body = ErrorBody),
-        (status = 401, description = "Missing or invalid token", body = ErrorBody),
-        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
-        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
-        (status = 415, description = "A Content-Type other than JSON", body = ErrorBody),
         (status = 409, description = "The Idempotency-Key was used with another body", body = ErrorBody),
         (status = 422, description = "A field breaks a rule", body = ErrorBody),
         (status = 429, description = "Too many failed attempts for this token", body = ErrorBody),
-        (status = 503, description = "Database unavailable", body = ErrorBody),
+        TokenRefusals, BodyRefusals,
     ),
     security(("token" = []), ("basic" = []))
 )]
@@ -82,10 +78,9 @@ pub async fn create_instance(
     params(("id" = String, Path, description = "Instance id")),
     responses(
         (status = 200, body = InstanceBody),
-        (status = 401, body = ErrorBody),
         (status = 404, description = "No such instance, or not the caller's", body = ErrorBody),
         (status = 410, description = "Terminated; the body is the instance", body = InstanceBody),
-        (status = 503, body = ErrorBody),
+        TokenRefusals,
     ),
     security(("token" = []), ("basic" = []))
 )]
@@ -104,10 +99,9 @@ pub async fn get_instance(
     params(("id" = String, Path, description = "Instance id")),
     responses(
         (status = 200, description = "Terminating (asking again changes nothing)", body = InstanceBody),
-        (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 410, description = "Already terminated", body = InstanceBody),
-        (status = 503, body = ErrorBody),
+        TokenRefusals,
     ),
     security(("token" = []), ("basic" = []))
 )]
@@ -130,9 +124,8 @@ pub async fn delete_instance(
     responses(
         (status = 200, body = InstanceList),
         (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody),
         (status = 422, description = "Bad state, limit or cursor", body = ErrorBody),
-        (status = 503, body = ErrorBody),
+        TokenRefusals,
     ),
     security(("token" = []), ("basic" = []))
 )]
@@ -178,9 +171,8 @@ pub async fn list_instances(
     params(("id" = String, Path, description = "Instance id")),
     responses(
         (status = 200, body = EventList),
-        (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody),
-        (status = 503, body = ErrorBody),
+        TokenRefusals,
     ),
     security(("token" = []), ("basic" = []))
 )]

@@ -4,7 +4,7 @@ use actix_web::{web, HttpResponse};
 use serde::Serialize;
 
 use super::error::ApiError;
-use super::openapi::{PoolShape, ProviderShape};
+use super::openapi::{PoolShape, ProviderShape, TokenRefusals};
 use super::wire::ErrorBody;
 use super::AppState;
 use crate::auth::Caller;
@@ -60,8 +60,7 @@ pub async fn version() -> HttpResponse {
 #[utoipa::path(get, path = "/providers", tag = "providers",
     responses(
         (status = 200, body = ProviderList),
-        (status = 401, body = ErrorBody),
-        (status = 503, body = ErrorBody),
+        TokenRefusals,
     ),
     security(("token" = []), ("basic" = []))
 )]

@@ -4,8 +4,11 @@
 //! built from it is never refused a request the document allows, nor served one it
 //! forbids.
 
+use std::collections::BTreeMap;
+
 use serde_json::{json, Value};
-use utoipa::OpenApi;
+use utoipa::openapi::{Content, Ref, RefOr, Response, ResponseBuilder};
+use utoipa::{IntoResponses, OpenApi};
 
 use super::error::ApiError;
 use super::ApiDoc;
@@ -20,6 +23,54 @@ use cloudbrain_provider::DEFAULT_TYPE_ALIAS;
 
 /// An `Idempotency-Key`: printable ASCII, inner spaces only (HTTP strips outer ones).
 const IDEMPOTENCY_KEY_PATTERN: &str = r"^[\x21-\x7E](?:[\x20-\x7E]{0,253}[\x21-\x7E])?$";
+
+/// Refusals any route taking a token may answer: `responses(.., TokenRefusals)`.
+pub struct TokenRefusals;
+
+/// What a route only admins may call adds to [`TokenRefusals`].
+pub struct AdminRefusals;
+
+/// Refusals of a route that reads a body, before anything in it is looked at.
+pub struct BodyRefusals;
+
+impl IntoResponses for TokenRefusals {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        refusals(&[
+            (401, "Missing or invalid token"),
+            (503, "Database unavailable"),
+        ])
+    }
+}
+
+impl IntoResponses for AdminRefusals {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        refusals(&[(403, "Not an admin token")])
+    }
+}
+
+impl IntoResponses for BodyRefusals {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        refusals(&[
+            (400, "Malformed, or a key given twice"),
+            (408, "The body did not arrive in time"),
+            (413, "Body over 64 KiB"),
+            (415, "A Content-Type the route does not read"),
+        ])
+    }
+}
+
+/// Error responses, each with an `ErrorBody`.
+fn refusals(list: &[(u16, &str)]) -> BTreeMap<String, RefOr<Response>> {
+    let error_body = || Content::new(Some(Ref::from_schema_name("ErrorBody")));
+    list.iter()
+        .map(|&(status, description)| {
+            let response = ResponseBuilder::new()
+                .description(description)
+                .content("application/json", error_body());
+            (status.to_string(), RefOr::T(response.build()))
+        })
+        .collect()
+}
 
 /// What a pool makes, as a request naming it may restate it.
 #[derive(Debug, Clone)]

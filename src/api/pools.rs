@@ -5,6 +5,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::body::read_json;
 use super::error::ApiError;
+use super::openapi::{AdminRefusals, BodyRefusals, TokenRefusals};
 use super::wire::{ErrorBody, PoolBody, PoolList, PoolSpecBody, ScaleBody};
 use super::AppState;
 use crate::auth::Caller;
@@ -14,8 +15,7 @@ use crate::auth::Caller;
     get, path = "/pools", tag = "pools",
     responses(
         (status = 200, body = PoolList),
-        (status = 401, body = ErrorBody),
-        (status = 503, body = ErrorBody),
+        TokenRefusals,
     ),
     security(("token" = []), ("basic" = []))
 )]
@@ -35,9 +35,8 @@ pub async fn list_pools(
     params(("name" = String, Path, description = "Pool name")),
     responses(
         (status = 200, body = PoolBody),
-        (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody),
-        (status = 503, body = ErrorBody),
+        TokenRefusals,
     ),
     security(("token" = []), ("basic" = []))
 )]
@@ -57,14 +56,8 @@ pub async fn get_pool(
     request_body = PoolSpecBody,
     responses(
         (status = 200, body = PoolBody),
-        (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody),
-        (status = 403, description = "Not an admin token", body = ErrorBody),
-        (status = 408, body = ErrorBody),
-        (status = 413, body = ErrorBody),
-        (status = 415, body = ErrorBody),
         (status = 422, description = "A field breaks a rule", body = ErrorBody),
-        (status = 503, body = ErrorBody),
+        TokenRefusals, AdminRefusals, BodyRefusals,
     ),
     security(("token" = []), ("basic" = []))
 )]
@@ -87,12 +80,9 @@ pub async fn put_pool(
     request_body = ScaleBody,
     responses(
         (status = 200, body = PoolBody),
-        (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody),
-        (status = 403, description = "Not an admin token", body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 422, description = "min_idle above max_size", body = ErrorBody),
-        (status = 503, body = ErrorBody),
+        TokenRefusals, AdminRefusals, BodyRefusals,
     ),
     security(("token" = []), ("basic" = []))
 )]
@@ -118,10 +108,8 @@ pub async fn scale_pool(
     params(("name" = String, Path, description = "Pool name")),
     responses(
         (status = 200, body = PoolBody),
-        (status = 401, body = ErrorBody),
-        (status = 403, description = "Not an admin token", body = ErrorBody),
         (status = 404, body = ErrorBody),
-        (status = 503, body = ErrorBody),
+        TokenRefusals, AdminRefusals,
     ),
     security(("token" = []), ("basic" = []))
 )]
