@@ -162,7 +162,8 @@ cb_run_schemathesis() {
     local bin=$1 port out pid token status=0
     port=$(cb_free_port)
     out=$(mktemp)
-    env -u DATABASE_URL CLOUDBRAIN_ADDR="127.0.0.1:$port" RUST_LOG=warn "$bin" dev -f examples/fleet.yaml >"$out" &
+    env -u DATABASE_URL CLOUDBRAIN_ADDR="127.0.0.1:$port" CLOUDBRAIN_STREAM_HEARTBEAT=0.2 RUST_LOG=warn \
+        "$bin" dev -f examples/fleet.yaml >"$out" &
     pid=$!
     for _ in $(seq 300); do
         token=$(sed -n 's/^token: *//p' "$out")

@@ -36,6 +36,9 @@ pub struct Config {
     /// The longest an instance lives, and how long it lives when its request does not say
     /// (`CLOUDBRAIN_DEFAULT_MAX_LIFETIME`, seconds, 3 h; 0: until given back).
     pub max_lifetime: Option<Duration>,
+    /// How often an idle event stream gets a heartbeat comment
+    /// (`CLOUDBRAIN_STREAM_HEARTBEAT`, seconds, 15).
+    pub stream_heartbeat: Duration,
     /// How the workers run jobs and reconcile.
     pub workers: WorkerSettings,
 }
@@ -246,6 +249,12 @@ impl Config {
                 DEFAULT_MAX_LIFETIME,
             )?)
             .filter(|lifetime| !lifetime.is_zero()),
+            stream_heartbeat: parse_seconds(
+                &get,
+                "CLOUDBRAIN_STREAM_HEARTBEAT",
+                Duration::from_secs(15),
+            )?
+            .max(Duration::from_millis(100)),
             workers: {
                 let d = WorkerSettings::default();
                 WorkerSettings {

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use crate::api;
 use crate::auth::TokenVerifier;
+use crate::broker::stream::Hub;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::db::{self, Pool};
@@ -83,6 +84,8 @@ pub async fn http(
             .listen_for_revocations(services.config.database_url.clone()),
     );
     let addr = listener.local_addr()?;
+    let stream = Hub::new(services.broker.clone(), services.config.stream_heartbeat);
+    let stream_task = tokio::spawn(stream.clone().run(services.config.database_url.clone()));
     let state = api::AppState {
         broker: services.broker.clone(),
         verifier,
@@ -90,17 +93,21 @@ pub async fn http(
         body_timeout: services.config.body_timeout,
         trusted_proxies: services.config.trusted_proxies.clone(),
         metrics: services.metrics.clone(),
+        stream: stream.clone(),
     };
     let server = api::serve(listener, state, services.config.shutdown_timeout)?;
     let handle = server.handle();
     tracing::info!(%addr, "cloudbrain http listening on http://{addr}");
     let stopper = tokio::spawn(async move {
         stopped(&mut shutdown).await;
+        // Streams never end by themselves: end them, so that they do not hold the drain.
+        stream.close();
         handle.stop(true).await;
     });
     let result = server.await;
     stopper.abort();
     listener_task.abort();
+    stream_task.abort();
     tracing::info!("cloudbrain http stopped");
     result.context("serving http")
 }

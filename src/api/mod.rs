@@ -10,6 +10,7 @@ pub mod instances;
 pub mod meta;
 pub mod openapi;
 pub mod pools;
+pub mod stream;
 pub mod wire;
 
 use std::net::TcpListener;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub trusted_proxies: crate::config::TrustedProxies,
     /// What this process has measured.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// This process's tail of the instance event stream.
+    pub stream: Arc<crate::broker::stream::Hub>,
 }
 
 /// The OpenAPI document of every route.
@@ -54,6 +57,7 @@ pub struct AppState {
         instances::get_instance,
         instances::delete_instance,
         instances::instance_events,
+        stream::stream_instances,
         fleet::get_fleet,
         fleet::put_fleet,
         pools::list_pools,
@@ -194,6 +198,7 @@ pub fn app(
                 .route(web::get().to(instances::instance_events))
                 .default_service(method_not_allowed("GET")),
         )
+        .service(read_only("/stream/instances", stream::stream_instances))
         .service(
             web::resource("/fleet")
                 .route(web::get().to(fleet::get_fleet))

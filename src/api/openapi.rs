@@ -14,6 +14,7 @@ use super::error::ApiError;
 use super::ApiDoc;
 use crate::broker::instances::{CURSOR_PATTERN, MAX_PAGE_SIZE};
 use crate::broker::pools::MAX_POOL_SIZE;
+use crate::broker::stream::POSITION_PATTERN;
 use crate::broker::validate::{
     required_text_pattern, ssh_public_key_pattern, BLANK_PATTERN, MAX_IMAGE_LEN, MAX_PROVIDER_LEN,
     MAX_SSH_KEY_LEN, POOL_NAME_PATTERN,
@@ -220,20 +221,36 @@ pub fn document(
     }
 
     let states: Vec<&str> = State::ALL.iter().map(|s| s.as_str()).collect();
-    set_parameter(
-        &mut doc,
-        "/instances",
-        "get",
-        "state",
-        json!({"type": "string", "enum": states}),
-    );
-    set_parameter(
-        &mut doc,
-        "/instances",
-        "get",
-        "provider",
-        json!({"type": "string", "maxLength": MAX_PROVIDER_LEN, "pattern": text}),
-    );
+    for path in ["/instances", "/stream/instances"] {
+        set_parameter(
+            &mut doc,
+            path,
+            "get",
+            "state",
+            json!({"type": "string", "enum": states}),
+        );
+        set_parameter(
+            &mut doc,
+            path,
+            "get",
+            "provider",
+            json!({"type": "string", "maxLength": MAX_PROVIDER_LEN, "pattern": text}),
+        );
+    }
+    let stream_parameters = [
+        (
+            "pool",
+            json!({"type": "string", "pattern": POOL_NAME_PATTERN}),
+        ),
+        ("instance", json!({"type": "string", "format": "uuid"})),
+        (
+            "Last-Event-ID",
+            json!({"type": "string", "pattern": POSITION_PATTERN}),
+        ),
+    ];
+    for (name, schema) in stream_parameters {
+        set_parameter(&mut doc, "/stream/instances", "get", name, schema);
+    }
     set_parameter(
         &mut doc,
         "/instances",

@@ -191,6 +191,48 @@ pub struct EventBody {
     pub at: DateTime<Utc>,
 }
 
+/// One event of `GET /stream/instances` (the `data` of an SSE `instance` event; its SSE
+/// `id` is its position in the stream).
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StreamEventBody {
+    /// The change.
+    pub event: EventBody,
+    /// The instance as it is when the event is read.
+    pub instance: InstanceBody,
+}
+
+/// Why the server ended a stream (the `data` of an SSE `closed` event).
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StreamClosedBody {
+    /// What happened and what to do.
+    pub reason: String,
+}
+
+/// The filters of `GET /stream/instances`; each one set must match.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StreamParams {
+    /// Only instances on this provider config.
+    pub provider: Option<String>,
+    /// Only instances of this pool.
+    pub pool: Option<String>,
+    /// Only events entering this state.
+    pub state: Option<String>,
+    /// Only this instance's events.
+    pub instance: Option<String>,
+}
+
+impl From<StreamParams> for crate::broker::stream::StreamQuery {
+    fn from(p: StreamParams) -> Self {
+        Self {
+            provider: p.provider,
+            pool: p.pool,
+            state: p.state,
+            instance: p.instance,
+        }
+    }
+}
+
 /// An instance's timeline.
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventList {

@@ -70,12 +70,23 @@ pub struct InstancePage {
 }
 
 /// Whether `caller` may see `instance`: its own, or any for an admin.
-fn visible(caller: Caller, instance: &Instance) -> bool {
+pub(super) fn visible(caller: Caller, instance: &Instance) -> bool {
     caller.scope == Scope::Admin || instance.owner_token_id == Some(caller.token_id)
 }
 
+/// The state a filter names (field `state`).
+pub(super) fn state_named(name: &str) -> Result<State, BrokerError> {
+    State::parse(name).ok_or_else(|| {
+        let names: Vec<&str> = State::ALL.iter().map(|s| s.as_str()).collect();
+        BrokerError::invalid(
+            "state",
+            format!("state must be one of {}", names.join(", ")),
+        )
+    })
+}
+
 /// Reads an instance the caller may see, optionally locking its row.
-async fn find_visible(
+pub(super) async fn find_visible(
     conn: &mut AsyncPgConnection,
     caller: Caller,
     id: InstanceId,
@@ -261,14 +272,7 @@ impl Broker {
             query = query.filter(instances::owner_token_id.eq(caller.token_id));
         }
         if let Some(state) = &filter.state {
-            let state = State::parse(state).ok_or_else(|| {
-                let names: Vec<&str> = State::ALL.iter().map(|s| s.as_str()).collect();
-                BrokerError::invalid(
-                    "state",
-                    format!("state must be one of {}", names.join(", ")),
-                )
-            })?;
-            query = query.filter(instances::state.eq(state));
+            query = query.filter(instances::state.eq(state_named(state)?));
         }
         if let Some(provider) = &filter.provider {
             let provider = ProviderName::parse(provider)?;

@@ -11,6 +11,7 @@ pub mod offerings;
 pub mod pools;
 pub mod providers;
 pub mod state;
+pub mod stream;
 pub mod validate;
 
 pub use instances::{CreateInstance, InstanceFilter, InstancePage};

@@ -21,6 +21,7 @@ diesel::table! {
         to_state -> Text,
         reason -> Nullable<Text>,
         at -> Timestamptz,
+        tx -> Int8,
     }
 }
 

@@ -157,3 +157,39 @@ async fn sigterm_drains_a_request_in_flight() {
         "still listening after shutdown"
     );
 }
+
+#[tokio::test]
+async fn sigterm_ends_open_event_streams_with_a_reason_and_does_not_wait_for_them() {
+    let db = TestDb::new().await;
+    let helper = TestApp::spawn(&db).await;
+    let token = helper.token(Scope::Client).await;
+    let port = free_port();
+    let mut child = start_http(&db, port);
+
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "GET /stream/instances HTTP/1.1\r\nHost: x\r\nAuthorization: token {token}\r\n\r\n"
+    )
+    .unwrap();
+    let mut reader = BufReader::new(&stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).unwrap();
+    assert!(status_line.starts_with("HTTP/1.1 200"), "{status_line:?}");
+
+    let stopping = Instant::now();
+    sigterm(&child);
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    assert!(
+        rest.contains("event: closed") && rest.contains("the server is shutting down"),
+        "{rest}"
+    );
+    assert!(child.wait().unwrap().success());
+    // CLOUDBRAIN_SHUTDOWN_TIMEOUT is 10 s: an open stream does not hold the drain.
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        stopping.elapsed()
+    );
+}

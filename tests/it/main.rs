@@ -20,6 +20,7 @@ mod instances;
 mod outage;
 mod pools;
 mod scripts;
+mod stream;
 mod travis_worker;
 mod worker_process;
 mod workers;

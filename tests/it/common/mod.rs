@@ -11,6 +11,7 @@ use cloudbrain::api::{self, AppState};
 use cloudbrain::auth::verifier::ScryptLimits;
 use cloudbrain::auth::{store, Scope, TokenVerifier};
 use cloudbrain::broker::providers::insert_provider;
+use cloudbrain::broker::stream::Hub;
 use cloudbrain::broker::Broker;
 use cloudbrain::broker::State;
 use cloudbrain::config::TrustedProxies;
@@ -427,6 +428,102 @@ impl Answer {
     }
 }
 
+/// One Server-Sent Event as a reader gets it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sse {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: serde_json::Value,
+}
+
+impl Sse {
+    /// The id of the event's instance.
+    pub fn instance(&self) -> &str {
+        self.data["instance"]["id"].as_str().unwrap_or_default()
+    }
+
+    /// The state the event entered.
+    pub fn to_state(&self) -> &str {
+        self.data["event"]["to_state"].as_str().unwrap_or_default()
+    }
+}
+
+/// An open `text/event-stream` answer, read as a browser's EventSource reads it.
+pub struct SseReader {
+    response: reqwest::Response,
+    buffer: String,
+    /// Heartbeat comments seen so far.
+    pub heartbeats: usize,
+    /// Whether the server ended the stream.
+    pub ended: bool,
+}
+
+impl SseReader {
+    /// The next event, if one comes within `limit` (and the stream is open).
+    pub async fn next(&mut self, limit: Duration) -> Option<Sse> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            while let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                if let Some(event) = self.parse(&block) {
+                    return Some(event);
+                }
+            }
+            if self.ended {
+                return None;
+            }
+            match tokio::time::timeout_at(deadline, self.response.chunk()).await {
+                Ok(Ok(Some(bytes))) => self.buffer.push_str(std::str::from_utf8(&bytes).unwrap()),
+                Ok(_) => self.ended = true,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// The next `n` events, failing the test if they do not come within `limit`.
+    pub async fn take(&mut self, n: usize, limit: Duration) -> Vec<Sse> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut events = Vec::new();
+        while events.len() < n {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Some(event) => events.push(event),
+                None => panic!("{} of {n} events came within {limit:?}", events.len()),
+            }
+        }
+        events
+    }
+
+    /// Every event until none comes for `quiet`.
+    pub async fn drain(&mut self, quiet: Duration) -> Vec<Sse> {
+        let mut events = Vec::new();
+        while let Some(event) = self.next(quiet).await {
+            events.push(event);
+        }
+        events
+    }
+
+    fn parse(&mut self, block: &str) -> Option<Sse> {
+        let (mut id, mut event, mut data) = (None, None, String::new());
+        for line in block.lines() {
+            if line.starts_with(':') {
+                self.heartbeats += 1;
+            } else if let Some(v) = line.strip_prefix("id: ") {
+                id = Some(v.to_owned());
+            } else if let Some(v) = line.strip_prefix("event: ") {
+                event = Some(v.to_owned());
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                data.push_str(v);
+            }
+        }
+        Some(Sse {
+            id,
+            event: event?,
+            data: serde_json::from_str(&data).unwrap(),
+        })
+    }
+}
+
 /// A client of the API with one token.
 pub struct Client<'a> {
     app: &'a TestApp,
@@ -435,7 +532,10 @@ pub struct Client<'a> {
 
 impl Client<'_> {
     async fn answer(request: reqwest::RequestBuilder) -> Answer {
-        let response = request.send().await.unwrap();
+        Self::answer_of(request.send().await.unwrap()).await
+    }
+
+    async fn answer_of(response: reqwest::Response) -> Answer {
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
         let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
@@ -465,6 +565,32 @@ impl Client<'_> {
         Self::answer(request.header("Idempotency-Key", key).json(body)).await
     }
 
+    /// Opens `/stream/instances?<query>`, resuming after `last_event_id`: the answer when
+    /// it is refused, the open stream when not.
+    pub async fn stream(
+        &self,
+        query: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<SseReader, Answer> {
+        let mut request = self
+            .app
+            .get(&format!("/stream/instances?{query}"), &self.token);
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = request.send().await.unwrap();
+        if response.status() != 200 {
+            return Err(Self::answer_of(response).await);
+        }
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        Ok(SseReader {
+            response,
+            buffer: String::new(),
+            heartbeats: 0,
+            ended: false,
+        })
+    }
+
     /// DELETE `path`.
     pub async fn delete(&self, path: &str) -> Answer {
         Self::answer(self.app.delete(path, &self.token)).await
@@ -491,6 +617,9 @@ pub async fn exchange(asked: &str, request: reqwest::RequestBuilder) -> String {
         status.canonical_reason().unwrap_or_default()
     )
 }
+
+/// How often a test server's idle event streams get a heartbeat.
+pub const STREAM_HEARTBEAT: Duration = Duration::from_millis(300);
 
 /// The API served on a loopback port against a test database.
 pub struct TestApp {
@@ -522,8 +651,12 @@ impl TestApp {
         tokio::spawn(verifier.clone().listen_for_revocations(db_url.to_owned()));
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
+        let broker = Broker::new(pool.clone(), key());
+        let stream = Hub::new(broker.clone(), STREAM_HEARTBEAT);
+        tokio::spawn(stream.clone().run(db_url.to_owned()));
         let state = AppState {
-            broker: Broker::new(pool.clone(), key()),
+            stream,
+            broker,
             verifier: verifier.clone(),
             request_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(1),
@@ -539,6 +672,14 @@ impl TestApp {
             client: reqwest::Client::new(),
             db_url: db_url.to_owned(),
             server: handle,
+        }
+    }
+
+    /// A client of this server with `token`.
+    pub fn client(&self, token: &str) -> Client<'_> {
+        Client {
+            app: self,
+            token: token.to_owned(),
         }
     }
 
