@@ -26,7 +26,7 @@ pub struct Config {
     /// How long a verified token is trusted without scrypt (`CLOUDBRAIN_AUTH_CACHE_TTL`).
     pub auth_cache_ttl: Duration,
     /// Proxies whose `X-Forwarded-For` names the client (`CLOUDBRAIN_TRUSTED_PROXIES`).
-    pub trusted_proxies: TrustedProxies,
+    pub trusted_proxies: Networks,
     /// Bounds on scrypt (`CLOUDBRAIN_SCRYPT_CONCURRENCY`, `CLOUDBRAIN_SCRYPT_WAIT`).
     pub scrypt: crate::auth::verifier::ScryptLimits,
     /// Logs as JSON lines when `CLOUDBRAIN_LOG_FORMAT=json`.
@@ -41,18 +41,20 @@ pub struct Config {
     pub stream_heartbeat: Duration,
     /// How the workers run jobs and reconcile.
     pub workers: WorkerSettings,
+    /// How webhook deliveries are made.
+    pub webhooks: DeliverySettings,
 }
 
 /// How long an instance lives unless its request asks for less: 3 h, what Cloud Brain's
 /// sweeper of old machines allowed.
 pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(3 * 3600);
 
-/// Networks (`10.0.0.0/8`, `::1`, …) whose `X-Forwarded-For` header is believed: the
-/// client of a request is then the last address it lists that is not itself one of them.
+/// A list of addresses and networks (`10.0.0.0/8`, `::1`, …): the proxies whose
+/// `X-Forwarded-For` is believed, the private networks webhooks may reach.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TrustedProxies(Vec<(std::net::IpAddr, u8)>);
+pub struct Networks(Vec<(std::net::IpAddr, u8)>);
 
-impl TrustedProxies {
+impl Networks {
     /// Reads a comma-separated list of addresses and CIDR networks.
     pub fn parse(list: &str) -> Result<Self, String> {
         let mut networks = Vec::new();
@@ -95,6 +97,36 @@ impl TrustedProxies {
             let mask = u128::MAX.checked_shl(128 - u32::from(*len)).unwrap_or(0);
             net.is_ipv4() == ip.is_ipv4() && bits(*net) & mask == bits(ip) & mask
         })
+    }
+}
+
+/// How deliveries are made: which private networks they may reach, how long one attempt
+/// may take and how long a failing delivery is retried.
+#[derive(Debug, Clone)]
+pub struct DeliverySettings {
+    /// Loopback, link-local and private networks deliveries may reach
+    /// (`CLOUDBRAIN_WEBHOOK_ALLOW_NETWORKS`); every public address may be reached.
+    pub allowed: Networks,
+    /// One attempt's limit (`CLOUDBRAIN_WEBHOOK_TIMEOUT`, 10 s).
+    pub timeout: Duration,
+    /// How long a failing delivery is retried before it is failed
+    /// (`CLOUDBRAIN_WEBHOOK_RETRY_FOR`, 24 h).
+    pub retry_for: Duration,
+    /// The first retry's delay, doubled each attempt (`CLOUDBRAIN_WEBHOOK_BACKOFF_BASE`, 1 s).
+    pub backoff_base: Duration,
+    /// The longest delay between attempts (1 h).
+    pub backoff_max: Duration,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self {
+            allowed: Networks::default(),
+            timeout: Duration::from_secs(10),
+            retry_for: Duration::from_secs(24 * 3600),
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(3600),
+        }
     }
 }
 
@@ -221,7 +253,7 @@ impl Config {
             )?,
             trusted_proxies: get("CLOUDBRAIN_TRUSTED_PROXIES")
                 .map(|list| {
-                    TrustedProxies::parse(&list).map_err(|message| ConfigError::Invalid {
+                    Networks::parse(&list).map_err(|message| ConfigError::Invalid {
                         name: "CLOUDBRAIN_TRUSTED_PROXIES",
                         message,
                     })
@@ -255,6 +287,28 @@ impl Config {
                 Duration::from_secs(15),
             )?
             .max(Duration::from_millis(100)),
+            webhooks: {
+                let d = DeliverySettings::default();
+                DeliverySettings {
+                    allowed: get("CLOUDBRAIN_WEBHOOK_ALLOW_NETWORKS")
+                        .map(|list| {
+                            Networks::parse(&list).map_err(|message| ConfigError::Invalid {
+                                name: "CLOUDBRAIN_WEBHOOK_ALLOW_NETWORKS",
+                                message,
+                            })
+                        })
+                        .transpose()?
+                        .unwrap_or_default(),
+                    timeout: parse_seconds(&get, "CLOUDBRAIN_WEBHOOK_TIMEOUT", d.timeout)?,
+                    retry_for: parse_seconds(&get, "CLOUDBRAIN_WEBHOOK_RETRY_FOR", d.retry_for)?,
+                    backoff_base: parse_seconds(
+                        &get,
+                        "CLOUDBRAIN_WEBHOOK_BACKOFF_BASE",
+                        d.backoff_base,
+                    )?,
+                    backoff_max: d.backoff_max,
+                }
+            },
             workers: {
                 let d = WorkerSettings::default();
                 WorkerSettings {
@@ -385,7 +439,7 @@ mod tests {
 
     #[test]
     fn trusted_proxies_match_addresses_and_networks() {
-        let trusted = TrustedProxies::parse("10.0.0.0/8, 192.168.1.7, ::1, fd00::/8").unwrap();
+        let trusted = Networks::parse("10.0.0.0/8, 192.168.1.7, ::1, fd00::/8").unwrap();
         for yes in [
             "10.1.2.3",
             "192.168.1.7",
@@ -398,11 +452,11 @@ mod tests {
         for no in ["11.0.0.1", "192.168.1.8", "::2", "fe80::1", "127.0.0.1"] {
             assert!(!trusted.contains(no.parse().unwrap()), "{no}");
         }
-        assert!(TrustedProxies::parse("0.0.0.0/0")
+        assert!(Networks::parse("0.0.0.0/0")
             .unwrap()
             .contains("8.8.8.8".parse().unwrap()));
-        assert!(TrustedProxies::parse("10.0.0.0/33").is_err());
-        assert!(TrustedProxies::parse("proxy.internal").is_err());
+        assert!(Networks::parse("10.0.0.0/33").is_err());
+        assert!(Networks::parse("proxy.internal").is_err());
     }
 
     #[test]

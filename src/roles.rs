@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::providers::Registry;
 use crate::queue::Queue;
 use crate::shutdown::stopped;
-use crate::workers::{self, JobContext, RefreshWorker};
+use crate::workers::{self, JobContext, RefreshWorker, WebhookSender};
 
 /// What every role of one process shares.
 #[derive(Clone)]
@@ -94,6 +94,7 @@ pub async fn http(
         trusted_proxies: services.config.trusted_proxies.clone(),
         metrics: services.metrics.clone(),
         stream: stream.clone(),
+        webhook_networks: services.config.webhooks.allowed.clone(),
     };
     let server = api::serve(listener, state, services.config.shutdown_timeout)?;
     let handle = server.handle();
@@ -161,7 +162,16 @@ pub async fn job_worker(
         services.config.workers.clone(),
     ));
     let database_url = services.config.database_url.clone();
-    with_metrics(services, serve_metrics, worker.run(database_url, shutdown)).await
+    // The same process sends webhook deliveries.
+    let sender = Arc::new(WebhookSender::new(
+        services.broker.clone(),
+        services.config.webhooks.clone(),
+        services.config.workers.concurrency,
+    ));
+    let sending = tokio::spawn(sender.run(database_url.clone(), shutdown.clone()));
+    let result = with_metrics(services, serve_metrics, worker.run(database_url, shutdown)).await;
+    let _ = sending.await;
+    result
 }
 
 /// Reconciles every provider config on an interval until `shutdown`.

@@ -11,7 +11,7 @@ use base64::Engine;
 use super::error::ApiError;
 use super::AppState;
 use crate::auth::Caller;
-use crate::config::TrustedProxies;
+use crate::config::Networks;
 use std::net::IpAddr;
 
 /// The token presented by a request: `Authorization: token <t>`, or HTTP Basic with user
@@ -43,7 +43,7 @@ pub fn presented_token(req: &HttpRequest) -> Option<String> {
 /// The address a request comes from: its peer, or, when the peer is a trusted proxy, the
 /// last address in `X-Forwarded-For` that is not a trusted proxy itself (the ones before
 /// it are whatever the client wrote).
-pub fn client_address(req: &HttpRequest, trusted: &TrustedProxies) -> IpAddr {
+pub fn client_address(req: &HttpRequest, trusted: &Networks) -> IpAddr {
     let peer = req
         .peer_addr()
         .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());

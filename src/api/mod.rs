@@ -11,6 +11,7 @@ pub mod meta;
 pub mod openapi;
 pub mod pools;
 pub mod stream;
+pub mod webhooks;
 pub mod wire;
 
 use std::net::TcpListener;
@@ -40,11 +41,13 @@ pub struct AppState {
     /// How long a request body may take to arrive.
     pub body_timeout: Duration,
     /// Proxies whose `X-Forwarded-For` names the client.
-    pub trusted_proxies: crate::config::TrustedProxies,
+    pub trusted_proxies: crate::config::Networks,
     /// What this process has measured.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// This process's tail of the instance event stream.
     pub stream: Arc<crate::broker::stream::Hub>,
+    /// The private networks a webhook may be registered to reach.
+    pub webhook_networks: crate::config::Networks,
 }
 
 /// The OpenAPI document of every route.
@@ -65,6 +68,11 @@ pub struct AppState {
         pools::put_pool,
         pools::scale_pool,
         pools::delete_pool,
+        webhooks::add_webhook,
+        webhooks::list_webhooks,
+        webhooks::delete_webhook,
+        webhooks::list_deliveries,
+        webhooks::redeliver,
         meta::list_providers,
         meta::healthz,
         meta::readyz,
@@ -216,6 +224,26 @@ pub fn app(
         .service(
             web::resource("/pools/{name}/scale")
                 .route(web::post().to(pools::scale_pool))
+                .default_service(method_not_allowed("POST")),
+        )
+        .service(
+            web::resource("/webhooks")
+                .route(web::post().to(webhooks::add_webhook))
+                .route(web::get().to(webhooks::list_webhooks))
+                .default_service(method_not_allowed("GET, POST")),
+        )
+        .service(
+            web::resource("/webhooks/{id}")
+                .route(web::delete().to(webhooks::delete_webhook))
+                .default_service(method_not_allowed("DELETE")),
+        )
+        .service(read_only(
+            "/webhooks/{id}/deliveries",
+            webhooks::list_deliveries,
+        ))
+        .service(
+            web::resource("/webhooks/{id}/deliveries/{delivery}/redeliver")
+                .route(web::post().to(webhooks::redeliver))
                 .default_service(method_not_allowed("POST")),
         )
         .service(read_only("/providers", meta::list_providers))

@@ -444,3 +444,153 @@ pub struct PoolList {
     /// By name.
     pub pools: Vec<PoolBody>,
 }
+
+/// `POST /webhooks`: a subscription to instance events.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct NewWebhookBody {
+    /// `webhook` (signed JSON, the default) or `slack` (a message to a Slack incoming
+    /// webhook).
+    pub kind: Option<String>,
+    /// Where deliveries are POSTed: http or https, to a public address unless the server
+    /// allows a private network.
+    pub url: String,
+    /// The secret deliveries are signed with (webhooks; at least 16 characters); never
+    /// shown again.
+    pub secret: Option<String>,
+    /// The states whose events are sent; absent or empty: every event.
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// Which instances' events; every field set must match.
+    #[serde(default)]
+    pub filter: WebhookFilterBody,
+}
+
+/// Which instances a subscription hears of.
+#[derive(Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WebhookFilterBody {
+    /// Only instances on this provider config.
+    pub provider: Option<String>,
+    /// Only instances of this pool.
+    pub pool: Option<String>,
+    /// Only this instance.
+    pub instance: Option<String>,
+}
+
+impl RequestBody for NewWebhookBody {
+    const FIELDS: &'static [&'static str] = &["kind", "url", "secret", "events", "filter"];
+
+    fn expected(field: &str) -> String {
+        match field {
+            "events" => "events must be a list of state names".to_owned(),
+            "filter" => "filter must be an object of provider, pool and instance".to_owned(),
+            other => format!("{other} must be a string"),
+        }
+    }
+}
+
+impl From<NewWebhookBody> for crate::broker::webhooks::NewWebhook {
+    fn from(body: NewWebhookBody) -> Self {
+        Self {
+            kind: body.kind,
+            url: body.url,
+            secret: body.secret,
+            events: body.events,
+            provider: body.filter.provider,
+            pool: body.filter.pool,
+            instance: body.filter.instance,
+        }
+    }
+}
+
+/// A subscription (its secret never shown; a Slack URL, which is a secret, only up to
+/// its host).
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WebhookBody {
+    /// Its id.
+    pub id: i64,
+    /// `webhook` or `slack`.
+    pub kind: String,
+    /// Where deliveries go.
+    pub url: String,
+    /// The states whose events are sent; empty: all.
+    pub events: Vec<String>,
+    /// Which instances' events.
+    pub filter: WebhookFilterBody,
+    /// When it was registered.
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<crate::broker::webhooks::Webhook> for WebhookBody {
+    fn from(w: crate::broker::webhooks::Webhook) -> Self {
+        use crate::broker::webhooks::WebhookKind;
+        let url = match w.kind {
+            WebhookKind::Webhook => w.url,
+            WebhookKind::Slack => url::Url::parse(&w.url)
+                .map(|u| format!("{}://{}/…", u.scheme(), u.host_str().unwrap_or_default()))
+                .unwrap_or_else(|_| "…".to_owned()),
+        };
+        Self {
+            id: w.id,
+            kind: w.kind.as_str().to_owned(),
+            url,
+            events: w.events.into_iter().flatten().collect(),
+            filter: WebhookFilterBody {
+                provider: w.provider,
+                pool: w.pool,
+                instance: w.instance_id.map(|id| id.to_string()),
+            },
+            created_at: w.created_at,
+        }
+    }
+}
+
+/// `GET /webhooks`.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WebhookList {
+    /// Oldest first.
+    pub webhooks: Vec<WebhookBody>,
+}
+
+/// One delivery of an event to a subscription.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeliveryBody {
+    /// Its id (the `Cloudbrain-Delivery` header and the body's `delivery`).
+    pub id: i64,
+    /// `pending`, `delivered` or `failed`.
+    pub status: String,
+    /// The event it reports.
+    pub event: EventBody,
+    /// Attempts made.
+    pub attempts: i32,
+    /// The receiver's last status code.
+    pub last_status: Option<i32>,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// When it is tried again, while pending.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// When the receiver took it.
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+impl From<(crate::broker::webhooks::Delivery, InstanceEvent)> for DeliveryBody {
+    fn from((d, event): (crate::broker::webhooks::Delivery, InstanceEvent)) -> Self {
+        use crate::broker::webhooks::DeliveryStatus;
+        Self {
+            id: d.id,
+            status: d.status.as_str().to_owned(),
+            event: EventBody::from(event),
+            attempts: d.attempts,
+            last_status: d.last_status,
+            last_error: d.last_error,
+            next_attempt_at: (d.status == DeliveryStatus::Pending).then_some(d.next_attempt_at),
+            delivered_at: d.delivered_at,
+        }
+    }
+}
+
+/// `GET /webhooks/<id>/deliveries`.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeliveryList {
+    /// Newest first.
+    pub deliveries: Vec<DeliveryBody>,
+}

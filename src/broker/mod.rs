@@ -13,6 +13,7 @@ pub mod providers;
 pub mod state;
 pub mod stream;
 pub mod validate;
+pub mod webhooks;
 
 pub use instances::{CreateInstance, InstanceFilter, InstancePage};
 pub use state::State;
@@ -50,6 +51,9 @@ pub enum BrokerError {
     /// No pool has this name.
     #[error("pool {0:?} does not exist")]
     NoSuchPool(String),
+    /// No webhook (or delivery of it) has this id.
+    #[error("webhook {0} does not exist")]
+    NoSuchWebhook(String),
     /// The caller's token may not do this; the message says who may.
     #[error("{0}")]
     Forbidden(String),

@@ -161,14 +161,7 @@ impl Broker {
                 .map(|p| ProviderName::parse(p).map(|p| p.as_str().to_owned()))
                 .transpose()?,
             pool: (query.pool.as_deref())
-                .map(|p| match PoolName::parse(p) {
-                    Ok(name) => Ok(name.as_str().to_owned()),
-                    Err(BrokerError::Invalid { message, .. }) => Err(BrokerError::Invalid {
-                        field: "pool",
-                        message,
-                    }),
-                    Err(other) => Err(other),
-                })
+                .map(|p| PoolName::parse_as("pool", p).map(|p| p.as_str().to_owned()))
                 .transpose()?,
             state: query.state.as_deref().map(state_named).transpose()?,
             instance,

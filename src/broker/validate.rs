@@ -199,6 +199,17 @@ validated!(
     idempotency_key
 );
 
+impl PoolName {
+    /// A pool's name as another request field gives it (a filter's `pool`): the same rule,
+    /// the error naming `field`.
+    pub fn parse_as(field: &'static str, value: &str) -> Result<Self, BrokerError> {
+        Self::parse(value).map_err(|error| match error {
+            BrokerError::Invalid { message, .. } => BrokerError::Invalid { field, message },
+            other => other,
+        })
+    }
+}
+
 /// The longest lifetime a request may ask for when the broker sets no bound: a year.
 pub const MAX_TTL_SECONDS: u64 = 366 * 24 * 3600;
 

@@ -107,10 +107,43 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    webhook_deliveries (id) {
+        id -> Int8,
+        webhook_id -> Int8,
+        event_id -> Int8,
+        status -> Text,
+        attempts -> Int4,
+        next_attempt_at -> Timestamptz,
+        locked_until -> Nullable<Timestamptz>,
+        last_status -> Nullable<Int4>,
+        last_error -> Nullable<Text>,
+        created_at -> Timestamptz,
+        delivered_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    webhooks (id) {
+        id -> Int8,
+        kind -> Text,
+        url -> Text,
+        secret -> Nullable<Bytea>,
+        events -> Array<Nullable<Text>>,
+        provider -> Nullable<Text>,
+        pool -> Nullable<Text>,
+        instance_id -> Nullable<Uuid>,
+        created_at -> Timestamptz,
+        deleted_at -> Nullable<Timestamptz>,
+    }
+}
+
 diesel::joinable!(instance_events -> instances (instance_id));
 diesel::joinable!(instances -> auth_tokens (owner_token_id));
 diesel::joinable!(instances -> pools (pool_name));
 diesel::joinable!(jobs -> instances (instance_id));
+diesel::joinable!(webhook_deliveries -> instance_events (event_id));
+diesel::joinable!(webhook_deliveries -> webhooks (webhook_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     auth_tokens,
@@ -120,4 +153,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     pools,
     providers,
     unavailable_offerings,
+    webhook_deliveries,
+    webhooks,
 );

@@ -4,6 +4,7 @@
 
 pub mod jobs;
 pub mod refresh;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use crate::providers::{LimitedProvider, Registry};
 
 pub use self::jobs::{job_worker, JobContext, JobWorker};
 pub use self::refresh::RefreshWorker;
+pub use self::webhooks::WebhookSender;
 
 /// A name for this worker, unique across processes: it marks the jobs it leases.
 pub fn worker_id(role: &str) -> String {

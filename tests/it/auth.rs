@@ -8,7 +8,7 @@ use base64::Engine;
 use cloudbrain::auth::store::{revoke_token, Revoked};
 use cloudbrain::auth::verifier::ScryptLimits;
 use cloudbrain::auth::Scope;
-use cloudbrain::config::TrustedProxies;
+use cloudbrain::config::Networks;
 use cloudbrain::ids::TokenId;
 use diesel_async::RunQueryDsl;
 use serde_json::Value;
@@ -126,7 +126,7 @@ async fn from(app: &TestApp, address: &str, token: &str) -> reqwest::Response {
 
 /// The API behind a trusted proxy on loopback, so tests can speak from many addresses.
 async fn behind_proxy(db: &TestDb, scrypt: ScryptLimits) -> TestApp {
-    let trusted = TrustedProxies::parse("127.0.0.1, ::1").unwrap();
+    let trusted = Networks::parse("127.0.0.1, ::1").unwrap();
     TestApp::spawn_with(&db.url, trusted, scrypt).await
 }
 
@@ -207,7 +207,7 @@ async fn many_right_tokens_verified_at_once_from_one_address_are_never_throttled
         concurrency: 2,
         wait: Duration::from_secs(30),
     };
-    let app = TestApp::spawn_with(&db.url, TrustedProxies::default(), limits).await;
+    let app = TestApp::spawn_with(&db.url, Networks::default(), limits).await;
     let mut tokens = Vec::new();
     for _ in 0..16 {
         tokens.push(app.token(Scope::Client).await);

@@ -22,5 +22,6 @@ mod pools;
 mod scripts;
 mod stream;
 mod travis_worker;
+mod webhooks;
 mod worker_process;
 mod workers;

@@ -14,7 +14,7 @@ use cloudbrain::broker::providers::insert_provider;
 use cloudbrain::broker::stream::Hub;
 use cloudbrain::broker::Broker;
 use cloudbrain::broker::State;
-use cloudbrain::config::TrustedProxies;
+use cloudbrain::config::Networks;
 use cloudbrain::crypto::SecretKey;
 use cloudbrain::db;
 use cloudbrain::db::schema::{instance_events, instances, jobs};
@@ -618,6 +618,11 @@ pub async fn exchange(asked: &str, request: reqwest::RequestBuilder) -> String {
     )
 }
 
+/// The networks a test's webhooks may reach: loopback, where the receivers listen.
+pub fn loopback() -> Networks {
+    Networks::parse("127.0.0.0/8, ::1").unwrap()
+}
+
 /// How often a test server's idle event streams get a heartbeat.
 pub const STREAM_HEARTBEAT: Duration = Duration::from_millis(300);
 
@@ -637,11 +642,11 @@ impl TestApp {
 
     /// Serves the API against any database URL (also an unreachable one).
     pub async fn spawn_on(db_url: &str) -> Self {
-        Self::spawn_with(db_url, TrustedProxies::default(), ScryptLimits::default()).await
+        Self::spawn_with(db_url, Networks::default(), ScryptLimits::default()).await
     }
 
     /// Serves the API believing `X-Forwarded-For` from `trusted`, within `scrypt`'s limits.
-    pub async fn spawn_with(db_url: &str, trusted: TrustedProxies, scrypt: ScryptLimits) -> Self {
+    pub async fn spawn_with(db_url: &str, trusted: Networks, scrypt: ScryptLimits) -> Self {
         let pool = db::pool(db_url, 8).unwrap();
         let verifier = Arc::new(TokenVerifier::with_limits(
             pool.clone(),
@@ -656,6 +661,7 @@ impl TestApp {
         tokio::spawn(stream.clone().run(db_url.to_owned()));
         let state = AppState {
             stream,
+            webhook_networks: loopback(),
             broker,
             verifier: verifier.clone(),
             request_timeout: Duration::from_secs(30),
@@ -793,6 +799,7 @@ impl Drop for TestApp {
 /// The workers, in this process, against a test database.
 pub struct Workers {
     pub broker: cloudbrain::broker::Broker,
+    pub webhooks: Arc<cloudbrain::workers::WebhookSender>,
     pub registry: Arc<cloudbrain::providers::Registry>,
     pub jobs: Arc<cloudbrain::workers::JobWorker>,
     pub refresh: Arc<cloudbrain::workers::RefreshWorker>,
@@ -822,7 +829,13 @@ impl Workers {
             registry.clone(),
             settings,
         ));
+        let webhooks = Arc::new(cloudbrain::workers::WebhookSender::new(
+            broker.clone(),
+            delivery_settings(),
+            8,
+        ));
         Self {
+            webhooks,
             broker,
             registry,
             jobs,
@@ -845,6 +858,17 @@ pub fn shared_store(mut config: serde_json::Value, url: &str) -> serde_json::Val
     }
     config["store_url"] = url.into();
     config
+}
+
+/// Webhook delivery settings for tests: receivers on loopback, quick retries, 2 s attempts.
+pub fn delivery_settings() -> cloudbrain::config::DeliverySettings {
+    cloudbrain::config::DeliverySettings {
+        allowed: loopback(),
+        timeout: Duration::from_secs(2),
+        retry_for: Duration::from_secs(60),
+        backoff_base: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(200),
+    }
 }
 
 /// Worker settings for tests: quick retries, short timeouts.
