@@ -34,6 +34,10 @@ CREATE INDEX webhook_deliveries_of ON webhook_deliveries (webhook_id, id DESC);
 
 CREATE FUNCTION enqueue_webhook_deliveries() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- Most brokers have no subscription most of the time: a look, not an insert.
+    IF NOT EXISTS (SELECT 1 FROM webhooks WHERE deleted_at IS NULL) THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO webhook_deliveries (webhook_id, event_id)
     SELECT w.id, NEW.id
     FROM webhooks w JOIN instances i ON i.id = NEW.instance_id

@@ -299,6 +299,10 @@ impl Hub {
     }
 
     /// Hands out every final event after the last one handed out.
+    ///
+    /// With no reader it only moves its head to where the stream ends (one index read),
+    /// checked under the lock readers subscribe under, so that none can start from a head
+    /// whose later events were skipped.
     async fn tail(&self) -> Result<(), BrokerError> {
         let known = self.head.lock().map(|h| *h).unwrap_or_default();
         let Some(mut head) = known else {
@@ -309,6 +313,15 @@ impl Hub {
             self.ready.send_replace(true);
             return Ok(());
         };
+        if self.sender.receiver_count() == 0 {
+            let end = self.broker.stream_head().await?;
+            if let Ok(mut slot) = self.head.lock() {
+                if self.sender.receiver_count() == 0 {
+                    *slot = Some(end.max(head));
+                    return Ok(());
+                }
+            }
+        }
         loop {
             let page = self.broker.events_after(head, PAGE).await?;
             let full = page.len() as i64 == PAGE;

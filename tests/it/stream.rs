@@ -336,3 +336,16 @@ async fn bad_filters_and_positions_are_refused_with_the_field_at_fault() {
     seen += &exchange("GET /stream/instances (no token)", anonymous).await;
     insta::assert_snapshot!(seen);
 }
+
+#[tokio::test]
+async fn a_reader_from_now_gets_what_commits_after_it_connects_and_nothing_before() {
+    let s = TestBroker::new().fake(json!({})).api_only().start().await;
+    // Nobody reads while these commit: the server only moves its head past them.
+    let before = s.create("ubuntu").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut reader = s.client().stream("", None).await.unwrap();
+    let after = s.create("ubuntu").await;
+    let seen = reader.take(1, DUE).await;
+    assert_eq!(changes(&seen), [(after, "creating".to_owned())]);
+    assert_eq!(reader.drain(QUIET).await, [], "nothing of {before}");
+}
