@@ -145,6 +145,12 @@ cb_ensure_gce_references() {
     fi
 }
 
+# Debian's chromium and chromium-driver, which the control-plane page's tests drive.
+cb_ensure_chromium() {
+    command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 && return 0
+    cb_apt_install chromium chromium-driver
+}
+
 # schemathesis (from PyPI, into .venv), the schema-driven API fuzzer.
 cb_ensure_schemathesis() {
     [ -x .venv/bin/python ] || python3 -m venv .venv

@@ -11,6 +11,7 @@ pub mod meta;
 pub mod openapi;
 pub mod pools;
 pub mod stream;
+pub mod ui;
 pub mod webhooks;
 pub mod wire;
 
@@ -156,6 +157,7 @@ pub fn app(
         )
         .wrap_fn(move |req, srv| {
             let id = request_id(&req);
+            let sent_a_token = sends_token_scheme(&req);
             let span = tracing::info_span!(
                 "request",
                 request_id = %id,
@@ -183,6 +185,16 @@ pub fn app(
                     );
                     if let Ok(value) = HeaderValue::from_str(&id) {
                         response.headers_mut().insert(REQUEST_ID.clone(), value);
+                    }
+                    if sent_a_token
+                        && response.status() == actix_web::http::StatusCode::UNAUTHORIZED
+                    {
+                        // A Basic challenge would make a browser's fetch open a login
+                        // dialog (and a headless one hang); the caller uses tokens.
+                        response.headers_mut().insert(
+                            actix_web::http::header::WWW_AUTHENTICATE,
+                            HeaderValue::from_static("Token realm=\"cloudbrain\""),
+                        );
                     }
                     response
                 })
@@ -246,6 +258,10 @@ pub fn app(
                 .route(web::post().to(webhooks::redeliver))
                 .default_service(method_not_allowed("POST")),
         )
+        .service(read_only("/ui", ui::index))
+        .service(read_only("/ui/", ui::index))
+        .service(read_only("/ui/app.js", ui::script))
+        .service(read_only("/ui/app.css", ui::style))
         .service(read_only("/providers", meta::list_providers))
         .service(read_only("/metrics", meta::metrics))
         .service(read_only("/healthz", meta::healthz))
@@ -253,6 +269,14 @@ pub fn app(
         .service(read_only("/version", meta::version))
         .service(read_only("/openapi.json", meta::openapi))
         .default_service(web::to(not_found))
+}
+
+/// Whether the request authenticates with `Authorization: token …` (not Basic).
+fn sends_token_scheme(req: &ServiceRequest) -> bool {
+    (req.headers().get(actix_web::http::header::AUTHORIZATION))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_whitespace().next())
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("token"))
 }
 
 /// A GET-only route that answers 405 JSON to every other method.

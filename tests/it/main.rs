@@ -22,6 +22,7 @@ mod pools;
 mod scripts;
 mod stream;
 mod travis_worker;
+mod ui;
 mod webhooks;
 mod worker_process;
 mod workers;
