@@ -95,6 +95,8 @@ function watch(query, onEvent) {
   return () => { stopped = true; if (controller) controller.abort(); };
 }
 
+function when(time) { return time ? new Date(time).toLocaleString() : ""; }
+
 function stateCell(state) {
   return el("td", { class: `state state-${state}`, text: state });
 }
@@ -121,7 +123,7 @@ function signInView() {
       return;
     }
     try {
-      await api("GET", "/webhooks");
+      await api("GET", "/tokens");
       sessionStorage.setItem("cloudbrain-admin", "1");
     } catch (_) {
       sessionStorage.removeItem("cloudbrain-admin");
@@ -168,7 +170,7 @@ function instancesView() {
       el("td", { text: i.provider }),
       el("td", { class: "wide", text: i.image }),
       el("td", { text: i.ip_address || "" }),
-      el("td", { class: "wide", text: new Date(i.created_at).toLocaleString() }))));
+      el("td", { class: "wide", text: when(i.created_at) }))));
     more.hidden = !cursor;
   }
 
@@ -209,7 +211,7 @@ function instanceView(id) {
   }
   async function events() {
     const list = await api("GET", `/instances/${id}/events`);
-    timeline.replaceChildren(...list.events.map((e) => el("li", { text: `${new Date(e.at).toLocaleString()}: ${e.from_state ?? "—"} → ${e.to_state}${e.reason ? ` (${e.reason})` : ""}` })));
+    timeline.replaceChildren(...list.events.map((e) => el("li", { text: `${when(e.at)}: ${e.from_state ?? "—"} → ${e.to_state}${e.reason ? ` (${e.reason})` : ""}` })));
   }
   main.replaceChildren(el("h2", {}, "Instance ", el("span", { class: "id", text: id })), fields, remove, el("h3", { text: "Timeline" }), timeline);
   api("GET", `/instances/${id}`).then(show).then(events).catch((error) => showError(error.message));
@@ -252,6 +254,33 @@ function providersView() {
     .catch((error) => showError(error.message));
 }
 
+function tokensView() {
+  const body = el("tbody", { id: "tokens" });
+  async function load() {
+    try {
+      const list = await api("GET", "/tokens");
+      body.replaceChildren(...list.tokens.map((t) => {
+        const revoke = t.revoked_at ? null : el("button", { type: "button", class: "danger", id: `revoke-${t.id}`,
+          "aria-label": `Revoke token ${t.id} (${t.description})`, text: "Revoke", onclick: async () => {
+            if (!confirm(`Revoke token ${t.id} (${t.description})? Every request it makes will be refused.`)) return;
+            try { await api("DELETE", `/tokens/${t.id}`); showError(""); load(); } catch (error) { showError(error.message); }
+          } });
+        return el("tr", { "data-token": String(t.id), class: t.revoked_at ? "revoked" : null },
+          el("td", { class: "id", text: String(t.id) }), el("td", { text: t.scope }), el("td", { text: t.description }),
+          el("td", { class: "wide", text: when(t.created_at) }), el("td", { class: "wide", text: when(t.last_used_at) }),
+          el("td", { "data-field": "revoked", text: t.revoked_at ? `revoked ${when(t.revoked_at)}` : "active" }),
+          el("td", {}, revoke));
+      }));
+    } catch (error) { showError(error.message); }
+  }
+  const head = el("tr", {}, ...[["Id"], ["Scope"], ["Description"], ["Created", "wide"], ["Last used", "wide"], ["Status"], [""]]
+    .map(([t, wide]) => el("th", { scope: "col", class: wide, text: t })));
+  main.replaceChildren(el("h2", { text: "Tokens" }),
+    el("p", { class: "muted", text: "New tokens are made with `cloudbrain create-token`; their secrets are shown only there." }),
+    el("div", { class: "scroll" }, el("table", {}, el("thead", {}, head), body)));
+  load();
+}
+
 function route() {
   leave();
   leave = () => {};
@@ -262,10 +291,12 @@ function route() {
     return;
   }
   document.getElementById("nav").hidden = false;
+  document.getElementById("nav-tokens").hidden = sessionStorage.getItem("cloudbrain-admin") !== "1";
   const instance = hash.match(/^#\/instances\/([0-9a-f-]{36})$/);
   if (instance) instanceView(instance[1]);
   else if (hash === "#/pools") poolsView();
   else if (hash === "#/providers") providersView();
+  else if (hash === "#/tokens") tokensView();
   else instancesView();
 }
 

@@ -170,9 +170,9 @@ impl From<BrokerError> for ApiError {
                 message: err.to_string(),
             },
             BrokerError::NotFound => ApiError::NotFound("instance not found".to_owned()),
-            BrokerError::NoSuchPool(_) | BrokerError::NoSuchWebhook(_) => {
-                ApiError::NotFound(err.to_string())
-            }
+            BrokerError::NoSuchPool(_)
+            | BrokerError::NoSuchWebhook(_)
+            | BrokerError::NoSuchToken(_) => ApiError::NotFound(err.to_string()),
             BrokerError::PoolFull { .. } => ApiError::TooManyRequests {
                 message: err.to_string(),
                 retry_after: POOL_FULL_RETRY_AFTER,

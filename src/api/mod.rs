@@ -11,6 +11,7 @@ pub mod meta;
 pub mod openapi;
 pub mod pools;
 pub mod stream;
+pub mod tokens;
 pub mod ui;
 pub mod webhooks;
 pub mod wire;
@@ -74,6 +75,8 @@ pub struct AppState {
         webhooks::delete_webhook,
         webhooks::list_deliveries,
         webhooks::redeliver,
+        tokens::list_tokens,
+        tokens::revoke_token,
         meta::list_providers,
         meta::healthz,
         meta::readyz,
@@ -257,6 +260,12 @@ pub fn app(
             web::resource("/webhooks/{id}/deliveries/{delivery}/redeliver")
                 .route(web::post().to(webhooks::redeliver))
                 .default_service(method_not_allowed("POST")),
+        )
+        .service(read_only("/tokens", tokens::list_tokens))
+        .service(
+            web::resource("/tokens/{id}")
+                .route(web::delete().to(tokens::revoke_token))
+                .default_service(method_not_allowed("DELETE")),
         )
         .service(read_only("/ui", ui::index))
         .service(read_only("/ui/", ui::index))

@@ -594,3 +594,41 @@ pub struct DeliveryList {
     /// Newest first.
     pub deliveries: Vec<DeliveryBody>,
 }
+
+/// A token as admins see it: never its secret, salt or hash.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TokenBody {
+    /// The `<id>` part of the token.
+    pub id: i32,
+    /// What it is for.
+    pub description: String,
+    /// `client` or `admin`.
+    #[schema(pattern = "^(client|admin)$")]
+    pub scope: String,
+    /// When it was made.
+    pub created_at: DateTime<Utc>,
+    /// When it last authenticated a request (to the minute).
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// When it was revoked; a revoked token is refused everywhere.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl From<crate::auth::store::TokenSummary> for TokenBody {
+    fn from(t: crate::auth::store::TokenSummary) -> Self {
+        Self {
+            id: t.id,
+            description: t.description,
+            scope: t.scope,
+            created_at: t.created_at,
+            last_used_at: t.last_used_at,
+            revoked_at: t.revoked_at,
+        }
+    }
+}
+
+/// `GET /tokens`.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TokenList {
+    /// Oldest first.
+    pub tokens: Vec<TokenBody>,
+}

@@ -102,6 +102,19 @@ pub async fn list_tokens(conn: &mut AsyncPgConnection) -> QueryResult<Vec<TokenS
         .await
 }
 
+/// What `list-tokens` shows of token `id`.
+pub async fn token_summary(
+    conn: &mut AsyncPgConnection,
+    id: TokenId,
+) -> QueryResult<Option<TokenSummary>> {
+    auth_tokens::table
+        .find(id)
+        .select(TokenSummary::as_select())
+        .first(conn)
+        .await
+        .optional()
+}
+
 /// Reads one token row.
 pub async fn find_token(
     conn: &mut AsyncPgConnection,

@@ -12,6 +12,7 @@ pub mod pools;
 pub mod providers;
 pub mod state;
 pub mod stream;
+pub mod tokens;
 pub mod validate;
 pub mod webhooks;
 
@@ -54,6 +55,9 @@ pub enum BrokerError {
     /// No webhook (or delivery of it) has this id.
     #[error("webhook {0} does not exist")]
     NoSuchWebhook(String),
+    /// No token has this id.
+    #[error("token {0} does not exist")]
+    NoSuchToken(String),
     /// The caller's token may not do this; the message says who may.
     #[error("{0}")]
     Forbidden(String),
@@ -89,6 +93,19 @@ impl From<diesel::result::Error> for BrokerError {
             other => BrokerError::Internal(anyhow::Error::new(other).context("database query")),
         }
     }
+}
+
+/// The id a path names, when it is digits only and fits `T` (a sign, spaces or a leading
+/// `+` name nothing).
+fn numeric_id<T: std::str::FromStr>(text: &str) -> Option<T> {
+    (!text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| text.parse().ok())
+        .flatten()
+}
+
+/// As much of an id that names nothing as an error message repeats.
+fn shown_id(text: &str) -> String {
+    text.chars().take(40).collect()
 }
 
 /// Refuses a caller that is not an admin: only an admin token may `what`.

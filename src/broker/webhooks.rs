@@ -473,8 +473,9 @@ impl Broker {
     ) -> Result<(Delivery, InstanceEvent), BrokerError> {
         admin_only(caller, "manage webhooks")?;
         let id = webhook_id(id)?;
-        let delivery: i64 = (delivery.parse().ok())
-            .ok_or_else(|| BrokerError::NoSuchWebhook(format!("{id} delivery {delivery}")))?;
+        let delivery: i64 = super::numeric_id(delivery).ok_or_else(|| {
+            BrokerError::NoSuchWebhook(format!("{id} delivery {}", super::shown_id(delivery)))
+        })?;
         let mut conn = self.conn().await?;
         live_webhook(&mut conn, id).await?;
         let target = webhook_deliveries::table
@@ -507,10 +508,7 @@ impl Broker {
 
 /// A webhook id in a path; anything else names none.
 fn webhook_id(text: &str) -> Result<i64, BrokerError> {
-    (text.bytes().all(|b| b.is_ascii_digit()) && !text.is_empty() && text.len() <= 18)
-        .then(|| text.parse().ok())
-        .flatten()
-        .ok_or_else(|| BrokerError::NoSuchWebhook(text.chars().take(40).collect()))
+    super::numeric_id(text).ok_or_else(|| BrokerError::NoSuchWebhook(super::shown_id(text)))
 }
 
 async fn live_webhook(

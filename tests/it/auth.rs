@@ -264,13 +264,14 @@ async fn scrypt_runs_at_most_k_at_once_and_the_rest_get_503_after_a_short_wait()
 }
 
 #[tokio::test]
-async fn revoking_a_token_locks_it_out_of_every_server_within_a_second() {
+async fn an_admin_revokes_a_token_over_http_and_every_server_refuses_it_within_a_second() {
     let db = TestDb::new().await;
     let first = TestApp::spawn(&db).await;
     let second = TestApp::spawn(&db).await;
     first.listening().await;
     second.listening().await;
     let token = first.token(Scope::Client).await;
+    let admin = first.client(&first.token(Scope::Admin).await);
     for app in [&first, &second] {
         for _ in 0..3 {
             assert_eq!(
@@ -281,14 +282,12 @@ async fn revoking_a_token_locks_it_out_of_every_server_within_a_second() {
         assert_eq!(app.verifier.stats().scrypt_runs, 1, "token not cached");
     }
 
-    let id: i32 = token.split('-').next().unwrap().parse().unwrap();
+    let id = token.split('-').next().unwrap();
     let revoked_at = Instant::now();
-    assert_eq!(
-        revoke_token(&mut db.conn().await, TokenId(id))
-            .await
-            .unwrap(),
-        Revoked::Now
-    );
+    let revoked = admin.delete(&format!("/tokens/{id}")).await.expect(200);
+    assert_eq!(revoked["id"].to_string(), id);
+    assert_eq!(revoked["scope"], "client");
+    assert!(revoked["revoked_at"].is_string(), "{revoked}");
     for app in [&first, &second] {
         loop {
             let code = app.get("/instances", &token).send().await.unwrap().status();
@@ -303,6 +302,87 @@ async fn revoking_a_token_locks_it_out_of_every_server_within_a_second() {
         }
     }
     assert!(revoked_at.elapsed() < Duration::from_secs(1));
+
+    // Again: the same answer, the same time of revocation.
+    let again = admin.delete(&format!("/tokens/{id}")).await.expect(200);
+    assert_eq!(again, revoked);
+    let listed = admin.get("/tokens").await.expect(200);
+    let row = listed["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == revoked["id"]);
+    assert_eq!(row, Some(&revoked));
+    // The operator's command revokes the same way.
+    let other = first.token(Scope::Client).await;
+    let other_id: i32 = other.split('-').next().unwrap().parse().unwrap();
+    let revoked = revoke_token(&mut db.conn().await, TokenId(other_id)).await;
+    assert_eq!(revoked.unwrap(), Revoked::Now);
+}
+
+#[tokio::test]
+async fn admins_list_tokens_without_their_secrets_and_clients_may_not_touch_them() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db).await;
+    let client_token = app.token(Scope::Client).await;
+    let admin_token = app.token(Scope::Admin).await;
+    let client = app.client(&client_token);
+    let admin = app.client(&admin_token);
+
+    let listed = admin.get("/tokens").await.expect(200);
+    let tokens = listed["tokens"].as_array().unwrap();
+    let ids: Vec<String> = tokens.iter().map(|t| t["id"].to_string()).collect();
+    let id_of = |t: &str| t.split('-').next().unwrap().to_owned();
+    assert_eq!(ids, [id_of(&client_token), id_of(&admin_token)]);
+    assert_eq!(tokens[0]["scope"], "client");
+    assert_eq!(tokens[1]["scope"], "admin");
+    assert_eq!(tokens[1]["revoked_at"], Value::Null);
+    let text = listed.to_string();
+    for secret in [&client_token, &admin_token] {
+        let secret = secret.split('-').nth(1).unwrap();
+        assert!(!text.contains(secret), "a secret is shown: {text}");
+    }
+    let mut fields: Vec<&String> = tokens[0].as_object().unwrap().keys().collect();
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            "created_at",
+            "description",
+            "id",
+            "last_used_at",
+            "revoked_at",
+            "scope"
+        ]
+    );
+
+    let refused = client.get("/tokens").await.expect(403);
+    assert_eq!(
+        refused["errors"][0],
+        "only an admin token may manage tokens"
+    );
+    let admin_id = id_of(&admin_token);
+    client
+        .delete(&format!("/tokens/{admin_id}"))
+        .await
+        .expect(403);
+    admin.get("/tokens").await.expect(200);
+
+    for (id, shown) in [
+        ("999999", "999999"),
+        ("abc", "abc"),
+        ("-1", "-1"),
+        ("99999999999", "99999999999"),
+    ] {
+        let missing = admin.delete(&format!("/tokens/{id}")).await.expect(404);
+        assert_eq!(
+            missing["errors"][0],
+            format!("token {shown} does not exist")
+        );
+    }
+    let wrong_method = app.post("/tokens", &admin_token).send().await.unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    assert_eq!(wrong_method.headers()["allow"], "GET");
 }
 
 #[tokio::test]

@@ -226,3 +226,60 @@ async fn an_admin_scales_a_pool_and_watches_it_fill() {
     browser.screenshot("pools").await;
     browser.close().await;
 }
+
+#[tokio::test]
+async fn an_admin_revokes_a_token_from_the_page_and_its_holder_is_refused() {
+    let s = TestBroker::new().fake(json!({})).api_only().start().await;
+    let admin = s.client_with(Scope::Admin).await;
+    let holder = s.app.client(&s.token);
+    holder.get("/instances").await.expect(200);
+    let id = s.token.split('-').next().unwrap();
+
+    // A client is not offered the page.
+    let browser = Browser::start().await;
+    browser.sign_in(&s.app.base, &s.token).await;
+    browser.find("#instances").await;
+    assert!(!browser
+        .find("#nav-tokens")
+        .await
+        .is_displayed()
+        .await
+        .unwrap());
+
+    browser.find("#sign-out").await.click().await.unwrap();
+    browser.sign_in(&s.app.base, &admin.token).await;
+    browser.find("#instances").await;
+    browser.find("#nav-tokens").await.click().await.unwrap();
+    let row = format!("#tokens tr[data-token='{id}']");
+    browser
+        .shows(&format!("{row} [data-field=revoked]"), "active")
+        .await;
+    assert_eq!(browser.script(UNLABELLED).await, json!(0));
+    browser.screenshot("tokens").await;
+
+    browser
+        .find(&format!("#revoke-{id}"))
+        .await
+        .click()
+        .await
+        .unwrap();
+    browser.client.accept_alert().await.unwrap();
+    browser
+        .shows(&format!("{row} [data-field=revoked]"), "revoked")
+        .await;
+    crate::common::wait_for(
+        "the holder to be refused",
+        Duration::from_secs(5),
+        async || holder.get("/instances").await.status == 401,
+    )
+    .await;
+    let listed = admin.get("/tokens").await.expect(200);
+    let revoked = listed["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"].as_i64() == id.parse().ok());
+    assert!(revoked.unwrap()["revoked_at"].is_string(), "{listed}");
+    browser.screenshot("tokens-revoked").await;
+    browser.close().await;
+}
