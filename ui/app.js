@@ -205,7 +205,7 @@ function instanceView(id) {
   function show(instance) {
     const entries = [["State", instance.state], ["Provider", instance.provider], ["Image", instance.image],
       ["Type", instance.instance_type], ["Address", instance.ip_address], ["Cloud id", instance.upstream_id],
-      ["Error", instance.error_reason], ["Expires", instance.expires_at], ["Created", instance.created_at]];
+      ["Error", instance.error_reason], ["Expires", when(instance.expires_at)], ["Created", when(instance.created_at)]];
     fields.replaceChildren(...entries.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { class: k === "State" ? `state state-${v}` : null, "data-field": k.toLowerCase(), text: v ?? "" })]));
     remove.hidden = instance.state === "terminated" || instance.state === "terminating";
   }
@@ -241,8 +241,12 @@ function poolsView() {
   const head = el("tr", {}, ...["Pool", "Provider", "Desired idle", "Idle", "Busy", "Starting", admin ? "Scale" : ""].map((t) => el("th", { scope: "col", text: t })));
   main.replaceChildren(el("h2", { text: "Pools" }), el("div", { class: "scroll" }, el("table", {}, el("thead", {}, head), body)));
   load();
+  // Counts move with instance events (at once, for the instances this token sees) and with
+  // the pool worker's (every two seconds).
+  let pending = null;
+  const stop = watch("", () => { if (!pending) pending = setTimeout(() => { pending = null; load(); }, 200); });
   const timer = setInterval(load, 2000);
-  leave = () => clearInterval(timer);
+  leave = () => { stop(); clearInterval(timer); clearTimeout(pending); };
 }
 
 function providersView() {

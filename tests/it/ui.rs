@@ -107,6 +107,9 @@ impl Browser {
     }
 }
 
+/// WebDriver's Enter key.
+const ENTER: char = '\u{E007}';
+
 /// Every input and select has a name a screen reader reads (a label or `aria-label`).
 const UNLABELLED: &str = "return [...document.querySelectorAll('input, select')]
     .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')).length";
@@ -120,7 +123,14 @@ async fn a_bad_token_is_refused_with_the_apis_message() {
     assert_eq!(answer.status, 401);
     let message = answer.body["errors"][0].as_str().unwrap().to_owned();
 
-    browser.sign_in(&s.app.base, &wrong).await;
+    // From the keyboard: the token typed, Enter pressed.
+    browser
+        .client
+        .goto(&format!("{}/ui", s.app.base))
+        .await
+        .unwrap();
+    let input = browser.find("#token").await;
+    input.send_keys(&format!("{wrong}{ENTER}")).await.unwrap();
     browser.shows("#error", &message).await;
     assert!(browser.find("#token").await.is_displayed().await.unwrap());
     assert_eq!(browser.script(UNLABELLED).await, json!(0));
