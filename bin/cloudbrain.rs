@@ -130,6 +130,7 @@ fn args_with_link_name() -> Vec<OsString> {
 }
 
 fn main() -> ExitCode {
+    cloudbrain::memory::return_large_blocks();
     let cli = Cli::parse_from(args_with_link_name());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -9,6 +9,7 @@ pub mod db;
 pub mod dev;
 pub mod ids;
 pub mod json;
+pub mod memory;
 pub mod metrics;
 pub mod providers;
 pub mod queue;

@@ -14,6 +14,8 @@ import sys
 import time
 from urllib.parse import urlsplit
 
+import rawhttp
+
 url, valid, wrong_id, count, spread, pid = sys.argv[1:7]
 count = int(count)
 parts = urlsplit(url)
@@ -21,22 +23,11 @@ host, port = parts.hostname, parts.port
 
 
 def rss_kib():
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    return rawhttp.rss_kib(pid)
 
 
 async def request(reader, writer, token, extra=""):
-    writer.write(
-        (
-            f"GET /instances?limit=1 HTTP/1.1\r\nHost: {host}\r\n"
-            f"Authorization: token {token}\r\n{extra}\r\n"
-        ).encode()
-    )
-    await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
+    head = await rawhttp.get_head(reader, writer, host, "/instances?limit=1", token, extra)
     status = int(head.split(b" ", 2)[1])
     length = 0
     for line in head.split(b"\r\n"):

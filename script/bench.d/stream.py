@@ -14,6 +14,8 @@ import sys
 import time
 from urllib.parse import urlsplit
 
+import rawhttp
+
 url, token, idle_token, pid, count, idle = sys.argv[1:7]
 count, idle = int(count), int(idle)
 parts = urlsplit(url)
@@ -21,23 +23,12 @@ host, port = parts.hostname, parts.port
 
 
 def rss_kib():
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    return rawhttp.rss_kib(pid)
 
 
 async def open_stream(who):
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(
-        (
-            f"GET /stream/instances HTTP/1.1\r\nHost: {host}\r\n"
-            f"Authorization: token {who}\r\n\r\n"
-        ).encode()
-    )
-    await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
+    head = await rawhttp.get_head(reader, writer, host, "/stream/instances", who)
     if not head.startswith(b"HTTP/1.1 200"):
         raise SystemExit(f"stream refused: {head[:200]!r}")
     return reader, writer

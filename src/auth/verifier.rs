@@ -73,7 +73,8 @@ pub struct ScryptLimits {
     /// Most verifications at once (`CLOUDBRAIN_SCRYPT_CONCURRENCY`, default: the cores).
     pub concurrency: usize,
     /// How long a verification waits for a slot before the request gets 503
-    /// (`CLOUDBRAIN_SCRYPT_WAIT`, default 1 s).
+    /// (`CLOUDBRAIN_SCRYPT_WAIT`, default 5 s: long enough for a hundred new tokens
+    /// at once on two cores).
     pub wait: Duration,
 }
 
@@ -81,7 +82,7 @@ impl Default for ScryptLimits {
     fn default() -> Self {
         Self {
             concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            wait: Duration::from_secs(1),
+            wait: Duration::from_secs(5),
         }
     }
 }
