@@ -145,6 +145,16 @@ cb_ensure_gce_references() {
     fi
 }
 
+# kubernetes-validate (from PyPI, into .venv; it carries Kubernetes' schemas), which checks
+# deploy/kubernetes offline.
+cb_ensure_kubernetes_validate() {
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    if [ ! -x .venv/bin/kubernetes-validate ]; then
+        cb_log "installing kubernetes-validate into .venv"
+        .venv/bin/pip install --quiet --disable-pip-version-check kubernetes-validate
+    fi
+}
+
 # Debian's chromium and chromium-driver, which the control-plane page's tests drive.
 cb_ensure_chromium() {
     command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 && return 0

@@ -11,6 +11,12 @@ use crate::auth::Caller;
 use crate::broker::providers::ProviderSummary;
 use crate::broker::validate::Lifetime;
 
+/// What a worker process's small server holds: its broker and its metrics.
+type WorkerState = web::Data<(
+    crate::broker::Broker,
+    std::sync::Arc<crate::metrics::Metrics>,
+)>;
+
 /// A health answer.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Status {
@@ -44,7 +50,16 @@ pub async fn healthz() -> HttpResponse {
     (status = 503, description = "Database unreachable", body = ErrorBody),
 ))]
 pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    state.broker.ping().await?;
+    ready(&state.broker).await
+}
+
+/// `/readyz` of a worker process: 200 when the database is reachable, else 503.
+pub async fn worker_readyz(state: WorkerState) -> Result<HttpResponse, ApiError> {
+    ready(&state.0).await
+}
+
+async fn ready(broker: &crate::broker::Broker) -> Result<HttpResponse, ApiError> {
+    broker.ping().await?;
     Ok(HttpResponse::Ok().json(Status { status: "ok" }))
 }
 
@@ -142,11 +157,6 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
 }
 
 /// `/metrics` of a worker process.
-pub async fn worker_metrics(
-    state: web::Data<(
-        crate::broker::Broker,
-        std::sync::Arc<crate::metrics::Metrics>,
-    )>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn worker_metrics(state: WorkerState) -> Result<HttpResponse, ApiError> {
     render(&state.0, &state.1, None).await
 }

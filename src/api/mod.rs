@@ -318,7 +318,7 @@ pub fn serve(
     Ok(server)
 }
 
-/// Serves only `/metrics` and `/healthz`, for worker processes.
+/// Serves only `/metrics`, `/healthz` and `/readyz`, for worker processes.
 pub fn serve_metrics(
     listener: TcpListener,
     broker: Broker,
@@ -330,6 +330,7 @@ pub fn serve_metrics(
             .app_data(state.clone())
             .route("/metrics", web::get().to(meta::worker_metrics))
             .route("/healthz", web::get().to(meta::healthz))
+            .route("/readyz", web::get().to(meta::worker_readyz))
             .default_service(web::to(not_found))
     })
     .workers(1)

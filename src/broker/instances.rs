@@ -13,6 +13,7 @@ use super::validate::{IdempotencyKey, Lifetime, ProviderName, SshPublicKey};
 use super::{Broker, BrokerError};
 use crate::auth::{Caller, Scope};
 use crate::db::schema::{instance_events, instances};
+use crate::db::CacheStatement;
 use crate::ids::InstanceId;
 use crate::queue::{self, JobKind};
 
@@ -344,6 +345,7 @@ pub(super) async fn insert_new(
         .on_conflict((instances::owner_token_id, instances::idempotency_key))
         .do_nothing()
         .returning(Instance::as_returning())
+        .cached()
         .get_result(conn)
         .await
         .optional()?;

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::lifecycle::{Decision, Seen};
 use super::model::{Instance, InstanceChange, NewInstanceEvent};
 use crate::db::schema::{instance_events, instances};
+use crate::db::CacheStatement;
 use crate::queue::{self, JobKind};
 
 crate::text_enum! {
@@ -87,6 +88,7 @@ pub async fn transition(
         change,
     ))
     .returning(Instance::as_returning())
+    .cached()
     .get_result(conn)
     .await
     .optional()?;
@@ -130,6 +132,7 @@ pub async fn apply(
                 seen_change(seen),
             ))
             .returning(Instance::as_returning())
+            .cached()
             .get_result(conn)
             .await
             .optional()
@@ -164,6 +167,7 @@ pub async fn apply(
                     instances::updated_at.eq(diesel::dsl::now),
                 ))
                 .returning(Instance::as_returning())
+                .cached()
                 .get_result(conn)
                 .await
                 .optional()?;
@@ -214,6 +218,7 @@ pub async fn record_event(
             to_state: to,
             reason,
         })
+        .cached()
         .execute(conn)
         .await?;
     Ok(())

@@ -26,6 +26,7 @@ use super::{Broker, BrokerError, State};
 use crate::auth::Caller;
 use crate::db::listen::{listen_forever, Heard};
 use crate::db::schema::{instance_events, instances};
+use crate::db::CacheStatement;
 use crate::ids::InstanceId;
 
 /// The channel a trigger on `instance_events` notifies when events commit.
@@ -192,6 +193,7 @@ impl Broker {
                 InstanceEvent::as_select(),
                 Instance::as_select(),
             ))
+            .cached()
             .load(&mut conn)
             .await?;
         Ok(rows
@@ -211,7 +213,9 @@ impl Broker {
             .filter(sql::<Bool>(&format!("instance_events.tx < {FENCE}")))
             .order((instance_events::tx.desc(), instance_events::id.desc()))
             .select((instance_events::tx, instance_events::id))
-            .first(&mut conn)
+            .limit(1)
+            .cached()
+            .get_result(&mut conn)
             .await
             .optional()?;
         Ok(head.map_or_else(Position::default, |(tx, id)| Position { tx, id }))

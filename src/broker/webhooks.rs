@@ -21,6 +21,7 @@ use super::{admin_only, Broker, BrokerError, State};
 use crate::auth::Caller;
 use crate::config::{DeliverySettings, Networks};
 use crate::db::schema::{instance_events, instances, webhook_deliveries, webhooks};
+use crate::db::CacheStatement;
 use crate::ids::InstanceId;
 
 /// The channel the outbox trigger notifies when it writes deliveries.
@@ -576,6 +577,7 @@ impl Broker {
         .bind::<diesel::sql_types::Int8, _>(per_webhook)
         .bind::<diesel::sql_types::Array<diesel::sql_types::Int8>, _>(busy)
         .bind::<diesel::sql_types::Double, _>(CLAIM_FOR.as_secs_f64())
+        .cached()
         .load(&mut conn)
         .await?;
         let ids: Vec<i64> = ids.into_iter().map(|i| i.id).collect();

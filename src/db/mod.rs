@@ -1,5 +1,6 @@
 //! The database: diesel schema and models, the connection pool and the migrations runner.
 
+pub mod cached;
 pub mod listen;
 pub mod locks;
 pub mod schema;
@@ -8,9 +9,13 @@ use anyhow::Context;
 use diesel::QueryResult;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_async::pooled_connection::deadpool;
-use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+pub use cached::{CacheStatement, Cached};
 
 /// A small value stored in one column of SQL type `$sql`: copyable, comparable, and
 /// usable in diesel queries and rows. `text_enum!` and `id_type!` declare through it.
@@ -279,7 +284,13 @@ pub async fn connect_migrated(url: &str) -> anyhow::Result<AsyncPgConnection> {
 
 /// Builds a connection pool of at most `size` connections; connects lazily.
 pub fn pool(database_url: &str, size: usize) -> anyhow::Result<Pool> {
-    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(database_url);
+    // No test query at each checkout (it was a round trip before every use): a connection
+    // whose server closed it is dropped by deadpool's recycle check (`is_closed`), and one
+    // lost silently fails its first query, which answers 503 (`is_unavailable`).
+    let mut config = ManagerConfig::default();
+    config.recycling_method = RecyclingMethod::Fast;
+    let manager =
+        AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(database_url, config);
     deadpool::Pool::builder(manager)
         .max_size(size)
         .wait_timeout(Some(std::time::Duration::from_secs(5)))

@@ -20,7 +20,7 @@ use diesel::sql_types::Text;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 use crate::db::schema::jobs;
-use crate::db::{Pool, PooledConnection};
+use crate::db::{CacheStatement, Pool, PooledConnection};
 use crate::ids::{InstanceId, JobId};
 
 /// A new row of `jobs`.
@@ -66,11 +66,13 @@ pub async fn enqueue(
 ) -> QueryResult<()> {
     diesel::insert_into(jobs::table)
         .values(NewJob { kind, instance_id })
+        .cached()
         .execute(conn)
         .await?;
     diesel::sql_query("SELECT pg_notify($1, $2)")
         .bind::<Text, _>(JOBS_CHANNEL)
         .bind::<Text, _>(kind.as_str())
+        .cached()
         .execute(conn)
         .await?;
     Ok(())
@@ -132,6 +134,7 @@ pub async fn bury(conn: &mut AsyncPgConnection, lease: &Lease, error: &str) -> Q
             unlocked(),
             jobs::last_error.eq(error),
         ))
+        .cached()
         .execute(conn)
         .await?;
     Ok(updated == 1)
@@ -205,6 +208,7 @@ impl Queue {
         .bind::<Double, _>(lease.as_secs_f64())
         .bind::<Array<Text>, _>(kinds)
         .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
+        .cached()
         .load(&mut conn)
         .await?;
         tracing::Span::current().record("claimed", rows.len());
@@ -226,6 +230,7 @@ impl Queue {
         let mut conn = self.conn().await?;
         let renewed = diesel::update(self::held(held))
             .set(jobs::locked_until.eq(db_now_plus(lease).nullable()))
+            .cached()
             .execute(&mut conn)
             .await?;
         Ok(renewed == 1)
@@ -258,6 +263,7 @@ impl Queue {
                 unlocked(),
                 jobs::last_error.eq(error),
             ))
+            .cached()
             .execute(&mut conn)
             .await?;
         Ok(updated == 1)
@@ -274,6 +280,7 @@ impl Queue {
                 unlocked(),
                 jobs::attempts.eq(jobs::attempts - 1),
             ))
+            .cached()
             .execute(&mut conn)
             .await?;
         Ok(updated == 1)

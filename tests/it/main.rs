@@ -11,6 +11,7 @@ mod auth;
 mod capacity;
 mod cli;
 mod contract;
+mod deploy;
 mod e2e;
 mod ec2;
 mod fleet;

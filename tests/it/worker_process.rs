@@ -127,6 +127,13 @@ async fn a_new_job_is_dispatched_without_waiting_for_a_poll() {
     );
     // Let the worker start and run its first (empty) claim.
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    // What a Kubernetes probe asks of it.
+    for probe in ["healthz", "readyz"] {
+        let answer = reqwest::get(format!("http://{metrics_addr}/{probe}"))
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200, "/{probe}");
+    }
     let id = s.create("ubuntu").await;
     wait_for(
         "the create job to run",
