@@ -57,6 +57,7 @@ struct Inner {
     provider_calls: BTreeMap<(String, &'static str), Histogram>,
     provider_errors: BTreeMap<(String, &'static str), u64>,
     jobs_finished: BTreeMap<(&'static str, &'static str), u64>,
+    refresh_cycle: Histogram,
 }
 
 /// What this process has measured; share it behind an `Arc`.
@@ -115,6 +116,11 @@ impl Metrics {
         }
     }
 
+    /// Records how long one refresh cycle took (every provider config, then the pools).
+    pub fn observe_refresh_cycle(&self, took: Duration) {
+        self.lock().refresh_cycle.observe(took.as_secs_f64());
+    }
+
     /// Counts a job that ended (`done`, `retried`, `dead`, `released`).
     pub fn count_job(&self, kind: &'static str, outcome: &'static str) {
         *self
@@ -153,6 +159,10 @@ impl Metrics {
         inner
             .dispatch
             .render(&mut out, "cloudbrain_dispatch_latency_seconds", "");
+        out.push_str("# HELP cloudbrain_refresh_cycle_seconds Refresh cycles of this process: every provider config, then the pools.\n# TYPE cloudbrain_refresh_cycle_seconds histogram\n");
+        inner
+            .refresh_cycle
+            .render(&mut out, "cloudbrain_refresh_cycle_seconds", "");
         out.push_str("# HELP cloudbrain_provider_call_duration_seconds Provider calls made by this process.\n# TYPE cloudbrain_provider_call_duration_seconds histogram\n");
         for ((provider, operation), histogram) in &inner.provider_calls {
             let labels = format!(

@@ -185,6 +185,7 @@ pub async fn refresh_worker(
         services.broker.clone(),
         services.registry.clone(),
         services.config.workers.clone(),
+        services.metrics.clone(),
     ));
     with_metrics(services, serve_metrics, worker.run(shutdown)).await
 }

@@ -16,6 +16,7 @@ use crate::broker::lifecycle::{self, RefreshClock};
 use crate::broker::Broker;
 use crate::config::WorkerSettings;
 use crate::db::locks;
+use crate::metrics::Metrics;
 use crate::providers::{LimitedProvider, Registry};
 use crate::shutdown::stopped;
 
@@ -37,6 +38,7 @@ pub struct RefreshWorker {
     broker: Broker,
     registry: Arc<Registry>,
     settings: WorkerSettings,
+    metrics: Arc<Metrics>,
     /// A session of its own, not the pool's, holds the refresh locks.
     locks: locks::Session,
     /// When each machine without a launch time was first seen without a live instance.
@@ -50,11 +52,13 @@ impl RefreshWorker {
         broker: Broker,
         registry: Arc<Registry>,
         settings: WorkerSettings,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             broker,
             registry,
             settings,
+            metrics,
             locks: locks::Session::new(database_url),
             first_seen: Mutex::new(HashMap::new()),
         }
@@ -67,8 +71,10 @@ impl RefreshWorker {
             "refresh worker started"
         );
         loop {
+            let began = Instant::now();
             self.refresh_all().await;
             self.reconcile_pools().await;
+            self.metrics.observe_refresh_cycle(began.elapsed());
             tokio::select! {
                 _ = tokio::time::sleep(self.settings.refresh_interval.max(MIN_INTERVAL)) => {}
                 _ = stopped(&mut shutdown) => break,

@@ -169,6 +169,49 @@ async fn a_new_job_is_dispatched_without_waiting_for_a_poll() {
 }
 
 #[tokio::test]
+async fn a_refresh_worker_reports_how_long_its_cycles_take() {
+    let s = setup(json!({"boot_time_ms": 0})).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let env = [
+        ("CLOUDBRAIN_METRICS_ADDR", addr.clone()),
+        ("CLOUDBRAIN_REFRESH_INTERVAL", "0.05".to_owned()),
+    ];
+    let mut child = role(&s.db, "refresh-worker", "5", "1", &env);
+    let cycles = async || {
+        let text = match reqwest::get(format!("http://{addr}/metrics")).await {
+            Ok(answer) => answer.text().await.unwrap(),
+            Err(_) => return 0,
+        };
+        text.lines()
+            .find_map(|l| l.strip_prefix("cloudbrain_refresh_cycle_seconds_count "))
+            .map_or(0, |n| n.parse::<u64>().unwrap())
+    };
+    wait_for(
+        "three refresh cycles counted",
+        Duration::from_secs(10),
+        async || cycles().await >= 3,
+    )
+    .await;
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("cloudbrain_refresh_cycle_seconds_bucket{le=\"+Inf\"}"),
+        "{text}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test]
 async fn killing_the_pool_worker_mid_fill_ten_times_leaks_nothing_and_overshoots_nothing() {
     let s = setup(json!({"create_latency_ms": 50, "boot_time_ms": 0})).await;
     let admin = s.client_with(cloudbrain::auth::Scope::Admin).await;

@@ -828,6 +828,7 @@ impl Workers {
             broker.clone(),
             registry.clone(),
             settings,
+            metrics.clone(),
         ));
         let webhooks = Arc::new(cloudbrain::workers::WebhookSender::new(
             broker.clone(),
