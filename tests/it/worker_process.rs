@@ -31,6 +31,18 @@ fn role(db: &TestDb, role: &str, lease: &str, poll: &str, env: &[(&str, String)]
         .unwrap()
 }
 
+/// A loopback address nothing listens on, for a worker's metrics server.
+fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// A worker's `/metrics` text; `None` while it does not answer yet.
+async fn metrics_of(addr: &str) -> Option<String> {
+    let answer = reqwest::get(format!("http://{addr}/metrics")).await.ok()?;
+    Some(answer.text().await.unwrap())
+}
+
 async fn setup(fake: serde_json::Value) -> TestBroker {
     TestBroker::new().fake(fake).start().await
 }
@@ -113,12 +125,7 @@ async fn sigterm_lets_running_jobs_finish_and_claims_nothing_new() {
 async fn a_new_job_is_dispatched_without_waiting_for_a_poll() {
     let s = setup(json!({"boot_time_ms": 0})).await;
     // A poll once a minute: only NOTIFY can make this quick.
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let metrics_addr = free_addr();
     let mut child = worker_with(
         &s.db,
         "30",
@@ -145,12 +152,7 @@ async fn a_new_job_is_dispatched_without_waiting_for_a_poll() {
     // recording its result, so give it a moment).
     let mut metrics = String::new();
     for _ in 0..40 {
-        metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        metrics = metrics_of(&metrics_addr).await.unwrap();
         if metrics.contains("outcome=\"done\"} 1\n") {
             break;
         }
@@ -171,21 +173,15 @@ async fn a_new_job_is_dispatched_without_waiting_for_a_poll() {
 #[tokio::test]
 async fn a_refresh_worker_reports_how_long_its_cycles_take() {
     let s = setup(json!({"boot_time_ms": 0})).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_addr();
     let env = [
         ("CLOUDBRAIN_METRICS_ADDR", addr.clone()),
         ("CLOUDBRAIN_REFRESH_INTERVAL", "0.05".to_owned()),
     ];
     let mut child = role(&s.db, "refresh-worker", "5", "1", &env);
     let cycles = async || {
-        let text = match reqwest::get(format!("http://{addr}/metrics")).await {
-            Ok(answer) => answer.text().await.unwrap(),
-            Err(_) => return 0,
+        let Some(text) = metrics_of(&addr).await else {
+            return 0;
         };
         text.lines()
             .find_map(|l| l.strip_prefix("cloudbrain_refresh_cycle_seconds_count "))
@@ -197,12 +193,7 @@ async fn a_refresh_worker_reports_how_long_its_cycles_take() {
         async || cycles().await >= 3,
     )
     .await;
-    let text = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_of(&addr).await.unwrap();
     assert!(
         text.contains("cloudbrain_refresh_cycle_seconds_bucket{le=\"+Inf\"}"),
         "{text}"
