@@ -56,6 +56,9 @@ pub enum Decision {
         /// Its id, address and details.
         seen: Seen,
     },
+    /// Write what the cloud newly says of a machine whose row keeps its state (many of
+    /// these are written by one statement: [`super::state::note_all`]).
+    Note(Seen),
     /// The instance errored for `reason`; its machine, if any, is to be destroyed.
     Fail {
         /// Why, in words for the client.
@@ -142,10 +145,7 @@ pub fn refresh(row: &Instance, machine: Option<&CloudInstance>, clock: &RefreshC
         (State::Terminating, Some(machine)) => {
             let seen = Seen::of(machine);
             if seen.details.is_some() && row.details != seen.details {
-                return Decision::Record {
-                    to: State::Terminating,
-                    seen,
-                };
+                return Decision::Note(seen);
             }
             return Decision::Keep;
         }
@@ -190,8 +190,10 @@ pub fn refresh(row: &Instance, machine: Option<&CloudInstance>, clock: &RefreshC
                 (State::Creating | State::Starting, CloudState::Running) => State::Running,
                 (current, _) => current,
             };
-            if to != row.state || seen.news_for(row) {
+            if to != row.state {
                 Decision::Record { to, seen }
+            } else if seen.news_for(row) {
+                Decision::Note(seen)
             } else {
                 Decision::Keep
             }
@@ -326,6 +328,10 @@ mod tests {
         }
     }
 
+    fn note() -> Decision {
+        Decision::Note(Seen::of(&machine(CloudState::Running)))
+    }
+
     fn fail(reason: &str, seen: bool) -> Decision {
         Decision::fail(
             reason,
@@ -351,14 +357,14 @@ mod tests {
             (S::Creating, Some(C::Terminated), fail(STOPPED, false)),
             (S::Creating, Some(failed()), fail("disk full", false)),
             (S::Starting, None, fail(VANISHED, false)),
-            (S::Starting, Some(C::Starting), record(S::Starting)),
+            (S::Starting, Some(C::Starting), note()),
             (S::Starting, Some(C::Running), record(S::Running)),
             (S::Starting, Some(C::Terminating), fail(STOPPED, false)),
             (S::Starting, Some(C::Terminated), fail(STOPPED, false)),
             (S::Starting, Some(failed()), fail("disk full", false)),
             (S::Running, None, fail(VANISHED, false)),
-            (S::Running, Some(C::Starting), record(S::Running)),
-            (S::Running, Some(C::Running), record(S::Running)),
+            (S::Running, Some(C::Starting), note()),
+            (S::Running, Some(C::Running), note()),
             (S::Running, Some(C::Terminating), fail(STOPPED, false)),
             (S::Running, Some(C::Terminated), fail(STOPPED, false)),
             (S::Running, Some(failed()), fail("disk full", false)),
@@ -387,10 +393,7 @@ mod tests {
         assert_eq!(refresh(&running, Some(&up), &clock(60)), Decision::Keep);
         // A new address is news.
         running.ip_address = Some("10.0.0.2".into());
-        assert_eq!(
-            refresh(&running, Some(&up), &clock(60)),
-            record(State::Running)
-        );
+        assert_eq!(refresh(&running, Some(&up), &clock(60)), note());
         // A machine that has no address yet does not erase the row's.
         let mut quiet = up.clone();
         quiet.ip_address = None;
@@ -431,10 +434,7 @@ mod tests {
             refresh(&row(State::Starting), Some(&up), &late),
             record(State::Running)
         );
-        assert_eq!(
-            refresh(&row(State::Running), Some(&up), &late),
-            record(State::Running)
-        );
+        assert_eq!(refresh(&row(State::Running), Some(&up), &late), note());
         // Exactly at the timeout is not past it.
         let edge = RefreshClock {
             launch_timeout: MINUTE * 3,
@@ -480,13 +480,7 @@ mod tests {
             .details
             .insert("ecs".into(), serde_json::json!({"status": "DRAINING"}));
         let leaving = refresh(&row(S::Terminating), Some(&draining), &clock(60));
-        assert_eq!(
-            leaving,
-            Decision::Record {
-                to: S::Terminating,
-                seen: Seen::of(&draining)
-            }
-        );
+        assert_eq!(leaving, Decision::Note(Seen::of(&draining)));
         let mut recorded = row(S::Terminating);
         recorded.details = Seen::of(&draining).details;
         assert_eq!(

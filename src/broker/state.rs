@@ -75,6 +75,10 @@ pub async fn transition(
     else {
         return Ok(None);
     };
+    if !allowed.contains(&from) {
+        // The row is locked: its state cannot change before the update would run.
+        return Ok(None);
+    }
     let terminated_at = (to == State::Terminated).then(Utc::now);
     let updated = diesel::update(
         instances::table
@@ -111,32 +115,17 @@ pub async fn apply(
         Decision::Keep | Decision::Destroy | Decision::Gone | Decision::NotYet(_) => Ok(None),
         Decision::Record { to, seen } => {
             // Recording never moves a row into `terminating` (only BeginTermination does,
-            // with its remove job): for a row already there it only notes what is new.
-            let moves = *to != State::Terminating;
-            if moves {
+            // with its remove job).
+            if *to != State::Terminating {
                 if let Some(updated) = transition(conn, id, *to, None, seen_change(seen)).await? {
                     tracing::info!(state = to.as_str(), "instance {id} {}", to.as_str());
                     return Ok(Some(updated));
                 }
             }
-            // Same state (or the row moved on): only fill in what the cloud newly says, and
-            // only on a row whose machine still stands.
-            let standing = [State::Starting, State::Running, State::Terminating];
-            diesel::update(
-                instances::table
-                    .filter(instances::id.eq(id))
-                    .filter(instances::state.eq_any(standing)),
-            )
-            .set((
-                instances::updated_at.eq(diesel::dsl::now),
-                seen_change(seen),
-            ))
-            .returning(Instance::as_returning())
-            .cached()
-            .get_result(conn)
-            .await
-            .optional()
+            // The row moved on: only fill in what the cloud newly says.
+            note_one(conn, id, seen).await
         }
+        Decision::Note(seen) => note_one(conn, id, seen).await,
         Decision::Fail { reason, seen } => {
             let change = InstanceChange {
                 error_reason: Some(reason),
@@ -191,6 +180,55 @@ pub async fn apply(
             Ok(updated)
         }
     }
+}
+
+/// Writes what the cloud newly says of each machine, in one statement, to the rows whose
+/// machine still stands (`starting`, `running`, `terminating`); their state stays and no
+/// event is written. Returns how many rows it wrote.
+pub async fn note_all(
+    conn: &mut AsyncPgConnection,
+    notes: &[(InstanceId, &Seen)],
+) -> QueryResult<usize> {
+    use diesel::sql_types::{Array, Jsonb, Nullable, Text, Uuid};
+    if notes.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<uuid::Uuid> = notes.iter().map(|(id, _)| id.0).collect();
+    let upstream: Vec<&str> = notes.iter().map(|(_, s)| s.upstream_id.as_str()).collect();
+    let addresses: Vec<Option<&str>> = notes.iter().map(|(_, s)| s.ip_address.as_deref()).collect();
+    let details: Vec<Option<&serde_json::Value>> =
+        notes.iter().map(|(_, s)| s.details.as_ref()).collect();
+    diesel::sql_query(
+        "UPDATE instances AS i SET upstream_id = n.upstream_id, \
+                ip_address = COALESCE(n.ip_address, i.ip_address), \
+                details = COALESCE(n.details, i.details), updated_at = now() \
+         FROM unnest($1, $2, $3, $4) AS n (id, upstream_id, ip_address, details) \
+         WHERE i.id = n.id AND i.state IN ('starting', 'running', 'terminating')",
+    )
+    .bind::<Array<Uuid>, _>(ids)
+    .bind::<Array<Text>, _>(upstream)
+    .bind::<Array<Nullable<Text>>, _>(addresses)
+    .bind::<Array<Nullable<Jsonb>>, _>(details)
+    .cached()
+    .execute(conn)
+    .await
+}
+
+/// [`note_all`] for one row, and the row as it is now if it was written.
+async fn note_one(
+    conn: &mut AsyncPgConnection,
+    id: InstanceId,
+    seen: &Seen,
+) -> QueryResult<Option<Instance>> {
+    if note_all(conn, &[(id, seen)]).await? == 0 {
+        return Ok(None);
+    }
+    instances::table
+        .find(id)
+        .select(Instance::as_select())
+        .first(conn)
+        .await
+        .optional()
 }
 
 /// The columns that say what the cloud says of a machine.

@@ -29,6 +29,8 @@ pub struct RefreshReport {
     pub destroyed_errored: usize,
     /// Machines destroyed because no live instance owns them.
     pub destroyed_orphans: usize,
+    /// Instance rows written (0 when the cloud says nothing new).
+    pub written: usize,
     /// True when another refresh worker held this provider config.
     pub skipped: bool,
 }
@@ -118,7 +120,18 @@ impl RefreshWorker {
                 ..RefreshReport::default()
             });
         }
+        let began = Instant::now();
         let result = self.reconcile(provider).await;
+        if let Ok(report) = &result {
+            tracing::debug!(
+                provider = %provider.name(),
+                "refreshed {}: {} machines, {} rows written in {:.1} ms",
+                provider.name(),
+                report.machines,
+                report.written,
+                began.elapsed().as_secs_f64() * 1000.0
+            );
+        }
         if let Err(error) = self.locks.unlock_refresh(provider.name()).await {
             tracing::warn!(%error, "could not release the refresh lock");
         }
@@ -142,15 +155,20 @@ impl RefreshWorker {
             machines: machines.len(),
             ..RefreshReport::default()
         };
-        let mut owned = HashSet::new();
-        for row in &rows {
-            owned.insert(row.id.0);
-            let machine = by_id.get(&row.id.0).copied();
-            let decision = lifecycle::refresh(row, machine, &clock);
-            self.broker.apply(row.id, &decision).await?;
-            if decision.destroys_machine() && machine.is_some() {
-                self.destroy(provider, row.id.0, "its instance errored")
-                    .await;
+        // Every row is compared with its machine in memory; only the differences are
+        // written, in batches, before any machine is destroyed.
+        let owned: HashSet<Uuid> = rows.iter().map(|row| row.id.0).collect();
+        let decisions: Vec<_> = rows
+            .iter()
+            .map(|row| {
+                let machine = by_id.get(&row.id.0).copied();
+                (row.id, lifecycle::refresh(row, machine, &clock))
+            })
+            .collect();
+        report.written = self.broker.apply_all(&decisions).await?;
+        for (id, decision) in &decisions {
+            if decision.destroys_machine() && by_id.contains_key(&id.0) {
+                self.destroy(provider, id.0, "its instance errored").await;
                 report.destroyed_errored += 1;
             }
         }
@@ -167,7 +185,8 @@ impl RefreshWorker {
     fn orphans(&self, machines: &[CloudInstance], owned: &HashSet<Uuid>) -> Vec<Uuid> {
         let now = Instant::now();
         let mut first_seen = self.first_seen.lock().unwrap_or_else(|e| e.into_inner());
-        first_seen.retain(|id, _| machines.iter().any(|m| m.id == *id) && !owned.contains(id));
+        let listed: HashSet<Uuid> = machines.iter().map(|m| m.id).collect();
+        first_seen.retain(|id, _| listed.contains(id) && !owned.contains(id));
         machines
             .iter()
             .filter(|m| !owned.contains(&m.id))

@@ -80,6 +80,59 @@ async fn the_refresh_moves_a_booting_machine_to_running_and_then_writes_nothing(
 }
 
 #[tokio::test]
+async fn a_refresh_writes_exactly_the_rows_whose_machines_changed() {
+    let s = TestBroker::new()
+        .fake(json!({"boot_time_ms": 0}))
+        .start()
+        .await;
+    // More rows than one write batch holds.
+    let mut ids = Vec::new();
+    for i in 0..300 {
+        ids.push(s.create(&format!("image-{i}")).await);
+    }
+    s.workers.run_pending_jobs().await;
+    s.workers.refresh.refresh_all().await;
+    let mut conn = s.db.conn().await;
+    let snapshot =
+        "SELECT string_agg(id::text || ':' || xmin::text, ',' ORDER BY id) AS v FROM instances";
+    let versions = |text: Option<String>| -> std::collections::HashMap<String, String> {
+        text.unwrap()
+            .split(',')
+            .map(|pair| {
+                let (id, xmin) = pair.split_once(':').unwrap();
+                (id.to_owned(), xmin.to_owned())
+            })
+            .collect()
+    };
+    let before = versions(text(&mut conn, snapshot).await);
+    let events = s.db.count_events().await;
+
+    // Three machines (1 %), on either side of the batch boundary, get new addresses.
+    let changed = [&ids[0], &ids[150], &ids[299]];
+    for (n, id) in changed.iter().enumerate() {
+        exec(
+            &mut conn,
+            &format!("UPDATE fake_cloud.machines SET ip_address = '192.0.2.{n}' WHERE instance_id = '{id}'"),
+        )
+        .await;
+    }
+    let reports = s.workers.refresh.refresh_all().await;
+    assert_eq!(reports[0].1.machines, 300);
+    assert_eq!(reports[0].1.written, 3);
+    let after = versions(text(&mut conn, snapshot).await);
+    let written: Vec<&String> = ids.iter().filter(|id| before[*id] != after[*id]).collect();
+    assert_eq!(written, changed, "rows written other than the changed ones");
+    for (n, id) in changed.iter().enumerate() {
+        let body = s.body(id).await;
+        assert_eq!(body["ip_address"], format!("192.0.2.{n}"));
+        assert_eq!(body["state"], "running");
+    }
+    // A new address is no change of state: no event.
+    assert_eq!(s.db.count_events().await, events);
+    assert_eq!(s.workers.refresh.refresh_all().await[0].1.written, 0);
+}
+
+#[tokio::test]
 async fn a_late_refresh_never_moves_a_deleted_instance_back() {
     let s = TestBroker::new()
         .fake(json!({"boot_time_ms": 0}))
