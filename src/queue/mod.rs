@@ -191,26 +191,16 @@ impl Queue {
         use diesel::sql_types::{Array, BigInt, Double};
         let mut conn = self.conn().await?;
         let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
-        let rows: Vec<ClaimedRow> = diesel::sql_query(
-            "UPDATE jobs SET locked_by = $1, \
-                    locked_until = now() + $2 * interval '1 second', \
-                    attempts = attempts + 1 \
-             WHERE id IN ( \
-                 SELECT id FROM jobs \
-                 WHERE status = 'queued' AND kind = ANY($3) AND run_at <= now() \
-                   AND (locked_until IS NULL OR locked_until < now()) \
-                 ORDER BY run_at, id \
-                 LIMIT $4 \
-                 FOR UPDATE SKIP LOCKED) \
-             RETURNING id, kind, instance_id, attempts, created_at",
-        )
-        .bind::<Text, _>(worker)
-        .bind::<Double, _>(lease.as_secs_f64())
-        .bind::<Array<Text>, _>(kinds)
-        .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
-        .cached()
-        .load(&mut conn)
-        .await?;
+        // The oldest runnable jobs, locked by no one else (SKIP LOCKED), in one statement:
+        // migrations/*_jobs_claim.
+        let rows: Vec<ClaimedRow> = diesel::sql_query("SELECT * FROM claim_jobs($1, $2, $3, $4)")
+            .bind::<Text, _>(worker)
+            .bind::<Double, _>(lease.as_secs_f64())
+            .bind::<Array<Text>, _>(kinds)
+            .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
+            .cached()
+            .load(&mut conn)
+            .await?;
         tracing::Span::current().record("claimed", rows.len());
         Ok(rows
             .into_iter()

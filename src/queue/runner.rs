@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::FutureExt;
@@ -18,6 +18,10 @@ use super::{JobKind, Lease, Queue, JOBS_CHANNEL};
 use crate::config::WorkerSettings;
 use crate::db::listen::{listen_forever, Heard};
 use crate::metrics::Metrics;
+
+/// The least time between two claims of one runner: a burst of jobs is claimed a few at a
+/// time rather than one per query, and a lone job is claimed as soon as it is announced.
+const CLAIM_SPACING: Duration = Duration::from_millis(2);
 
 /// What runs the jobs a runner claims.
 #[async_trait]
@@ -115,6 +119,12 @@ impl<H: Handler> Runner<H> {
         let mut held: HashMap<tokio::task::Id, Lease> = HashMap::new();
         let poll = self.settings.poll_interval.max(Duration::from_millis(10));
         tracing::info!(worker = %self.id, concurrency = self.settings.concurrency, "job worker {} started", self.id);
+        // When to claim: at start, on NOTIFY, each poll interval, and when a job ends while
+        // the last claim took all it asked for (more may wait). A claim that got fewer
+        // found the queue empty: a job ending then frees a slot but brings no work.
+        let mut want = true;
+        let mut more_waiting = false;
+        let mut last_claim: Option<Instant> = None;
         loop {
             while let Some(done) = running.try_join_next_with_id() {
                 held.remove(&done.map(|(id, ())| id).unwrap_or_else(|e| e.id()));
@@ -123,11 +133,20 @@ impl<H: Handler> Runner<H> {
                 break;
             }
             let free = self.settings.concurrency.saturating_sub(running.len());
-            let mut claimed = 0;
-            if free > 0 {
+            if want && free > 0 {
+                // Claims are spaced: in a burst, one claim takes what came meanwhile.
+                if let Some(next) = last_claim.map(|at| at + CLAIM_SPACING) {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(next.into()) => {}
+                        _ = crate::shutdown::stopped(&mut shutdown) => continue,
+                    }
+                }
+                let free = self.settings.concurrency.saturating_sub(running.len());
+                want = false;
+                last_claim = Some(Instant::now());
                 match self.claim(free).await {
                     Ok(leases) => {
-                        claimed = leases.len();
+                        more_waiting = leases.len() == free;
                         for lease in leases {
                             // Kept so the job can be handed back if shutdown cuts it off.
                             let kept = lease.clone();
@@ -140,18 +159,18 @@ impl<H: Handler> Runner<H> {
                         }
                     }
                     Err(error) => {
+                        more_waiting = false;
                         tracing::warn!(error = %format!("{error:#}"), "claiming jobs failed")
                     }
                 }
             }
-            if claimed > 0 && claimed == free {
-                continue;
-            }
+            let polled = last_claim.map_or_else(Instant::now, |at| at + poll);
             tokio::select! {
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(poll) => {}
+                _ = wake.notified() => want = true,
+                _ = tokio::time::sleep_until(polled.into()) => want = true,
                 Some(done) = running.join_next_with_id(), if !running.is_empty() => {
                     held.remove(&done.map(|(id, ())| id).unwrap_or_else(|e| e.id()));
+                    want |= more_waiting;
                 }
                 _ = crate::shutdown::stopped(&mut shutdown) => {}
             }

@@ -428,7 +428,7 @@ impl CallLimits {
         if !(self.rate_limit.is_finite() && self.rate_limit > 0.0 && self.rate_limit <= 100_000.0) {
             return Err(ConfigError::new(
                 "rate_limit",
-                "must be a number of calls per second above 0",
+                "must be a number of calls per second above 0 and at most 100000",
             ));
         }
         Ok(())
