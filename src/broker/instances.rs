@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::lifecycle::{self, Decision};
 use super::model::{Instance, InstanceEvent, NewInstance};
 use super::pools;
-use super::state::{apply, record_event, State};
+use super::state::{apply, State};
 use super::validate::{IdempotencyKey, Lifetime, ProviderName, SshPublicKey};
 use super::{Broker, BrokerError};
 use crate::auth::{Caller, Scope};
@@ -166,20 +166,17 @@ impl Broker {
                 return self.with_key_on(created).await;
             }
         }
-        let created = conn
-            .transaction::<_, BrokerError, _>(async |conn| {
-                if let Some(pool) = &shape.pool {
+        let created = match &shape.pool {
+            // One statement, atomic on its own.
+            None => insert_or_replay(&mut conn, caller, &new, lifetime).await?,
+            Some(pool) => {
+                conn.transaction::<_, BrokerError, _>(async |conn| {
                     pools::reserve(conn, pool, 1).await?;
-                }
-                let Some(instance) = insert_new(conn, &new, lifetime).await? else {
-                    return replay(conn, caller, &new).await;
-                };
-                Ok(Created {
-                    instance,
-                    replayed: false,
+                    insert_or_replay(conn, caller, &new, lifetime).await
                 })
-            })
-            .await?;
+                .await?
+            }
+        };
         if !created.replayed {
             tracing::info!(
                 instance.id = %id,
@@ -326,34 +323,66 @@ impl Broker {
 
 /// Answers a repeated `Idempotency-Key`: the same request gets the same instance, another
 /// request is refused.
-/// Inserts `new` with its lifetime, its first event and its `create` job; `None` when the
-/// caller's `Idempotency-Key` already names an instance. Call inside a transaction.
+/// Inserts `new` with its lifetime, its first event and its `create` job, and announces
+/// the job (NOTIFY on [`queue::JOBS_CHANNEL`], sent at commit), all in one statement: one
+/// round trip, atomic without a transaction of its own. `None` when the caller's
+/// `Idempotency-Key` already names an instance (then nothing is written).
 pub(super) async fn insert_new(
     conn: &mut AsyncPgConnection,
     new: &NewInstance<'_>,
     lifetime: Option<Lifetime>,
 ) -> Result<Option<Instance>, BrokerError> {
-    // The lifetime counts from the row's own creation time, on the database's clock.
-    let expires_at = instances::expires_at.eq(diesel::dsl::now
-        .into_sql::<diesel::sql_types::Timestamptz>()
-        .nullable()
-        + lifetime
-            .map(Lifetime::interval)
-            .into_sql::<diesel::sql_types::Nullable<diesel::sql_types::Interval>>());
-    let inserted: Option<Instance> = diesel::insert_into(instances::table)
-        .values((new, expires_at))
-        .on_conflict((instances::owner_token_id, instances::idempotency_key))
-        .do_nothing()
-        .returning(Instance::as_returning())
-        .cached()
-        .get_result(conn)
-        .await
-        .optional()?;
-    if inserted.is_some() {
-        record_event(conn, new.id, None, State::Creating, None).await?;
-        queue::enqueue(conn, JobKind::CreateInstance, new.id).await?;
-    }
+    use diesel::sql_types::{Integer, Interval, Nullable, Text};
+    // The lifetime counts from the row's own creation time, on the database's clock. The
+    // job is the queue's, as `queue::enqueue` writes it.
+    let inserted = diesel::sql_query(
+        "WITH inserted AS ( \
+             INSERT INTO instances (id, owner_token_id, provider_name, image, instance_type, \
+                                    public_ssh_key, state, idempotency_key, pool_name, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now() + $10) \
+             ON CONFLICT (owner_token_id, idempotency_key) DO NOTHING \
+             RETURNING *), \
+         event AS ( \
+             INSERT INTO instance_events (instance_id, to_state) SELECT id, state FROM inserted), \
+         job AS ( \
+             INSERT INTO jobs (kind, instance_id) SELECT $11, id FROM inserted RETURNING kind) \
+         SELECT inserted.*, (SELECT count(pg_notify($12, kind)) FROM job) AS announced \
+         FROM inserted",
+    )
+    .bind::<diesel::sql_types::Uuid, _>(new.id)
+    .bind::<Nullable<Integer>, _>(new.owner_token_id)
+    .bind::<Text, _>(new.provider_name)
+    .bind::<Text, _>(new.image)
+    .bind::<Text, _>(new.instance_type)
+    .bind::<Nullable<Text>, _>(new.public_ssh_key)
+    .bind::<Text, _>(new.state)
+    .bind::<Nullable<Text>, _>(new.idempotency_key)
+    .bind::<Nullable<Text>, _>(new.pool_name)
+    .bind::<Nullable<Interval>, _>(lifetime.map(Lifetime::interval))
+    .bind::<Text, _>(JobKind::CreateInstance)
+    .bind::<Text, _>(queue::JOBS_CHANNEL)
+    .cached()
+    .get_result::<Instance>(conn)
+    .await
+    .optional()?;
     Ok(inserted)
+}
+
+/// Inserts `new` ([`insert_new`]), or answers the request its `Idempotency-Key` already
+/// names ([`replay`]).
+async fn insert_or_replay(
+    conn: &mut AsyncPgConnection,
+    caller: Caller,
+    new: &NewInstance<'_>,
+    lifetime: Option<Lifetime>,
+) -> Result<Created, BrokerError> {
+    match insert_new(conn, new, lifetime).await? {
+        Some(instance) => Ok(Created {
+            instance,
+            replayed: false,
+        }),
+        None => replay(conn, caller, new).await,
+    }
 }
 
 /// The instance the caller's `Idempotency-Key` already names, if `new` asks for the same

@@ -52,7 +52,7 @@ pub struct NewProvider<'a> {
 }
 
 /// A row of `instances`.
-#[derive(Debug, Clone, PartialEq, Queryable, Selectable, Identifiable)]
+#[derive(Debug, Clone, PartialEq, Queryable, QueryableByName, Selectable, Identifiable)]
 #[diesel(table_name = instances, check_for_backend(diesel::pg::Pg))]
 pub struct Instance {
     /// The instance id clients use.

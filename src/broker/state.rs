@@ -55,6 +55,10 @@ impl State {
 ///
 /// Returns the updated row, or `None` when the instance does not exist or its state does
 /// not allow the move (a late or repeated change is a no-op, never a step backwards).
+///
+/// One statement: the row is locked first, so the event records the state actually left
+/// and the guard judges the state as it is once the lock is held; `change`'s absent fields
+/// keep their values.
 #[tracing::instrument(level = "debug", skip(conn, reason, change), fields(instance.id = %id, to = to.as_str()))]
 pub async fn transition(
     conn: &mut AsyncPgConnection,
@@ -63,43 +67,37 @@ pub async fn transition(
     reason: Option<&str>,
     change: InstanceChange<'_>,
 ) -> QueryResult<Option<Instance>> {
-    let allowed = to.predecessors();
-    // Lock the row first so the event records the state actually left.
-    let Some(from) = instances::table
-        .find(id)
-        .select(instances::state)
-        .for_update()
-        .first::<State>(conn)
-        .await
-        .optional()?
-    else {
-        return Ok(None);
-    };
-    if !allowed.contains(&from) {
-        // The row is locked: its state cannot change before the update would run.
-        return Ok(None);
-    }
+    use diesel::sql_types::{Array, Jsonb, Nullable, Text, Timestamptz};
     let terminated_at = (to == State::Terminated).then(Utc::now);
-    let updated = diesel::update(
-        instances::table
-            .filter(instances::id.eq(id))
-            .filter(instances::state.eq_any(allowed)),
+    diesel::sql_query(
+        "WITH old AS (SELECT id, state FROM instances WHERE id = $1 FOR UPDATE), \
+         moved AS ( \
+             UPDATE instances AS i \
+             SET state = $2, updated_at = now(), terminated_at = $3, \
+                 upstream_id = COALESCE($4, i.upstream_id), \
+                 ip_address = COALESCE($5, i.ip_address), \
+                 error_reason = COALESCE($6, i.error_reason), \
+                 details = COALESCE($7, i.details) \
+             FROM old WHERE i.id = old.id AND old.state = ANY ($8) \
+             RETURNING i.*, old.state AS from_state), \
+         event AS ( \
+             INSERT INTO instance_events (instance_id, from_state, to_state, reason) \
+             SELECT id, from_state, state, $9 FROM moved) \
+         SELECT * FROM moved",
     )
-    .set((
-        instances::state.eq(to),
-        instances::updated_at.eq(diesel::dsl::now),
-        instances::terminated_at.eq(terminated_at),
-        change,
-    ))
-    .returning(Instance::as_returning())
+    .bind::<diesel::sql_types::Uuid, _>(id)
+    .bind::<Text, _>(to)
+    .bind::<Nullable<Timestamptz>, _>(terminated_at)
+    .bind::<Nullable<Text>, _>(change.upstream_id)
+    .bind::<Nullable<Text>, _>(change.ip_address)
+    .bind::<Nullable<Text>, _>(change.error_reason)
+    .bind::<Nullable<Jsonb>, _>(change.details)
+    .bind::<Array<Text>, _>(to.predecessors())
+    .bind::<Nullable<Text>, _>(reason)
     .cached()
-    .get_result(conn)
+    .get_result::<Instance>(conn)
     .await
-    .optional()?;
-    if updated.is_some() {
-        record_event(conn, id, Some(from), to, reason).await?;
-    }
-    Ok(updated)
+    .optional()
 }
 
 /// Writes `decision` for instance `id` on the caller's connection (inside its
