@@ -21,13 +21,15 @@ BEGIN
     SET locked_by = worker,
         locked_until = now() + lease_seconds * interval '1 second',
         attempts = j.attempts + 1
-    WHERE j.id IN (
+    -- An array, not a join: the rows taken are then updated through the primary key,
+    -- never found again by a scan of the table.
+    WHERE j.id = ANY (ARRAY(
         SELECT c.id FROM jobs AS c
         WHERE c.status = 'queued' AND c.kind = ANY (kinds) AND c.run_at <= now()
           AND (c.locked_until IS NULL OR c.locked_until < now())
         ORDER BY c.run_at, c.id
         LIMIT n
-        FOR UPDATE SKIP LOCKED)
+        FOR UPDATE SKIP LOCKED))
     RETURNING j.id, j.kind, j.instance_id, j.attempts, j.created_at;
 END
 $$;

@@ -88,7 +88,7 @@ def start_workers():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        env = dict(os.environ, CLOUDBRAIN_METRICS_ADDR=f"127.0.0.1:{port}", CLOUDBRAIN_WORKER_CONCURRENCY="64")
+        env = dict(os.environ, CLOUDBRAIN_METRICS_ADDR=f"127.0.0.1:{port}", CLOUDBRAIN_WORKER_CONCURRENCY=os.environ.get("CLOUDBRAIN_WORKER_CONCURRENCY", "64"))
         workers.append(subprocess.Popen([bin_path, "create-worker"], env=env))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -23,6 +23,11 @@ use crate::metrics::Metrics;
 /// time rather than one per query, and a lone job is claimed as soon as it is announced.
 const CLAIM_SPACING: Duration = Duration::from_millis(2);
 
+/// The least time after a claim that found nothing: with several workers woken by one
+/// NOTIFY, those that lost the race claim less often, and the one that won claims as
+/// soon as the next job is announced.
+const EMPTY_CLAIM_SPACING: Duration = Duration::from_millis(10);
+
 /// What runs the jobs a runner claims.
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
@@ -125,6 +130,7 @@ impl<H: Handler> Runner<H> {
         let mut want = true;
         let mut more_waiting = false;
         let mut last_claim: Option<Instant> = None;
+        let mut came_empty = false;
         loop {
             while let Some(done) = running.try_join_next_with_id() {
                 held.remove(&done.map(|(id, ())| id).unwrap_or_else(|e| e.id()));
@@ -134,8 +140,14 @@ impl<H: Handler> Runner<H> {
             }
             let free = self.settings.concurrency.saturating_sub(running.len());
             if want && free > 0 {
-                // Claims are spaced: in a burst, one claim takes what came meanwhile.
-                if let Some(next) = last_claim.map(|at| at + CLAIM_SPACING) {
+                // Claims are spaced: in a burst, one claim takes what came meanwhile; after
+                // one that found nothing (another worker was quicker), a little longer.
+                let spacing = if came_empty {
+                    EMPTY_CLAIM_SPACING
+                } else {
+                    CLAIM_SPACING
+                };
+                if let Some(next) = last_claim.map(|at| at + spacing) {
                     tokio::select! {
                         _ = tokio::time::sleep_until(next.into()) => {}
                         _ = crate::shutdown::stopped(&mut shutdown) => continue,
@@ -147,6 +159,7 @@ impl<H: Handler> Runner<H> {
                 match self.claim(free).await {
                     Ok(leases) => {
                         more_waiting = leases.len() == free;
+                        came_empty = leases.is_empty();
                         for lease in leases {
                             // Kept so the job can be handed back if shutdown cuts it off.
                             let kept = lease.clone();
