@@ -565,6 +565,69 @@ async fn a_worker_that_lost_its_lease_cannot_finish_requeue_or_bury_the_job() {
     assert!(s.jobs(&id).await.is_empty());
 }
 
+#[tokio::test]
+async fn claims_take_the_oldest_jobs_first_and_never_the_same_job_twice() {
+    use cloudbrain::queue::{JobKind, Queue};
+    let s = TestBroker::new().fake(json!(null)).start().await;
+    let mut conn = s.db.conn().await;
+    // Statistics taken while the queue was empty, then 300 jobs, oldest first by run_at.
+    exec(&mut conn, "ANALYZE jobs").await;
+    exec(
+        &mut conn,
+        "INSERT INTO instances (id, owner_token_id, provider_name, image, instance_type, state) \
+         SELECT gen_random_uuid(), (SELECT min(id) FROM auth_tokens), 'fake', 'ubuntu', \
+                'standard', 'creating' FROM generate_series(1, 300); \
+         INSERT INTO jobs (kind, instance_id, run_at) \
+         SELECT 'create', id, now() - (row_number() OVER (ORDER BY id)) * interval '1 second' \
+         FROM instances",
+    )
+    .await;
+    let oldest: Vec<String> = text(
+        &mut conn,
+        "SELECT string_agg(id::text, ',' ORDER BY run_at, id) AS v FROM \
+         (SELECT id, run_at FROM jobs ORDER BY run_at, id LIMIT 16) AS o",
+    )
+    .await
+    .unwrap()
+    .split(',')
+    .map(str::to_owned)
+    .collect();
+    let queue = Queue::new(cloudbrain::db::pool(&s.db.url, 4).unwrap());
+    let kinds = [JobKind::CreateInstance];
+    let lease = Duration::from_secs(60);
+    let first = queue.claim("worker-a", &kinds, 16, lease).await.unwrap();
+    let mut first_ids: Vec<String> = first.iter().map(|l| l.job_id.to_string()).collect();
+    first_ids.sort_by_key(|id| oldest.iter().position(|o| o == id));
+    assert_eq!(
+        first_ids, oldest,
+        "the first claim took other than the 16 oldest"
+    );
+
+    // Two workers claiming the rest at once share it without overlap.
+    let claim_all = |worker: &'static str| {
+        let queue = queue.clone();
+        async move {
+            let mut taken = Vec::new();
+            loop {
+                let leases = queue.claim(worker, &kinds, 7, lease).await.unwrap();
+                if leases.is_empty() {
+                    return taken;
+                }
+                taken.extend(leases.into_iter().map(|l| l.job_id.to_string()));
+            }
+        }
+    };
+    let (a, b) = tokio::join!(claim_all("worker-a"), claim_all("worker-b"));
+    let mut all: Vec<String> = first_ids.into_iter().chain(a).chain(b).collect();
+    let claimed = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(claimed, 300, "claims took {claimed} leases of 300 jobs");
+    assert_eq!(all.len(), 300, "a job was claimed twice");
+    // Leased, not run: the harness's check that no job is left over does not apply.
+    exec(&mut conn, "DELETE FROM jobs").await;
+}
+
 /// The fake cloud, whose first listing waits, once listed, until the test says go: what
 /// happens between a refresh's listing and its read of the rows is up to the test.
 struct PausedListing {
