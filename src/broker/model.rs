@@ -125,9 +125,9 @@ pub struct NewInstance<'a> {
     pub pool_name: Option<&'a str>,
 }
 
-/// A change to an instance row made together with a state transition.
-#[derive(Debug, Default, AsChangeset)]
-#[diesel(table_name = instances)]
+/// A change to an instance row made together with a state transition
+/// ([`super::state::transition`]); a field left `None` keeps the row's value.
+#[derive(Debug, Default)]
 pub struct InstanceChange<'a> {
     /// The cloud's id of the machine, when newly known.
     pub upstream_id: Option<&'a str>,

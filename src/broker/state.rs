@@ -180,6 +180,9 @@ pub async fn apply(
     }
 }
 
+/// The states of a row whose machine still stands.
+const STANDING: &[State] = &[State::Starting, State::Running, State::Terminating];
+
 /// Writes what the cloud newly says of each machine, in one statement, to the rows whose
 /// machine still stands (`starting`, `running`, `terminating`); their state stays and no
 /// event is written. Returns how many rows it wrote.
@@ -201,12 +204,13 @@ pub async fn note_all(
                 ip_address = COALESCE(n.ip_address, i.ip_address), \
                 details = COALESCE(n.details, i.details), updated_at = now() \
          FROM unnest($1, $2, $3, $4) AS n (id, upstream_id, ip_address, details) \
-         WHERE i.id = n.id AND i.state IN ('starting', 'running', 'terminating')",
+         WHERE i.id = n.id AND i.state = ANY ($5)",
     )
     .bind::<Array<Uuid>, _>(ids)
     .bind::<Array<Text>, _>(upstream)
     .bind::<Array<Nullable<Text>>, _>(addresses)
     .bind::<Array<Nullable<Jsonb>>, _>(details)
+    .bind::<Array<Text>, _>(STANDING)
     .cached()
     .execute(conn)
     .await
