@@ -152,7 +152,7 @@ fn main() -> ExitCode {
 }
 
 async fn connect(config: &Config) -> anyhow::Result<AsyncPgConnection> {
-    db::connect_migrated(&config.database_url).await
+    db::connect_migrated(config.direct_database_url()).await
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -168,7 +168,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         // Handled above, before the environment is read.
         Command::Dev { .. } => anyhow::bail!("dev cannot run with a configured environment"),
         Command::Migrate => {
-            let applied = db::run_migrations(&config.database_url).await?;
+            let applied = db::run_migrations(config.direct_database_url()).await?;
             if applied.is_empty() {
                 println!("database is up to date");
             }
@@ -339,7 +339,7 @@ fn read_config(path: &Path) -> anyhow::Result<serde_json::Value> {
 
 /// Runs one role until SIGINT or SIGTERM.
 async fn run_role(config: Config, role: Role) -> anyhow::Result<()> {
-    db::require_migrated(&config.database_url).await?;
+    db::require_migrated(config.direct_database_url()).await?;
     let services = roles::Services::new(config)?;
     let (stop, shutdown) = cloudbrain::shutdown::channel();
     tokio::spawn(async move {

@@ -199,3 +199,62 @@ cb_run_schemathesis() {
     rm -f "$out"
     return "$status"
 }
+
+# Debian's pgbouncer, which the test of running behind a transaction pooler starts.
+cb_ensure_pgbouncer() {
+    command -v pgbouncer >/dev/null 2>&1 && return 0
+    [ -x /usr/sbin/pgbouncer ] && return 0
+    cb_apt_install pgbouncer
+}
+
+# Starts Debian's pgbouncer in transaction mode on a free loopback port in front of the
+# database at $1 (postgres://user@host:port/name, trust auth) with $2 server connections,
+# and sets CB_PGBOUNCER_URL (the same database through it), CB_PGBOUNCER_PID and
+# CB_PGBOUNCER_DIR (its config and log). As root it drops to `nobody`. Stop it with kill,
+# then remove the directory.
+cb_start_pgbouncer() {
+    cb_ensure_pgbouncer || return 1
+    local url=$1 size=$2 rest user server name dir port bin
+    rest=${url#*://}
+    user=${rest%%@*}
+    server=${rest#*@}
+    server=${server%%/*}
+    name=${rest#*/}
+    name=${name%%\?*}
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/cloudbrain-pgbouncer.XXXXXX")
+    chmod 755 "$dir"
+    port=$(cb_free_port)
+    printf '"%s" ""\n' "$user" >"$dir/users.txt"
+    cat >"$dir/pgbouncer.ini" <<INI
+[databases]
+$name = host=${server%:*} port=${server##*:}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+auth_type = trust
+auth_file = $dir/users.txt
+pool_mode = transaction
+default_pool_size = $size
+max_client_conn = 1000
+INI
+    chmod 644 "$dir"/*
+    bin=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
+    if [ "$(id -u)" -eq 0 ]; then
+        "$bin" -u nobody "$dir/pgbouncer.ini" 2>"$dir/pgbouncer.log" &
+    else
+        "$bin" "$dir/pgbouncer.ini" 2>"$dir/pgbouncer.log" &
+    fi
+    CB_PGBOUNCER_PID=$!
+    for _ in $(seq 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            CB_PGBOUNCER_URL="postgres://$user@127.0.0.1:$port/$name"
+            CB_PGBOUNCER_DIR=$dir
+            export CB_PGBOUNCER_URL CB_PGBOUNCER_PID CB_PGBOUNCER_DIR
+            return 0
+        fi
+        sleep 0.1
+    done
+    cat "$dir/pgbouncer.log" >&2
+    return 1
+}

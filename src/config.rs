@@ -8,8 +8,12 @@ use crate::crypto::SecretKey;
 /// Settings of every cloudbrain process, from `CLOUDBRAIN_*`, `DATABASE_URL` and `PORT`.
 #[derive(Clone)]
 pub struct Config {
-    /// Postgres connection string (`DATABASE_URL`).
+    /// Postgres connection string (`DATABASE_URL`): the pool's connections.
     pub database_url: String,
+    /// A connection string straight to Postgres (`CLOUDBRAIN_DIRECT_DATABASE_URL`), for
+    /// what must stay on one server session: LISTEN, advisory locks, migrations. Setting it
+    /// says `DATABASE_URL` goes through a transaction-mode pooler such as PgBouncer.
+    pub direct_database_url: Option<String>,
     /// Where `http` listens: `CLOUDBRAIN_ADDR`, else `0.0.0.0:$PORT`, else `127.0.0.1:42191`.
     pub addr: SocketAddr,
     /// Key that seals provider configs (`CLOUDBRAIN_DATABASE_ENCRYPTION_KEY`), when set.
@@ -232,6 +236,7 @@ impl Config {
             .transpose()?;
         Ok(Self {
             database_url,
+            direct_database_url: get("CLOUDBRAIN_DIRECT_DATABASE_URL"),
             addr,
             encryption_key,
             pool_size: parse_number(&get, "CLOUDBRAIN_DATABASE_POOL_SIZE", 16)?,
@@ -349,6 +354,21 @@ impl Config {
                 }
             },
         })
+    }
+
+    /// Where sessions that must stay on one server connection go: LISTEN, advisory locks,
+    /// migrations and the CLI's one-off commands. `CLOUDBRAIN_DIRECT_DATABASE_URL` when
+    /// set, else `DATABASE_URL`.
+    pub fn direct_database_url(&self) -> &str {
+        self.direct_database_url
+            .as_deref()
+            .unwrap_or(&self.database_url)
+    }
+
+    /// True when `DATABASE_URL` goes through a transaction-mode pooler: when
+    /// `CLOUDBRAIN_DIRECT_DATABASE_URL` is set.
+    pub fn behind_transaction_pooler(&self) -> bool {
+        self.direct_database_url.is_some()
     }
 
     /// The key that seals provider configs, or a clear error when it is not set.
@@ -475,6 +495,22 @@ mod tests {
         assert!(err.to_string().contains("PORT"), "{err}");
         let err = config(&[]).unwrap_err();
         assert_eq!(err.to_string(), "DATABASE_URL is not set");
+    }
+
+    #[test]
+    fn a_direct_url_sends_sessions_around_the_pooler() {
+        let pooled = ("DATABASE_URL", "postgres://pgbouncer:6432/cb");
+        let alone = config(&[pooled]).unwrap();
+        assert_eq!(alone.direct_database_url(), "postgres://pgbouncer:6432/cb");
+        assert!(!alone.behind_transaction_pooler());
+        let direct = (
+            "CLOUDBRAIN_DIRECT_DATABASE_URL",
+            "postgres://primary:5432/cb",
+        );
+        let behind = config(&[pooled, direct]).unwrap();
+        assert_eq!(behind.direct_database_url(), "postgres://primary:5432/cb");
+        assert_eq!(behind.database_url, "postgres://pgbouncer:6432/cb");
+        assert!(behind.behind_transaction_pooler());
     }
 
     #[test]

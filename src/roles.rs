@@ -38,7 +38,12 @@ impl Services {
     /// Builds the shared parts from `config`; needs the encryption key.
     pub fn new(config: Config) -> anyhow::Result<Self> {
         let key = config.require_encryption_key()?.clone();
-        let pool = db::pool(&config.database_url, config.pool_size)?;
+        let statements = if config.behind_transaction_pooler() {
+            db::Statements::Unnamed
+        } else {
+            db::Statements::Prepared
+        };
+        let pool = db::pool(&config.database_url, config.pool_size, statements)?;
         let metrics = Arc::new(Metrics::default());
         let registry = Arc::new(Registry::new(metrics.clone()));
         Ok(Self {
@@ -81,11 +86,15 @@ pub async fn http(
     let listener_task = tokio::spawn(
         verifier
             .clone()
-            .listen_for_revocations(services.config.database_url.clone()),
+            .listen_for_revocations(services.config.direct_database_url().to_owned()),
     );
     let addr = listener.local_addr()?;
     let stream = Hub::new(services.broker.clone(), services.config.stream_heartbeat);
-    let stream_task = tokio::spawn(stream.clone().run(services.config.database_url.clone()));
+    let stream_task = tokio::spawn(
+        stream
+            .clone()
+            .run(services.config.direct_database_url().to_owned()),
+    );
     let state = api::AppState {
         broker: services.broker.clone(),
         verifier,
@@ -161,7 +170,8 @@ pub async fn job_worker(
         context,
         services.config.workers.clone(),
     ));
-    let database_url = services.config.database_url.clone();
+    // LISTEN needs a session of its own: the direct URL.
+    let database_url = services.config.direct_database_url().to_owned();
     // The same process sends webhook deliveries.
     let sender = Arc::new(WebhookSender::new(
         services.broker.clone(),
@@ -181,7 +191,7 @@ pub async fn refresh_worker(
     serve_metrics: bool,
 ) -> anyhow::Result<()> {
     let worker = Arc::new(RefreshWorker::new(
-        services.config.database_url.clone(),
+        services.config.direct_database_url().to_owned(),
         services.broker.clone(),
         services.registry.clone(),
         services.config.workers.clone(),

@@ -282,13 +282,37 @@ pub async fn connect_migrated(url: &str) -> anyhow::Result<AsyncPgConnection> {
     Ok(conn)
 }
 
+/// How the pool's connections send statements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Statements {
+    /// Each statement prepared once per connection under a name and reused: the fastest,
+    /// for a pool connected straight to Postgres.
+    Prepared,
+    /// Each statement sent unnamed, parsed, bound and run in one message batch, with no
+    /// statement cache: for a pool behind a transaction-mode pooler (PgBouncer), where
+    /// consecutive statements of one client may run on different server connections and a
+    /// named statement prepared on one is unknown to the next.
+    Unnamed,
+}
+
 /// Builds a connection pool of at most `size` connections; connects lazily.
-pub fn pool(database_url: &str, size: usize) -> anyhow::Result<Pool> {
+pub fn pool(database_url: &str, size: usize, statements: Statements) -> anyhow::Result<Pool> {
     // No test query at each checkout (it was a round trip before every use): a connection
     // whose server closed it is dropped by deadpool's recycle check (`is_closed`), and one
     // lost silently fails its first query, which answers 503 (`is_unavailable`).
     let mut config = ManagerConfig::default();
     config.recycling_method = RecyclingMethod::Fast;
+    if statements == Statements::Unnamed {
+        config.custom_setup = Box::new(|url| {
+            Box::pin(async move {
+                let mut conn = AsyncPgConnection::establish(url).await?;
+                // diesel-async (vendor/diesel-async) sends statements unnamed when its
+                // statement cache is off.
+                conn.set_prepared_statement_cache_size(diesel::connection::CacheSize::Disabled);
+                Ok(conn)
+            })
+        });
+    }
     let manager =
         AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(database_url, config);
     deadpool::Pool::builder(manager)

@@ -19,6 +19,7 @@ mod gce;
 mod http_process;
 mod instances;
 mod outage;
+mod pooler;
 mod pools;
 mod scripts;
 mod stream;

@@ -524,7 +524,9 @@ async fn a_worker_that_lost_its_lease_cannot_finish_requeue_or_bury_the_job() {
     use cloudbrain::queue::{JobKind, Queue};
     let s = TestBroker::new().fake(json!(null)).start().await;
     let id = s.create("ubuntu").await;
-    let queue = Queue::new(cloudbrain::db::pool(&s.db.url, 2).unwrap());
+    let queue = Queue::new(
+        cloudbrain::db::pool(&s.db.url, 2, cloudbrain::db::Statements::Prepared).unwrap(),
+    );
     let kinds = [JobKind::CreateInstance];
     let stale = queue
         .claim("worker-a", &kinds, 1, Duration::from_millis(1))
@@ -592,7 +594,9 @@ async fn claims_take_the_oldest_jobs_first_and_never_the_same_job_twice() {
     .split(',')
     .map(str::to_owned)
     .collect();
-    let queue = Queue::new(cloudbrain::db::pool(&s.db.url, 4).unwrap());
+    let queue = Queue::new(
+        cloudbrain::db::pool(&s.db.url, 4, cloudbrain::db::Statements::Prepared).unwrap(),
+    );
     let kinds = [JobKind::CreateInstance];
     let lease = Duration::from_secs(60);
     let first = queue.claim("worker-a", &kinds, 16, lease).await.unwrap();

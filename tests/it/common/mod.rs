@@ -647,7 +647,7 @@ impl TestApp {
 
     /// Serves the API believing `X-Forwarded-For` from `trusted`, within `scrypt`'s limits.
     pub async fn spawn_with(db_url: &str, trusted: Networks, scrypt: ScryptLimits) -> Self {
-        let pool = db::pool(db_url, 8).unwrap();
+        let pool = db::pool(db_url, 8, db::Statements::Prepared).unwrap();
         let verifier = Arc::new(TokenVerifier::with_limits(
             pool.clone(),
             Duration::from_secs(300),
@@ -808,7 +808,7 @@ pub struct Workers {
 
 impl Workers {
     pub fn new(db_url: &str, settings: cloudbrain::config::WorkerSettings) -> Self {
-        let pool = db::pool(db_url, 8).unwrap();
+        let pool = db::pool(db_url, 8, db::Statements::Prepared).unwrap();
         let broker = Broker::new(pool.clone(), key());
         let metrics = Arc::new(cloudbrain::metrics::Metrics::default());
         let registry = Arc::new(cloudbrain::providers::Registry::new(metrics.clone()));

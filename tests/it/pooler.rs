@@ -1,0 +1,323 @@
+//! Behind PgBouncer in transaction mode: the pool's statements go through the pooler
+//! unnamed, LISTEN and advisory locks go straight to Postgres
+//! (`CLOUDBRAIN_DIRECT_DATABASE_URL`), and several http and worker processes share the
+//! pooler's few server connections without losing or leaking anything.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{count, key, shared_store, wait_for, TempDir, TestDb, KEY_HEX};
+use cloudbrain::auth::{store, Scope};
+use cloudbrain::broker::providers::insert_provider;
+use cloudbrain::broker::State;
+use cloudbrain::db::{self, Statements};
+use diesel::sql_types::Integer;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use serde_json::json;
+
+/// Debian's pgbouncer in transaction mode in front of the test's Postgres server, with
+/// `server_connections` server connections per database: far fewer than its clients, so
+/// consecutive transactions of one client land on different server connections.
+struct PgBouncer {
+    child: Child,
+    /// The pooler's URL for the test's database.
+    url: String,
+    /// Its config, its log and the logs of the processes behind it.
+    dir: TempDir,
+}
+
+impl PgBouncer {
+    fn start(db: &TestDb, server_connections: usize) -> Self {
+        let binary = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .find(|path| std::path::Path::new(path).exists())
+            .expect("pgbouncer is not installed: script/test installs Debian's package");
+        // postgres://user@127.0.0.1:port/name, as the harness makes it.
+        let rest = db.url.split_once("://").unwrap().1;
+        let (user_host, name) = rest.split_once('/').unwrap();
+        let (user, server) = user_host.rsplit_once('@').unwrap();
+        let (host, port) = server.rsplit_once(':').unwrap();
+        let listen_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = TempDir::new("pgbouncer");
+        // As root pgbouncer drops to an unprivileged user, who must read these files.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::write(dir.join("users.txt"), format!("\"{user}\" \"\"\n")).unwrap();
+        let ini = dir.join("pgbouncer.ini");
+        std::fs::write(
+            &ini,
+            format!(
+                "[databases]\n\
+                 {name} = host={host} port={port}\n\
+                 [pgbouncer]\n\
+                 listen_addr = 127.0.0.1\n\
+                 listen_port = {listen_port}\n\
+                 unix_socket_dir =\n\
+                 auth_type = trust\n\
+                 auth_file = {users}\n\
+                 pool_mode = transaction\n\
+                 default_pool_size = {server_connections}\n\
+                 max_client_conn = 500\n",
+                users = dir.join("users.txt").display(),
+            ),
+        )
+        .unwrap();
+        let log = dir.join("pgbouncer.log");
+        let mut command = Command::new(binary);
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            command.args(["-u", "nobody"]);
+        }
+        let child = command
+            .arg(&ini)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", listen_port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "pgbouncer never listened: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            url: format!("postgres://{user}@127.0.0.1:{listen_port}/{name}"),
+            dir,
+        }
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `n` statements with a bind through `pool`, 16 at a time; the errors they met.
+async fn run_statements(pool: &db::Pool, n: i32) -> Vec<String> {
+    use futures_util::StreamExt;
+    #[derive(diesel::QueryableByName)]
+    struct Answer {
+        #[diesel(sql_type = Integer)]
+        n: i32,
+    }
+    futures_util::stream::iter(0..n)
+        .map(|i| async move {
+            let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+            let answer = diesel::sql_query("SELECT $1 + 1 AS n")
+                .bind::<Integer, _>(i)
+                .get_result::<Answer>(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            assert_eq!(answer.n, i + 1);
+            Ok::<_, String>(())
+        })
+        .buffer_unordered(16)
+        .filter_map(|result| async move { result.err() })
+        .collect()
+        .await
+}
+
+#[tokio::test]
+async fn named_statements_break_behind_a_transaction_pooler_and_unnamed_ones_do_not() {
+    let db = TestDb::new().await;
+    let bouncer = PgBouncer::start(&db, 2);
+
+    // What a pool made for a direct connection meets here: the pooler really pools by
+    // transaction, so the process test below proves something.
+    let prepared = db::pool(&bouncer.url, 8, Statements::Prepared).unwrap();
+    let errors = run_statements(&prepared, 300).await;
+    assert!(
+        errors.iter().any(|e| e.contains("does not exist")),
+        "named statements survived transaction pooling: {errors:?}"
+    );
+
+    let unnamed = db::pool(&bouncer.url, 8, Statements::Unnamed).unwrap();
+    assert_eq!(run_statements(&unnamed, 300).await, Vec::<String>::new());
+}
+
+/// `cloudbrain <role>` behind the pooler, logging to `<name>.log` beside its config.
+fn process(
+    name: &str,
+    role: &str,
+    db: &TestDb,
+    bouncer: &PgBouncer,
+    env: &[(&str, String)],
+) -> Child {
+    let log = std::fs::File::create(bouncer.dir.join(&format!("{name}.log"))).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_cloudbrain"))
+        .arg(role)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("DATABASE_URL", &bouncer.url)
+        .env("CLOUDBRAIN_DIRECT_DATABASE_URL", &db.url)
+        .env("CLOUDBRAIN_DATABASE_POOL_SIZE", "8")
+        .env("CLOUDBRAIN_DATABASE_ENCRYPTION_KEY", KEY_HEX)
+        .env("CLOUDBRAIN_JOB_LEASE", "2")
+        .env("CLOUDBRAIN_WORKER_POLL_INTERVAL", "0.2")
+        .env("CLOUDBRAIN_REFRESH_INTERVAL", "0.5")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn two_http_and_two_worker_processes_behind_pgbouncer_lose_nothing_when_a_worker_is_killed() {
+    let db = TestDb::new().await;
+    db.jobs_must_settle();
+    let bouncer = PgBouncer::start(&db, 4);
+    let token = {
+        let mut conn = AsyncPgConnection::establish(&db.url).await.unwrap();
+        // Each create makes its machine at once and answers 300 ms later: a kill mid-run
+        // leaves machines whose jobs never finished.
+        let fake = json!({"create_latency_ms": 300, "boot_time_ms": 0, "max_concurrency": 64});
+        insert_provider(
+            &mut conn,
+            &key(),
+            "fake",
+            "fake",
+            &shared_store(fake, &db.url),
+        )
+        .await
+        .unwrap();
+        store::create_token(&mut conn, "pooler", Scope::Client)
+            .await
+            .unwrap()
+            .to_string()
+    };
+    let ports: Vec<u16> = (0..2)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    let mut children: Vec<Child> = ports
+        .iter()
+        .map(|port| {
+            let addr = ("CLOUDBRAIN_ADDR", format!("127.0.0.1:{port}"));
+            process(&format!("http-{port}"), "http", &db, &bouncer, &[addr])
+        })
+        .collect();
+    let mut doomed = process("worker-1", "create-worker", &db, &bouncer, &[]);
+    children.push(process("worker-2", "create-worker", &db, &bouncer, &[]));
+    children.push(process("refresh", "refresh-worker", &db, &bouncer, &[]));
+    let client = reqwest::Client::new();
+    for port in &ports {
+        wait_for("http to answer", Duration::from_secs(20), async || {
+            client
+                .get(format!("http://127.0.0.1:{port}/healthz"))
+                .send()
+                .await
+                .is_ok()
+        })
+        .await;
+    }
+
+    // 200 POSTs, shared between the two http processes, 16 at a time.
+    let post = |i: usize| {
+        let (client, token) = (&client, &token);
+        let port = ports[i % 2];
+        async move {
+            let answer = client
+                .post(format!("http://127.0.0.1:{port}/instances"))
+                .header("Authorization", format!("token {token}"))
+                .json(&json!({"provider": "fake", "image": format!("image-{i}")}))
+                .send()
+                .await
+                .unwrap();
+            let status = answer.status();
+            let body: serde_json::Value = answer.json().await.unwrap();
+            assert_eq!(status, 200, "{body}");
+            body["id"].as_str().unwrap().to_owned()
+        }
+    };
+    use futures_util::StreamExt;
+    let ids: Vec<String> = futures_util::stream::iter(0..200)
+        .map(post)
+        .buffer_unordered(16)
+        .collect()
+        .await;
+
+    wait_for(
+        "the workers to make some machines",
+        Duration::from_secs(30),
+        async || db.machines().await >= 20,
+    )
+    .await;
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+
+    wait_for(
+        "every acknowledged instance to run",
+        Duration::from_secs(90),
+        async || db.count_instances(Some(State::Running)).await == 200,
+    )
+    .await;
+    let mut conn = db.conn().await;
+    let listed = format!(
+        "SELECT count(*) AS n FROM instances WHERE state = 'running' AND id::text IN ({})",
+        ids.iter()
+            .map(|id| format!("'{id}'"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    assert_eq!(count(&mut conn, &listed).await, 200);
+    assert_eq!(db.machines().await, 200, "a machine leaked or doubled");
+
+    // Given back through both http processes: every machine goes.
+    let deletes = futures_util::stream::iter(ids.iter().enumerate())
+        .map(|(i, id)| {
+            let (client, token) = (&client, &token);
+            let port = ports[i % 2];
+            async move {
+                client
+                    .delete(format!("http://127.0.0.1:{port}/instances/{id}"))
+                    .header("Authorization", format!("token {token}"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<u16>>()
+        .await;
+    assert!(deletes.iter().all(|s| *s == 200), "{deletes:?}");
+    wait_for(
+        "every machine to be removed",
+        Duration::from_secs(60),
+        async || {
+            db.machines().await == 0 && db.count_instances(Some(State::Terminated)).await == 200
+        },
+    )
+    .await;
+
+    for mut child in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let logs: String = std::fs::read_dir(bouncer.dir.path())
+        .unwrap()
+        .map(|entry| std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default())
+        .collect();
+    for symptom in ["does not exist", "already exists", "panicked"] {
+        assert!(!logs.contains(symptom), "{symptom}: {logs}");
+    }
+}
