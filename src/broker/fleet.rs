@@ -835,7 +835,12 @@ impl super::Broker {
         let secrets = StoredSecrets::load(&mut conn, &self.key).await?;
         let max_lifetime = self.max_lifetime;
         let how = How { prune, dry_run };
-        apply_document(&mut conn, &self.key, max_lifetime, text, &secrets, how).await
+        let plan = apply_document(&mut conn, &self.key, max_lifetime, text, &secrets, how).await?;
+        if !dry_run {
+            // A pruned pool's drained machines: their events and remove jobs.
+            self.announce(true);
+        }
+        Ok(plan)
     }
 }
 

@@ -8,7 +8,7 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 
 use super::lifecycle::Decision;
 use super::model::Instance;
-use super::state::{apply, note_all, State};
+use super::state::{apply, enqueues, note_all, State};
 use super::{Broker, BrokerError};
 use crate::db::schema::instances;
 use crate::queue::{self, Lease};
@@ -83,6 +83,9 @@ impl Broker {
                 })
                 .await?;
         }
+        if written > 0 {
+            self.announce(writes.iter().any(|(_, d)| enqueues(d)));
+        }
         Ok(written)
     }
 
@@ -101,6 +104,7 @@ impl Broker {
                 Ok(queue::finish(conn, lease).await?)
             })
             .await?;
+        self.announce(enqueues(decision));
         if !finished {
             tracing::warn!(
                 job.id = %lease.job_id,
@@ -116,18 +120,23 @@ impl Broker {
     /// the job now decides.
     pub async fn bury(&self, lease: &Lease, reason: &str) -> Result<bool, BrokerError> {
         let mut conn = self.conn().await?;
-        conn.transaction::<_, BrokerError, _>(async |conn| {
-            if !queue::bury(conn, lease, reason).await? {
-                return Ok(false);
-            }
-            let failed = Decision::Fail {
-                reason: reason.to_owned(),
-                seen: None,
-            };
-            apply(conn, lease.instance_id, &failed).await?;
-            Ok(true)
-        })
-        .await
+        let buried = conn
+            .transaction::<_, BrokerError, _>(async |conn| {
+                if !queue::bury(conn, lease, reason).await? {
+                    return Ok(false);
+                }
+                let failed = Decision::Fail {
+                    reason: reason.to_owned(),
+                    seen: None,
+                };
+                apply(conn, lease.instance_id, &failed).await?;
+                Ok(true)
+            })
+            .await?;
+        if buried {
+            self.announce(false);
+        }
+        Ok(buried)
     }
 }
 

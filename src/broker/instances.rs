@@ -8,14 +8,14 @@ use uuid::Uuid;
 use super::lifecycle::{self, Decision};
 use super::model::{Instance, InstanceEvent, NewInstance};
 use super::pools;
-use super::state::{apply, State};
+use super::state::{apply, enqueues, State};
 use super::validate::{IdempotencyKey, Lifetime, ProviderName, SshPublicKey};
 use super::{Broker, BrokerError};
 use crate::auth::{Caller, Scope};
 use crate::db::schema::{instance_events, instances};
 use crate::db::CacheStatement;
 use crate::ids::InstanceId;
-use crate::queue::{self, JobKind};
+use crate::queue::JobKind;
 
 /// Instances per page when the client does not say.
 pub const DEFAULT_PAGE_SIZE: i64 = 100;
@@ -163,6 +163,8 @@ impl Broker {
             let asked = request.ttl_seconds.and(lifetime);
             if let Some(created) = pools::take_idle(&mut conn, caller, pool, &new, asked).await? {
                 drop(conn);
+                // Its event, and with a key the key job it waits for.
+                self.announce(true);
                 return self.with_key_on(created).await;
             }
         }
@@ -178,6 +180,7 @@ impl Broker {
             }
         };
         if !created.replayed {
+            self.announce(true);
             tracing::info!(
                 instance.id = %id,
                 provider = shape.provider.as_str(),
@@ -238,7 +241,7 @@ impl Broker {
             let decision = lifecycle::delete(instance.state, caller.token_id);
             match decision {
                 // Already terminated, or terminating: asking again changes nothing.
-                Decision::Gone | Decision::Keep => return Ok(instance),
+                Decision::Gone | Decision::Keep => return Ok((instance, false)),
                 _ => {}
             }
             let updated = apply(conn, id, &decision).await?.ok_or_else(|| {
@@ -247,9 +250,13 @@ impl Broker {
                     instance.state.as_str()
                 )
             })?;
-            Ok(updated)
+            Ok((updated, enqueues(&decision)))
         })
         .await
+        .map(|(updated, enqueued)| {
+            self.announce(enqueued);
+            updated
+        })
     }
 
     /// Lists the instances the caller may see, newest first, one page at a time.
@@ -323,10 +330,10 @@ impl Broker {
 
 /// Answers a repeated `Idempotency-Key`: the same request gets the same instance, another
 /// request is refused.
-/// Inserts `new` with its lifetime, its first event and its `create` job, and announces
-/// the job (NOTIFY on [`queue::JOBS_CHANNEL`], sent at commit), all in one statement: one
-/// round trip, atomic without a transaction of its own. `None` when the caller's
-/// `Idempotency-Key` already names an instance (then nothing is written).
+/// Inserts `new` with its lifetime, its first event and its `create` job, all in one
+/// statement: one round trip, atomic without a transaction of its own. `None` when the
+/// caller's `Idempotency-Key` already names an instance (then nothing is written). The
+/// caller announces the job and the event once they have committed.
 pub(super) async fn insert_new(
     conn: &mut AsyncPgConnection,
     new: &NewInstance<'_>,
@@ -345,9 +352,8 @@ pub(super) async fn insert_new(
          event AS ( \
              INSERT INTO instance_events (instance_id, to_state) SELECT id, state FROM inserted), \
          job AS ( \
-             INSERT INTO jobs (kind, instance_id) SELECT $11, id FROM inserted RETURNING kind) \
-         SELECT inserted.*, (SELECT count(pg_notify($12, kind)) FROM job) AS announced \
-         FROM inserted",
+             INSERT INTO jobs (kind, instance_id) SELECT $11, id FROM inserted) \
+         SELECT inserted.* FROM inserted",
     )
     .bind::<diesel::sql_types::Uuid, _>(new.id)
     .bind::<Nullable<Integer>, _>(new.owner_token_id)
@@ -360,7 +366,6 @@ pub(super) async fn insert_new(
     .bind::<Nullable<Text>, _>(new.pool_name)
     .bind::<Nullable<Interval>, _>(lifetime.map(Lifetime::interval))
     .bind::<Text, _>(JobKind::CreateInstance)
-    .bind::<Text, _>(queue::JOBS_CHANNEL)
     .cached()
     .get_result::<Instance>(conn)
     .await

@@ -123,6 +123,8 @@ fn admin_only(caller: crate::auth::Caller, what: &str) -> Result<(), BrokerError
 #[derive(Clone)]
 pub struct Broker {
     pool: Pool,
+    /// Wakes listeners once writes have committed ([`Broker::announce`]).
+    announcer: crate::db::Announcer,
     key: SecretKey,
     max_lifetime: Option<std::time::Duration>,
 }
@@ -132,9 +134,23 @@ impl Broker {
     /// [`crate::config::DEFAULT_MAX_LIFETIME`].
     pub fn new(pool: Pool, key: SecretKey) -> Self {
         Self {
+            announcer: crate::db::Announcer::new(pool.clone()),
             pool,
             key,
             max_lifetime: Some(crate::config::DEFAULT_MAX_LIFETIME),
+        }
+    }
+
+    /// Wakes the listeners of what a committed write made: the event stream's always, the
+    /// job workers' when it enqueued a job. Every write of events and jobs through the
+    /// broker calls it after its commit; none sends NOTIFY itself (see
+    /// [`crate::db::announce`]).
+    fn announce(&self, jobs: bool) {
+        if jobs {
+            self.announcer
+                .announce(&[stream::EVENTS_CHANNEL, crate::queue::JOBS_CHANNEL]);
+        } else {
+            self.announcer.announce(&[stream::EVENTS_CHANNEL]);
         }
     }
 

@@ -303,6 +303,9 @@ impl Broker {
                 Ok(())
             })
             .await?;
+            if reason.is_some() {
+                self.announce(false);
+            }
         }
         Ok(Some(chosen))
     }

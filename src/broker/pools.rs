@@ -147,7 +147,10 @@ impl Broker {
     pub async fn delete_pool(&self, caller: Caller, name: &str) -> Result<PoolStatus, BrokerError> {
         admin_only(caller)?;
         let mut conn = self.conn().await?;
-        delete(&mut conn, name).await
+        let deleted = delete(&mut conn, name).await?;
+        // Its drained machines' events and remove jobs.
+        self.announce(true);
+        Ok(deleted)
     }
 
     /// Every pool, by name, with its counts.
@@ -605,6 +608,10 @@ impl Broker {
         for name in names {
             let plan = self.reconcile_pool(&mut conn, &name).await?;
             done.push((name, plan));
+        }
+        if done.iter().any(|(_, plan)| *plan != Plan::default()) {
+            // The new machines' create jobs, the retired ones' remove jobs.
+            self.announce(true);
         }
         Ok(done)
     }

@@ -100,6 +100,12 @@ pub async fn transition(
     .optional()
 }
 
+/// True when [`apply`] enqueues a job for `decision` (a remove job, when termination
+/// begins): its caller announces the job once the transaction commits.
+pub fn enqueues(decision: &Decision) -> bool {
+    matches!(decision, Decision::BeginTermination { .. })
+}
+
 /// Writes `decision` for instance `id` on the caller's connection (inside its
 /// transaction) and returns the row as it is now, or `None` when nothing was written (a
 /// decision with nothing to write, a row gone, or a state that no longer allows it).

@@ -1,5 +1,6 @@
 //! The database: diesel schema and models, the connection pool and the migrations runner.
 
+pub mod announce;
 pub mod cached;
 pub mod listen;
 pub mod locks;
@@ -15,6 +16,7 @@ use diesel_async::pooled_connection::{
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
+pub use announce::Announcer;
 pub use cached::{CacheStatement, Cached};
 
 /// A small value stored in one column of SQL type `$sql`: copyable, comparable, and

@@ -58,7 +58,9 @@ crate::text_enum! {
     }
 }
 
-/// Adds a job for `instance_id` on the caller's connection (inside its transaction).
+/// Adds a job for `instance_id` on the caller's connection (inside its transaction). It
+/// sends no NOTIFY: once the transaction commits, its caller announces the job on
+/// [`JOBS_CHANNEL`] (`Broker::announce`, through `db::Announcer`).
 pub async fn enqueue(
     conn: &mut AsyncPgConnection,
     kind: JobKind,
@@ -66,12 +68,6 @@ pub async fn enqueue(
 ) -> QueryResult<()> {
     diesel::insert_into(jobs::table)
         .values(NewJob { kind, instance_id })
-        .cached()
-        .execute(conn)
-        .await?;
-    diesel::sql_query("SELECT pg_notify($1, $2)")
-        .bind::<Text, _>(JOBS_CHANNEL)
-        .bind::<Text, _>(kind.as_str())
         .cached()
         .execute(conn)
         .await?;

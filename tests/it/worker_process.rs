@@ -171,6 +171,61 @@ async fn a_new_job_is_dispatched_without_waiting_for_a_poll() {
 }
 
 #[tokio::test]
+async fn a_burst_of_posts_wakes_the_worker_for_every_job_with_fewer_notifies_than_posts() {
+    let s = setup(json!({"boot_time_ms": 0, "max_concurrency": 64})).await;
+    use cloudbrain::db::listen::{listen_forever, Heard};
+    use futures_util::StreamExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // Counts what the workers hear, on a connection of the test's own.
+    let heard = std::sync::Arc::new(AtomicUsize::new(0));
+    let listening = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (counter, connected) = (heard.clone(), listening.clone());
+    let listener = tokio::spawn(listen_forever(
+        s.db.url.clone(),
+        cloudbrain::queue::JOBS_CHANNEL,
+        move |what| match what {
+            Heard::Connected => connected.notify_one(),
+            Heard::Payload(_) => {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+            Heard::Disconnected => {}
+        },
+    ));
+    listening.notified().await;
+    // A poll once a minute: only announcements can wake it in time.
+    let mut child = worker_with(&s.db, "30", "60", &[]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let posts = 200;
+    let client = s.client();
+    futures_util::stream::iter(0..posts)
+        .map(|i| {
+            let client = &client;
+            async move {
+                let body = json!({"provider": "fake", "image": format!("i-{i}")});
+                client.post("/instances", &body).await.expect(200)
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    wait_for(
+        "every job of the burst to run, the last ones too",
+        Duration::from_secs(30),
+        async || s.db.count_instances(Some(State::Running)).await == posts,
+    )
+    .await;
+    let heard = heard.load(Ordering::SeqCst);
+    assert!(
+        (1..posts as usize).contains(&heard),
+        "{heard} NOTIFYs for {posts} POSTs"
+    );
+    listener.abort();
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test]
 async fn a_refresh_worker_reports_how_long_its_cycles_take() {
     let s = setup(json!({"boot_time_ms": 0})).await;
     let addr = free_addr();
