@@ -13,7 +13,7 @@ use cloudbrain::auth::Scope;
 use cloudbrain::broker::providers::{
     delete_provider, insert_provider, list_providers, update_provider,
 };
-use cloudbrain::broker::{fleet, pools};
+use cloudbrain::broker::{fleet, pools, ANNOUNCED};
 use cloudbrain::config::Config;
 use cloudbrain::{db, roles, telemetry};
 use diesel_async::AsyncPgConnection;
@@ -261,6 +261,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             if dry_run && !plan.is_empty() {
                 println!("(dry run: nothing changed)");
+            }
+            if !dry_run && !plan.is_empty() {
+                // A pruned pool's drained machines: wake the workers for their jobs.
+                db::announce::send_now(&mut conn, ANNOUNCED).await?;
             }
             Ok(())
         }

@@ -40,6 +40,7 @@ async fn apply_fleet_file(
     fleet::apply_document(conn, key, config.max_lifetime, &text, &secrets, how)
         .await
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    crate::db::announce::send_now(conn, crate::broker::ANNOUNCED).await?;
     Ok(crate::broker::pools::list(conn).await?)
 }
 

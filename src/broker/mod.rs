@@ -119,6 +119,9 @@ fn admin_only(caller: crate::auth::Caller, what: &str) -> Result<(), BrokerError
     }
 }
 
+/// The channels a write of events and jobs wakes: the event stream's and the job workers'.
+pub const ANNOUNCED: &[&str] = &[stream::EVENTS_CHANNEL, crate::queue::JOBS_CHANNEL];
+
 /// The broker: the rules, over a connection pool.
 #[derive(Clone)]
 pub struct Broker {
@@ -147,8 +150,7 @@ impl Broker {
     /// [`crate::db::announce`]).
     fn announce(&self, jobs: bool) {
         if jobs {
-            self.announcer
-                .announce(&[stream::EVENTS_CHANNEL, crate::queue::JOBS_CHANNEL]);
+            self.announcer.announce(ANNOUNCED);
         } else {
             self.announcer.announce(&[stream::EVENTS_CHANNEL]);
         }

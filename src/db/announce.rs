@@ -14,7 +14,7 @@
 use std::sync::{Arc, Mutex, OnceLock};
 
 use diesel::sql_types::{Array, Text};
-use diesel_async::RunQueryDsl;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 use super::{CacheStatement, Pool};
 
@@ -75,10 +75,7 @@ async fn send(inner: Arc<Inner>) {
         }
         let sent = async {
             let mut conn = inner.pool.get().await.map_err(|e| e.to_string())?;
-            diesel::sql_query("SELECT pg_notify(channel, '') FROM unnest($1) AS channel")
-                .bind::<Array<Text>, _>(&channels)
-                .cached()
-                .execute(&mut conn)
+            send_now(&mut conn, &channels)
                 .await
                 .map_err(|e| e.to_string())
         };
@@ -87,4 +84,18 @@ async fn send(inner: Arc<Inner>) {
             tracing::warn!(%error, ?channels, "could not send NOTIFY; listeners will find the work by polling");
         }
     }
+}
+
+/// Sends NOTIFY on each of `channels` now, on `conn` (outside a transaction, it is its
+/// own): for a one-off command with no [`Announcer`], after its write committed.
+pub async fn send_now(
+    conn: &mut AsyncPgConnection,
+    channels: &[&'static str],
+) -> diesel::QueryResult<()> {
+    diesel::sql_query("SELECT pg_notify(channel, '') FROM unnest($1) AS channel")
+        .bind::<Array<Text>, _>(channels)
+        .cached()
+        .execute(conn)
+        .await
+        .map(drop)
 }
