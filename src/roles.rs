@@ -26,6 +26,8 @@ pub struct Services {
     pub config: Config,
     /// The database pool.
     pub pool: Pool,
+    /// What the pool is made of, for the API's pools of one per worker thread.
+    pub pool_settings: db::PoolSettings,
     /// The business rules.
     pub broker: Broker,
     /// What this process measures.
@@ -43,13 +45,19 @@ impl Services {
         } else {
             db::Statements::Prepared
         };
-        let pool = db::pool(&config.database_url, config.pool_size, statements)?;
+        let pool_settings = db::PoolSettings {
+            url: config.database_url.clone(),
+            size: config.pool_size,
+            statements,
+        };
+        let pool = pool_settings.build()?;
         let metrics = Arc::new(Metrics::default());
         let registry = Arc::new(Registry::new(metrics.clone()));
         Ok(Self {
             broker: Broker::new(pool.clone(), key).with_max_lifetime(config.max_lifetime),
             config,
             pool,
+            pool_settings,
             metrics,
             registry,
         })
@@ -104,6 +112,7 @@ pub async fn http(
         metrics: services.metrics.clone(),
         stream: stream.clone(),
         webhook_networks: services.config.webhooks.allowed.clone(),
+        worker_pools: Some(services.pool_settings.clone()),
     };
     let server = api::serve(listener, state, services.config.shutdown_timeout)?;
     let handle = server.handle();

@@ -50,6 +50,40 @@ pub struct AppState {
     pub stream: Arc<crate::broker::stream::Hub>,
     /// The private networks a webhook may be registered to reach.
     pub webhook_networks: crate::config::Networks,
+    /// When set, each worker thread of the server gets a pool of its own with these
+    /// settings (`size` is the whole server's, shared out), for the requests it serves.
+    /// A connection's I/O runs on the thread that opened it: with one pool for all
+    /// threads, most queries would hop to another thread and back.
+    pub worker_pools: Option<crate::db::PoolSettings>,
+}
+
+impl AppState {
+    /// This state with the broker on a pool of its own of `settings`, for one of
+    /// `workers` worker threads; as it is when that pool cannot be built.
+    fn for_worker(&self, settings: &crate::db::PoolSettings, workers: usize) -> AppState {
+        let settings = crate::db::PoolSettings {
+            size: settings.size.div_ceil(workers).max(1),
+            ..settings.clone()
+        };
+        let broker = match settings.build() {
+            Ok(pool) => self.broker.clone().with_pool(pool),
+            Err(error) => {
+                tracing::warn!(%error, "a worker thread shares the process's pool");
+                self.broker.clone()
+            }
+        };
+        AppState {
+            broker,
+            verifier: self.verifier.clone(),
+            request_timeout: self.request_timeout,
+            body_timeout: self.body_timeout,
+            trusted_proxies: self.trusted_proxies.clone(),
+            metrics: self.metrics.clone(),
+            stream: self.stream.clone(),
+            webhook_networks: self.webhook_networks.clone(),
+            worker_pools: None,
+        }
+    }
 }
 
 /// The OpenAPI document of every route.
@@ -307,14 +341,19 @@ pub fn serve(
     state: AppState,
     shutdown_timeout: Duration,
 ) -> std::io::Result<Server> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let state = web::Data::new(state);
-    let server = HttpServer::new(move || app(state.clone()))
-        .client_request_timeout(Duration::from_secs(10))
-        .client_disconnect_timeout(Duration::from_secs(5))
-        .keep_alive(Duration::from_secs(75))
-        .shutdown_timeout(shutdown_timeout.as_secs().max(1))
-        .listen(listener)?
-        .run();
+    let server = HttpServer::new(move || match &state.worker_pools {
+        Some(settings) => app(web::Data::new(state.for_worker(settings, workers))),
+        None => app(state.clone()),
+    })
+    .workers(workers)
+    .client_request_timeout(Duration::from_secs(10))
+    .client_disconnect_timeout(Duration::from_secs(5))
+    .keep_alive(Duration::from_secs(75))
+    .shutdown_timeout(shutdown_timeout.as_secs().max(1))
+    .listen(listener)?
+    .run();
     Ok(server)
 }
 

@@ -163,6 +163,14 @@ impl Broker {
         self
     }
 
+    /// The same broker over `pool`, with an announcer of its own: for a thread that should
+    /// use connections of its own (an API worker thread).
+    pub fn with_pool(mut self, pool: Pool) -> Self {
+        self.announcer = crate::db::Announcer::new(pool.clone());
+        self.pool = pool;
+        self
+    }
+
     /// The longest an instance lives, and how long when its request does not say.
     pub fn max_lifetime(&self) -> Option<std::time::Duration> {
         self.max_lifetime

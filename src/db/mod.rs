@@ -297,6 +297,25 @@ pub enum Statements {
     Unnamed,
 }
 
+/// What a pool is made of, for a part that makes pools of its own (the API, one per
+/// worker thread).
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// Where it connects.
+    pub url: String,
+    /// Its largest number of connections.
+    pub size: usize,
+    /// How it sends statements.
+    pub statements: Statements,
+}
+
+impl PoolSettings {
+    /// A pool of these settings ([`pool`]).
+    pub fn build(&self) -> anyhow::Result<Pool> {
+        pool(&self.url, self.size, self.statements)
+    }
+}
+
 /// Builds a connection pool of at most `size` connections; connects lazily.
 pub fn pool(database_url: &str, size: usize, statements: Statements) -> anyhow::Result<Pool> {
     // No test query at each checkout (it was a round trip before every use): a connection

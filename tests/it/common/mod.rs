@@ -668,6 +668,7 @@ impl TestApp {
             body_timeout: Duration::from_secs(1),
             trusted_proxies: trusted,
             metrics: Default::default(),
+            worker_pools: None,
         };
         let server = api::serve(listener, state, Duration::from_secs(5)).unwrap();
         let handle = server.handle();
