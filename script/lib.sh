@@ -53,6 +53,7 @@ cb_find_postgres() {
 }
 
 # Starts a throwaway PostgreSQL cluster on a free loopback port and exports DATABASE_URL.
+# Commits are not flushed to disk (fsync off) unless CB_PG_DURABLE=1.
 # Postgres refuses to run as root, so as root the cluster belongs to the `postgres` user
 # (created when missing). Call cb_stop_postgres to remove it.
 cb_start_postgres() {
@@ -65,14 +66,16 @@ cb_start_postgres() {
     CB_PG_DIR=$(mktemp -d "${TMPDIR:-/tmp}/cloudbrain-pg.XXXXXX")
     chmod 755 "$CB_PG_DIR"
     [ "$(id -u)" -eq 0 ] && chown "$CB_PG_USER" "$CB_PG_DIR"
-    local port
+    local port durability="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    # CB_PG_DURABLE=1: Postgres's own defaults, every commit flushed to disk.
+    [ "${CB_PG_DURABLE:-}" = 1 ] && durability=""
     port=$(cb_free_port)
     cb_as_pg_user initdb -D "$CB_PG_DIR/data" -U postgres --auth=trust -E UTF8 --no-sync >"$CB_PG_DIR/initdb.log" 2>&1 || {
         cat "$CB_PG_DIR/initdb.log" >&2
         return 1
     }
     cb_as_pg_user pg_ctl -D "$CB_PG_DIR/data" -l "$CB_PG_DIR/postgres.log" -w -t 60 \
-        -o "-c listen_addresses=127.0.0.1 -p $port -k $CB_PG_DIR -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+        -o "-c listen_addresses=127.0.0.1 -p $port -k $CB_PG_DIR -c max_connections=400 $durability" \
         start >/dev/null || {
         cat "$CB_PG_DIR/postgres.log" >&2
         return 1
