@@ -90,6 +90,14 @@ impl From<diesel::result::Error> for BrokerError {
                 tracing::warn!(error = %other, "database unavailable");
                 BrokerError::Unavailable
             }
+            other if crate::db::statement_lost_by_pooler(&other) => {
+                tracing::error!(
+                    error = %other,
+                    "DATABASE_URL goes through a transaction-mode pooler: set \
+                     CLOUDBRAIN_DIRECT_DATABASE_URL to Postgres itself (docs/deploy.md)"
+                );
+                BrokerError::Unavailable
+            }
             other => BrokerError::Internal(anyhow::Error::new(other).context("database query")),
         }
     }

@@ -192,6 +192,21 @@ pub fn is_unavailable(err: &diesel::result::Error) -> bool {
     }
 }
 
+/// True when `err` says a named statement prepared on one server connection was missing
+/// (or another's was found) on the next: the pool's connections go through a
+/// transaction-mode pooler without `CLOUDBRAIN_DIRECT_DATABASE_URL` set, which makes the
+/// pool send unnamed statements. Such a request fails for the setting, not for itself.
+pub fn statement_lost_by_pooler(err: &diesel::result::Error) -> bool {
+    match err {
+        diesel::result::Error::DatabaseError(_, info) => {
+            let message = info.message();
+            message.starts_with("prepared statement \"")
+                && (message.ends_with("does not exist") || message.ends_with("already exists"))
+        }
+        _ => false,
+    }
+}
+
 /// Where `url` points, for messages: `host:port/database`, never the user or password.
 pub fn describe(url: &str) -> String {
     let Some((_, rest)) = url.split_once("://") else {
