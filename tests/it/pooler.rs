@@ -148,6 +148,18 @@ async fn named_statements_break_behind_a_transaction_pooler_and_unnamed_ones_do_
     assert!(errors.is_empty(), "{errors:?}");
 }
 
+/// Processes killed when dropped, so that a failing test leaves none behind.
+struct Processes(Vec<Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// `cloudbrain <role>` behind the pooler, logging to `<name>.log` beside its config.
 fn process(
     name: &str,
@@ -207,16 +219,28 @@ async fn two_http_and_two_worker_processes_behind_pgbouncer_lose_nothing_when_a_
                 .port()
         })
         .collect();
-    let mut children: Vec<Child> = ports
-        .iter()
-        .map(|port| {
-            let addr = ("CLOUDBRAIN_ADDR", format!("127.0.0.1:{port}"));
-            process(&format!("http-{port}"), "http", &db, &bouncer, &[addr])
-        })
-        .collect();
-    let mut doomed = process("worker-1", "create-worker", &db, &bouncer, &[]);
-    children.push(process("worker-2", "create-worker", &db, &bouncer, &[]));
-    children.push(process("refresh", "refresh-worker", &db, &bouncer, &[]));
+    let mut children = Processes(
+        ports
+            .iter()
+            .map(|port| {
+                let addr = ("CLOUDBRAIN_ADDR", format!("127.0.0.1:{port}"));
+                process(&format!("http-{port}"), "http", &db, &bouncer, &[addr])
+            })
+            .collect(),
+    );
+    let mut doomed = Processes(vec![process(
+        "worker-1",
+        "create-worker",
+        &db,
+        &bouncer,
+        &[],
+    )]);
+    children
+        .0
+        .push(process("worker-2", "create-worker", &db, &bouncer, &[]));
+    children
+        .0
+        .push(process("refresh", "refresh-worker", &db, &bouncer, &[]));
     let client = reqwest::Client::new();
     for port in &ports {
         wait_for("http to answer", Duration::from_secs(20), async || {
@@ -260,8 +284,9 @@ async fn two_http_and_two_worker_processes_behind_pgbouncer_lose_nothing_when_a_
         async || db.machines().await >= 20,
     )
     .await;
-    doomed.kill().unwrap();
-    doomed.wait().unwrap();
+    // SIGKILL, while it holds leases.
+    doomed.0[0].kill().unwrap();
+    doomed.0[0].wait().unwrap();
 
     wait_for(
         "every acknowledged instance to run",
@@ -309,10 +334,7 @@ async fn two_http_and_two_worker_processes_behind_pgbouncer_lose_nothing_when_a_
     )
     .await;
 
-    for mut child in children {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    drop(children);
     let logs: String = std::fs::read_dir(bouncer.dir.path())
         .unwrap()
         .map(|entry| std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default())
