@@ -244,9 +244,9 @@ INI
     chmod 644 "$dir"/*
     bin=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
     if [ "$(id -u)" -eq 0 ]; then
-        "$bin" -u nobody "$dir/pgbouncer.ini" 2>"$dir/pgbouncer.log" &
+        "$bin" -u nobody "$dir/pgbouncer.ini" >/dev/null 2>"$dir/pgbouncer.log" &
     else
-        "$bin" "$dir/pgbouncer.ini" 2>"$dir/pgbouncer.log" &
+        "$bin" "$dir/pgbouncer.ini" >/dev/null 2>"$dir/pgbouncer.log" &
     fi
     CB_PGBOUNCER_PID=$!
     for _ in $(seq 100); do

@@ -33,6 +33,7 @@ use crate::broker::Broker;
 use error::ApiError;
 
 /// What every handler shares.
+#[derive(Clone)]
 pub struct AppState {
     /// The business rules.
     pub broker: Broker,
@@ -74,14 +75,8 @@ impl AppState {
         };
         AppState {
             broker,
-            verifier: self.verifier.clone(),
-            request_timeout: self.request_timeout,
-            body_timeout: self.body_timeout,
-            trusted_proxies: self.trusted_proxies.clone(),
-            metrics: self.metrics.clone(),
-            stream: self.stream.clone(),
-            webhook_networks: self.webhook_networks.clone(),
             worker_pools: None,
+            ..self.clone()
         }
     }
 }

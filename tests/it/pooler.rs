@@ -4,9 +4,9 @@
 //! pooler's few server connections without losing or leaking anything.
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::common::{count, key, shared_store, wait_for, TempDir, TestDb, KEY_HEX};
+use crate::common::{count, key, shared_store, wait_for, TestDb, KEY_HEX};
 use cloudbrain::auth::{store, Scope};
 use cloudbrain::broker::providers::insert_provider;
 use cloudbrain::broker::State;
@@ -17,91 +17,47 @@ use serde_json::json;
 
 /// Debian's pgbouncer in transaction mode in front of the test's Postgres server, with
 /// `server_connections` server connections per database: far fewer than its clients, so
-/// consecutive transactions of one client land on different server connections.
+/// consecutive transactions of one client land on different server connections. Started
+/// by `cb_start_pgbouncer` (script/lib.sh), as `script/bench` starts it.
 struct PgBouncer {
-    child: Child,
+    pid: String,
     /// The pooler's URL for the test's database.
     url: String,
     /// Its config, its log and the logs of the processes behind it.
-    dir: TempDir,
+    dir: std::path::PathBuf,
 }
 
 impl PgBouncer {
     fn start(db: &TestDb, server_connections: usize) -> Self {
-        let binary = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
-            .into_iter()
-            .find(|path| std::path::Path::new(path).exists())
-            .expect("pgbouncer is not installed: script/test installs Debian's package");
-        // postgres://user@127.0.0.1:port/name, as the harness makes it.
-        let rest = db.url.split_once("://").unwrap().1;
-        let (user_host, name) = rest.split_once('/').unwrap();
-        let (user, server) = user_host.rsplit_once('@').unwrap();
-        let (host, port) = server.rsplit_once(':').unwrap();
-        let listen_port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = TempDir::new("pgbouncer");
-        // As root pgbouncer drops to an unprivileged user, who must read these files.
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
-        std::fs::write(dir.join("users.txt"), format!("\"{user}\" \"\"\n")).unwrap();
-        let ini = dir.join("pgbouncer.ini");
-        std::fs::write(
-            &ini,
-            format!(
-                "[databases]\n\
-                 {name} = host={host} port={port}\n\
-                 [pgbouncer]\n\
-                 listen_addr = 127.0.0.1\n\
-                 listen_port = {listen_port}\n\
-                 unix_socket_dir =\n\
-                 auth_type = trust\n\
-                 auth_file = {users}\n\
-                 pool_mode = transaction\n\
-                 default_pool_size = {server_connections}\n\
-                 max_client_conn = 500\n",
-                users = dir.join("users.txt").display(),
-            ),
-        )
-        .unwrap();
-        let log = dir.join("pgbouncer.log");
-        let mut command = Command::new(binary);
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } == 0 {
-            command.args(["-u", "nobody"]);
-        }
-        let child = command
-            .arg(&ini)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
+        let out = Command::new("bash")
+            .args([
+                "-c",
+                ". script/lib.sh && cb_start_pgbouncer \"$1\" \"$2\" && \
+                 printf '%s\\n' \"$CB_PGBOUNCER_URL\" \"$CB_PGBOUNCER_PID\" \"$CB_PGBOUNCER_DIR\"",
+                "pgbouncer",
+                &db.url,
+                &server_connections.to_string(),
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stderr(Stdio::inherit())
+            .output()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", listen_port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "pgbouncer never listened: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert!(out.status.success(), "cb_start_pgbouncer failed");
+        let out = String::from_utf8(out.stdout).unwrap();
+        let mut lines = out.lines().map(str::to_owned);
+        let (url, pid, dir) = (lines.next(), lines.next(), lines.next());
         Self {
-            child,
-            url: format!("postgres://{user}@127.0.0.1:{listen_port}/{name}"),
-            dir,
+            url: url.unwrap(),
+            pid: pid.unwrap(),
+            dir: dir.unwrap().into(),
         }
     }
 }
 
 impl Drop for PgBouncer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = Command::new("kill").arg(&self.pid).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -168,7 +124,7 @@ fn process(
     bouncer: &PgBouncer,
     env: &[(&str, String)],
 ) -> Child {
-    let log = std::fs::File::create(bouncer.dir.join(&format!("{name}.log"))).unwrap();
+    let log = std::fs::File::create(bouncer.dir.join(format!("{name}.log"))).unwrap();
     Command::new(env!("CARGO_BIN_EXE_cloudbrain"))
         .arg(role)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -335,7 +291,7 @@ async fn two_http_and_two_worker_processes_behind_pgbouncer_lose_nothing_when_a_
     .await;
 
     drop(children);
-    let logs: String = std::fs::read_dir(bouncer.dir.path())
+    let logs: String = std::fs::read_dir(&bouncer.dir)
         .unwrap()
         .map(|entry| std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default())
         .collect();
