@@ -149,7 +149,7 @@ fn request_id(req: &ServiceRequest) -> String {
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+        .unwrap_or_else(|| crate::ids::random_uuid().to_string())
 }
 
 async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {

@@ -8,7 +8,7 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 
 use super::lifecycle::Decision;
 use super::model::Instance;
-use super::state::{apply, enqueues, note_all, State};
+use super::state::{apply, apply_finishing, enqueues, note_all, State};
 use super::{Broker, BrokerError};
 use crate::db::schema::instances;
 use crate::queue::{self, Lease};
@@ -98,12 +98,18 @@ impl Broker {
     /// holds it now.
     pub async fn finish_with(&self, lease: &Lease, decision: &Decision) -> Result<(), BrokerError> {
         let mut conn = self.conn().await?;
-        let finished = conn
-            .transaction::<_, BrokerError, _>(async |conn| {
-                apply(conn, lease.instance_id, decision).await?;
-                Ok(queue::finish(conn, lease).await?)
-            })
-            .await?;
+        // Most decisions are a move the row allows: one statement writes it and ends the
+        // job. The others, and a move the row no longer allows, take a transaction.
+        let finished = match apply_finishing(&mut conn, lease, decision).await? {
+            Some(finished) => finished,
+            None => {
+                conn.transaction::<_, BrokerError, _>(async |conn| {
+                    apply(conn, lease.instance_id, decision).await?;
+                    Ok(queue::finish(conn, lease).await?)
+                })
+                .await?
+            }
+        };
         self.announce(enqueues(decision));
         if !finished {
             tracing::warn!(

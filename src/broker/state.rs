@@ -4,7 +4,9 @@
 
 use crate::ids::InstanceId;
 use chrono::Utc;
+use diesel::pg::Pg;
 use diesel::prelude::*;
+use diesel::query_builder::{BoxedSqlQuery, SqlQuery};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +52,51 @@ impl State {
     }
 }
 
+/// The statement every change of state goes through, up to what it answers: `old` locks
+/// the row, `moved` changes it if the state it is in allows the move, `event` records the
+/// move. Its parameters are those [`moving`] binds.
+macro_rules! transition_cte {
+    () => {
+        "WITH old AS (SELECT id, state FROM instances WHERE id = $1 FOR UPDATE), \
+         moved AS ( \
+             UPDATE instances AS i \
+             SET state = $2, updated_at = now(), terminated_at = $3, \
+                 upstream_id = COALESCE($4, i.upstream_id), \
+                 ip_address = COALESCE($5, i.ip_address), \
+                 error_reason = COALESCE($6, i.error_reason), \
+                 details = COALESCE($7, i.details) \
+             FROM old WHERE i.id = old.id AND old.state = ANY ($8) \
+             RETURNING i.*, old.state AS from_state), \
+         event AS ( \
+             INSERT INTO instance_events (instance_id, from_state, to_state, reason) \
+             SELECT id, from_state, state, $9 FROM moved)"
+    };
+}
+
+/// `sql`, a statement that begins with [`transition_cte`], with the move's parameters
+/// bound ($1 to $9).
+fn moving<'a>(
+    sql: &'static str,
+    id: InstanceId,
+    to: State,
+    reason: Option<&'a str>,
+    change: InstanceChange<'a>,
+) -> BoxedSqlQuery<'a, Pg, SqlQuery> {
+    use diesel::sql_types::{Array, Jsonb, Nullable, Text, Timestamptz};
+    let terminated_at = (to == State::Terminated).then(Utc::now);
+    diesel::sql_query(sql)
+        .into_boxed()
+        .bind::<diesel::sql_types::Uuid, _>(id)
+        .bind::<Text, _>(to)
+        .bind::<Nullable<Timestamptz>, _>(terminated_at)
+        .bind::<Nullable<Text>, _>(change.upstream_id)
+        .bind::<Nullable<Text>, _>(change.ip_address)
+        .bind::<Nullable<Text>, _>(change.error_reason)
+        .bind::<Nullable<Jsonb>, _>(change.details)
+        .bind::<Array<Text>, _>(to.predecessors())
+        .bind::<Nullable<Text>, _>(reason)
+}
+
 /// Moves instance `id` to `to` if its current state allows it, applying `change` and
 /// writing an `instance_events` row, on the caller's connection (inside its transaction).
 ///
@@ -67,37 +114,76 @@ pub async fn transition(
     reason: Option<&str>,
     change: InstanceChange<'_>,
 ) -> QueryResult<Option<Instance>> {
-    use diesel::sql_types::{Array, Jsonb, Nullable, Text, Timestamptz};
-    let terminated_at = (to == State::Terminated).then(Utc::now);
-    diesel::sql_query(
-        "WITH old AS (SELECT id, state FROM instances WHERE id = $1 FOR UPDATE), \
-         moved AS ( \
-             UPDATE instances AS i \
-             SET state = $2, updated_at = now(), terminated_at = $3, \
-                 upstream_id = COALESCE($4, i.upstream_id), \
-                 ip_address = COALESCE($5, i.ip_address), \
-                 error_reason = COALESCE($6, i.error_reason), \
-                 details = COALESCE($7, i.details) \
-             FROM old WHERE i.id = old.id AND old.state = ANY ($8) \
-             RETURNING i.*, old.state AS from_state), \
-         event AS ( \
-             INSERT INTO instance_events (instance_id, from_state, to_state, reason) \
-             SELECT id, from_state, state, $9 FROM moved) \
-         SELECT * FROM moved",
+    moving(
+        concat!(transition_cte!(), " SELECT * FROM moved"),
+        id,
+        to,
+        reason,
+        change,
     )
-    .bind::<diesel::sql_types::Uuid, _>(id)
-    .bind::<Text, _>(to)
-    .bind::<Nullable<Timestamptz>, _>(terminated_at)
-    .bind::<Nullable<Text>, _>(change.upstream_id)
-    .bind::<Nullable<Text>, _>(change.ip_address)
-    .bind::<Nullable<Text>, _>(change.error_reason)
-    .bind::<Nullable<Jsonb>, _>(change.details)
-    .bind::<Array<Text>, _>(to.predecessors())
-    .bind::<Nullable<Text>, _>(reason)
     .cached()
     .get_result::<Instance>(conn)
     .await
     .optional()
+}
+
+/// The row a move-and-finish statement answers when the move was written: whether the
+/// job was finished with it.
+#[derive(QueryableByName)]
+struct Finished {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    finished: bool,
+}
+
+/// Writes `decision` and finishes the job `lease` in one statement, with no transaction
+/// around it (one round trip, not the four of a transaction), when `decision` is a move to
+/// a state that [`transition`] alone writes (recording what the cloud says, or
+/// `terminated`) and the row's state allows it.
+///
+/// `Some(held)` when it was written, `held` being whether the worker still held the job
+/// (then it is finished; if not, what the cloud said is recorded all the same, as
+/// [`apply`] would). `None` when nothing was written: the caller writes the decision the
+/// general way, [`apply`] and [`queue::finish`] in one transaction.
+#[tracing::instrument(level = "debug", skip_all, fields(instance.id = %lease.instance_id))]
+pub async fn apply_finishing(
+    conn: &mut AsyncPgConnection,
+    lease: &queue::Lease,
+    decision: &Decision,
+) -> QueryResult<Option<bool>> {
+    use diesel::sql_types::{BigInt, Text};
+    let (to, change) = match decision {
+        Decision::Record { to, seen } if *to != State::Terminating => (*to, seen_change(seen)),
+        Decision::Terminate => (State::Terminated, InstanceChange::default()),
+        _ => return Ok(None),
+    };
+    let id = lease.instance_id;
+    let written = moving(
+        concat!(
+            transition_cte!(),
+            ", ",
+            crate::queue::finish_held_cte!("finished", "$10", "$11", "moved"),
+            " SELECT EXISTS (SELECT 1 FROM finished) AS finished FROM moved"
+        ),
+        id,
+        to,
+        None,
+        change,
+    )
+    .bind::<BigInt, _>(lease.job_id)
+    .bind::<Text, _>(&lease.worker)
+    .cached()
+    .get_result::<Finished>(conn)
+    .await
+    .optional()?;
+    Ok(written.map(|row| {
+        moved_to(id, to);
+        row.finished
+    }))
+}
+
+/// Logs a move that was written.
+fn moved_to(id: InstanceId, to: State) {
+    tracing::info!(state = to.as_str(), "instance {id} {}", to.as_str());
 }
 
 /// True when [`apply`] enqueues a job for `decision` (a remove job, when termination
@@ -122,7 +208,7 @@ pub async fn apply(
             // with its remove job).
             if *to != State::Terminating {
                 if let Some(updated) = transition(conn, id, *to, None, seen_change(seen)).await? {
-                    tracing::info!(state = to.as_str(), "instance {id} {}", to.as_str());
+                    moved_to(id, *to);
                     return Ok(Some(updated));
                 }
             }
@@ -147,7 +233,7 @@ pub async fn apply(
             let updated =
                 transition(conn, id, State::Terminated, None, InstanceChange::default()).await?;
             if updated.is_some() {
-                tracing::info!("instance {id} terminated");
+                moved_to(id, State::Terminated);
             }
             Ok(updated)
         }

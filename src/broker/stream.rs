@@ -46,7 +46,12 @@ const HUB_CAPACITY: usize = 4096;
 const READY_WAIT: Duration = Duration::from_secs(5);
 
 /// The oldest transaction still running: events of older ones are final.
-const FENCE: &str = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
+macro_rules! fence {
+    () => {
+        "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+    };
+}
+const FENCE: &str = fence!();
 
 /// A [`Position`] as text; empty: none (as browsers treat an empty `Last-Event-ID`).
 pub const POSITION_PATTERN: &str = "^([0-9]{1,18}-[0-9]{1,18})?$";
@@ -208,17 +213,27 @@ impl Broker {
 
     /// The position of the newest final event (the start, when there is none).
     pub async fn stream_head(&self) -> Result<Position, BrokerError> {
+        /// The head as [`Hub::tail`] reads it on every wake with no reader: a statement
+        /// with no parameters (a bound `LIMIT` would be planned anew on every run), so
+        /// Postgres plans it once per connection.
+        #[derive(QueryableByName)]
+        struct Head {
+            #[diesel(sql_type = Int8)]
+            tx: i64,
+            #[diesel(sql_type = Int8)]
+            id: i64,
+        }
         let mut conn = self.conn().await?;
-        let head: Option<(i64, i64)> = instance_events::table
-            .filter(sql::<Bool>(&format!("instance_events.tx < {FENCE}")))
-            .order((instance_events::tx.desc(), instance_events::id.desc()))
-            .select((instance_events::tx, instance_events::id))
-            .limit(1)
-            .cached()
-            .get_result(&mut conn)
-            .await
-            .optional()?;
-        Ok(head.map_or_else(Position::default, |(tx, id)| Position { tx, id }))
+        let head: Option<Head> = diesel::sql_query(concat!(
+            "SELECT tx, id FROM instance_events WHERE tx < ",
+            fence!(),
+            " ORDER BY tx DESC, id DESC LIMIT 1"
+        ))
+        .cached()
+        .get_result(&mut conn)
+        .await
+        .optional()?;
+        Ok(head.map_or_else(Position::default, |Head { tx, id }| Position { tx, id }))
     }
 }
 

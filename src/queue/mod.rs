@@ -114,6 +114,27 @@ pub struct Lease {
     pub worker: String,
 }
 
+/// A common table expression that finishes a held job inside a larger statement (so the
+/// job ends in the statement that writes what it achieved, with no transaction of its
+/// own): `NAME AS (DELETE …)` deletes the job whose id is parameter `ID` if the worker
+/// parameter `BY` names still holds it, and only if expression `GUARD` answered a row;
+/// it returns the job's id when it did. [`finish`] is the same without the guard.
+macro_rules! finish_held_cte {
+    ($name:literal, $id:literal, $by:literal, $guard:literal) => {
+        concat!(
+            $name,
+            " AS (DELETE FROM jobs WHERE id = ",
+            $id,
+            " AND locked_by = ",
+            $by,
+            " AND EXISTS (SELECT 1 FROM ",
+            $guard,
+            ") RETURNING id)"
+        )
+    };
+}
+pub(crate) use finish_held_cte;
+
 /// Deletes a finished job on the caller's connection (in the transaction that records
 /// what the job achieved); false if its worker no longer holds it.
 pub async fn finish(conn: &mut AsyncPgConnection, lease: &Lease) -> QueryResult<bool> {

@@ -173,15 +173,8 @@ async fn delete_terminates_once_and_drops_the_unclaimed_create_job() {
     let removes = jobs(JobKind::RemoveInstance).await;
     assert_eq!(removes, 1, "a repeated delete enqueued again");
 
-    let events = s.client().get(&format!("{path}/events")).await.expect(200);
-    let states: Vec<(Value, Value)> = events["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| (e["from_state"].clone(), e["to_state"].clone()))
-        .collect();
     assert_eq!(
-        states,
+        s.moves(&id).await,
         vec![
             (Value::Null, json!("creating")),
             (json!("creating"), json!("terminating"))

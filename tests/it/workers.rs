@@ -568,6 +568,107 @@ async fn a_worker_that_lost_its_lease_cannot_finish_requeue_or_bury_the_job() {
 }
 
 #[tokio::test]
+async fn a_finished_create_is_recorded_with_or_without_the_lease_and_ends_only_a_held_job() {
+    use cloudbrain::broker::lifecycle::{Decision, Seen};
+    use cloudbrain::broker::State;
+    use cloudbrain::queue::{JobKind, Queue};
+    let s = TestBroker::new().fake(json!(null)).start().await;
+    let queue = Queue::new(
+        cloudbrain::db::pool(&s.db.url, 2, cloudbrain::db::Statements::Prepared).unwrap(),
+    );
+    let kinds = [JobKind::CreateInstance];
+    let made = |upstream: &str| Decision::Record {
+        to: State::Running,
+        seen: Seen {
+            upstream_id: upstream.to_owned(),
+            ip_address: Some("192.0.2.7".to_owned()),
+            details: None,
+        },
+    };
+
+    // Held: the instance runs, its event is written, the job is gone.
+    let held_id = s.create("ubuntu").await;
+    let held = queue
+        .claim("worker-a", &kinds, 1, Duration::from_secs(60))
+        .await
+        .unwrap();
+    s.workers
+        .broker
+        .finish_with(&held[0], &made("m-held"))
+        .await
+        .unwrap();
+    let body = s.body(&held_id).await;
+    assert_eq!(body["state"], "running");
+    assert_eq!(body["ip_address"], "192.0.2.7");
+    assert!(s.jobs(&held_id).await.is_empty());
+    assert_eq!(
+        s.moves(&held_id).await,
+        [
+            (json!(null), json!("creating")),
+            (json!("creating"), json!("running"))
+        ]
+    );
+
+    // Lost to another worker: what the cloud said is recorded, the job stays that worker's.
+    let lost_id = s.create("ubuntu").await;
+    let stale = queue
+        .claim("worker-a", &kinds, 1, Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let taken = queue
+        .claim("worker-b", &kinds, 1, Duration::from_secs(60))
+        .await
+        .unwrap();
+    s.workers
+        .broker
+        .finish_with(&stale[0], &made("m-lost"))
+        .await
+        .unwrap();
+    let body = s.body(&lost_id).await;
+    assert_eq!(
+        (&body["state"], &body["upstream_id"]),
+        (&json!("running"), &json!("m-lost"))
+    );
+    let jobs = s.jobs(&lost_id).await;
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(jobs[0].locked_by.as_deref(), Some("worker-b"));
+    assert!(queue.finish(&taken[0]).await.unwrap());
+
+    // Deleted while its machine was being made: the row stays terminating, learns the
+    // machine (so its remove job can destroy it), and the create job ends.
+    let moved_id = s.create("ubuntu").await;
+    let lease = queue
+        .claim("worker-c", &kinds, 1, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.client()
+            .delete(&format!("/instances/{moved_id}"))
+            .await
+            .status,
+        200
+    );
+    s.workers
+        .broker
+        .finish_with(&lease[0], &made("m-moved"))
+        .await
+        .unwrap();
+    let body = s.body(&moved_id).await;
+    assert_eq!(body["state"], "terminating");
+    assert_eq!(body["upstream_id"], "m-moved");
+    let kinds_left: Vec<String> = s
+        .jobs(&moved_id)
+        .await
+        .into_iter()
+        .map(|j| j.kind)
+        .collect();
+    assert_eq!(kinds_left, ["remove"]);
+    s.workers.run_pending_jobs().await;
+    assert_eq!(s.body(&moved_id).await["state"], "terminated");
+}
+
+#[tokio::test]
 async fn claims_take_the_oldest_jobs_first_and_never_the_same_job_twice() {
     use cloudbrain::queue::{JobKind, Queue};
     let s = TestBroker::new().fake(json!(null)).start().await;

@@ -1032,6 +1032,18 @@ impl TestBroker {
         self.instance(id).await.0
     }
 
+    /// GET /instances/<id>/events: each move, (from, to), oldest first.
+    pub async fn moves(&self, id: &str) -> Vec<(serde_json::Value, serde_json::Value)> {
+        let path = format!("/instances/{id}/events");
+        let events = self.client().get(&path).await.expect(200);
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["from_state"].clone(), e["to_state"].clone()))
+            .collect()
+    }
+
     /// The instance's jobs, oldest first, as the queue holds them.
     pub async fn jobs(&self, id: &str) -> Vec<JobRow> {
         let id = instance_id(id);
