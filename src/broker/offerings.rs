@@ -217,11 +217,19 @@ impl Broker {
                 Vec::new(),
             ),
         };
-        // Every provider config's offer and fallbacks, in one read.
-        let stored: Vec<(String, Option<serde_json::Value>, serde_json::Value)> = providers::table
-            .select((providers::name, providers::offer, providers::fallbacks))
-            .load(&mut conn)
-            .await?;
+        // Every provider config's offer and fallbacks, and the offerings out of capacity:
+        // two reads sent at once (pipelined on the connection), one wait.
+        let (stored, unavailable) = {
+            let shared: &AsyncPgConnection = &conn;
+            let mut on = shared;
+            let offers = providers::table
+                .select((providers::name, providers::offer, providers::fallbacks))
+                .load::<(String, Option<serde_json::Value>, serde_json::Value)>(&mut on);
+            futures_util::try_join!(
+                async { offers.await.map_err(BrokerError::from) },
+                unavailable(shared)
+            )?
+        };
         let mut offers = BTreeMap::new();
         for (name, offer, provider_fallbacks) in stored {
             if name == provider {
@@ -270,7 +278,6 @@ impl Broker {
             let current = all.remove(at);
             all.insert(0, current);
         }
-        let unavailable = unavailable(&mut conn).await?;
         let Some(chosen) = choose(&all, &unavailable).cloned() else {
             return Ok(None);
         };
@@ -348,8 +355,10 @@ impl Broker {
     }
 }
 
-/// The offerings out of capacity now.
-async fn unavailable(conn: &mut AsyncPgConnection) -> Result<HashSet<Offering>, BrokerError> {
+/// The offerings out of capacity now (on a shared connection, so that it can be sent
+/// with another read).
+async fn unavailable(conn: &AsyncPgConnection) -> Result<HashSet<Offering>, BrokerError> {
+    let mut conn = conn;
     let rows: Vec<(String, String, String)> = unavailable_offerings::table
         .filter(unavailable_offerings::until.gt(diesel::dsl::now))
         .select((
@@ -357,7 +366,7 @@ async fn unavailable(conn: &mut AsyncPgConnection) -> Result<HashSet<Offering>, 
             unavailable_offerings::instance_type,
             unavailable_offerings::placement,
         ))
-        .load(conn)
+        .load(&mut conn)
         .await?;
     Ok(rows
         .into_iter()
