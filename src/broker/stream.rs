@@ -51,7 +51,6 @@ macro_rules! fence {
         "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
     };
 }
-const FENCE: &str = fence!();
 
 /// A [`Position`] as text; empty: none (as browsers treat an empty `Last-Event-ID`).
 pub const POSITION_PATTERN: &str = "^([0-9]{1,18}-[0-9]{1,18})?$";
@@ -183,7 +182,7 @@ impl Broker {
         let mut conn = self.conn().await?;
         let rows: Vec<(i64, InstanceEvent, Instance)> = instance_events::table
             .inner_join(instances::table)
-            .filter(sql::<Bool>(&format!("instance_events.tx < {FENCE}")))
+            .filter(sql::<Bool>(concat!("instance_events.tx < ", fence!())))
             .filter(
                 sql::<Bool>("(instance_events.tx, instance_events.id) > (")
                     .bind::<Int8, _>(after.tx)

@@ -577,6 +577,11 @@ async fn a_finished_create_is_recorded_with_or_without_the_lease_and_ends_only_a
         cloudbrain::db::pool(&s.db.url, 2, cloudbrain::db::Statements::Prepared).unwrap(),
     );
     let kinds = [JobKind::CreateInstance];
+    let claim = async |worker: &str, lease: Duration| {
+        let mut leases = queue.claim(worker, &kinds, 1, lease).await.unwrap();
+        assert_eq!(leases.len(), 1, "{worker} claimed {leases:?}");
+        leases.remove(0)
+    };
     let made = |upstream: &str| Decision::Record {
         to: State::Running,
         seen: Seen {
@@ -585,18 +590,18 @@ async fn a_finished_create_is_recorded_with_or_without_the_lease_and_ends_only_a
             details: None,
         },
     };
+    let finish = async |lease: &cloudbrain::queue::Lease, upstream: &str| {
+        s.workers
+            .broker
+            .finish_with(lease, &made(upstream))
+            .await
+            .unwrap();
+    };
 
     // Held: the instance runs, its event is written, the job is gone.
     let held_id = s.create("ubuntu").await;
-    let held = queue
-        .claim("worker-a", &kinds, 1, Duration::from_secs(60))
-        .await
-        .unwrap();
-    s.workers
-        .broker
-        .finish_with(&held[0], &made("m-held"))
-        .await
-        .unwrap();
+    let held = claim("worker-a", Duration::from_secs(60)).await;
+    finish(&held, "m-held").await;
     let body = s.body(&held_id).await;
     assert_eq!(body["state"], "running");
     assert_eq!(body["ip_address"], "192.0.2.7");
@@ -611,20 +616,10 @@ async fn a_finished_create_is_recorded_with_or_without_the_lease_and_ends_only_a
 
     // Lost to another worker: what the cloud said is recorded, the job stays that worker's.
     let lost_id = s.create("ubuntu").await;
-    let stale = queue
-        .claim("worker-a", &kinds, 1, Duration::from_millis(1))
-        .await
-        .unwrap();
+    let stale = claim("worker-a", Duration::from_millis(1)).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let taken = queue
-        .claim("worker-b", &kinds, 1, Duration::from_secs(60))
-        .await
-        .unwrap();
-    s.workers
-        .broker
-        .finish_with(&stale[0], &made("m-lost"))
-        .await
-        .unwrap();
+    let taken = claim("worker-b", Duration::from_secs(60)).await;
+    finish(&stale, "m-lost").await;
     let body = s.body(&lost_id).await;
     assert_eq!(
         (&body["state"], &body["upstream_id"]),
@@ -633,15 +628,12 @@ async fn a_finished_create_is_recorded_with_or_without_the_lease_and_ends_only_a
     let jobs = s.jobs(&lost_id).await;
     assert_eq!(jobs.len(), 1, "{jobs:?}");
     assert_eq!(jobs[0].locked_by.as_deref(), Some("worker-b"));
-    assert!(queue.finish(&taken[0]).await.unwrap());
+    assert!(queue.finish(&taken).await.unwrap());
 
     // Deleted while its machine was being made: the row stays terminating, learns the
     // machine (so its remove job can destroy it), and the create job ends.
     let moved_id = s.create("ubuntu").await;
-    let lease = queue
-        .claim("worker-c", &kinds, 1, Duration::from_secs(60))
-        .await
-        .unwrap();
+    let lease = claim("worker-c", Duration::from_secs(60)).await;
     assert_eq!(
         s.client()
             .delete(&format!("/instances/{moved_id}"))
@@ -649,11 +641,7 @@ async fn a_finished_create_is_recorded_with_or_without_the_lease_and_ends_only_a
             .status,
         200
     );
-    s.workers
-        .broker
-        .finish_with(&lease[0], &made("m-moved"))
-        .await
-        .unwrap();
+    finish(&lease, "m-moved").await;
     let body = s.body(&moved_id).await;
     assert_eq!(body["state"], "terminating");
     assert_eq!(body["upstream_id"], "m-moved");
