@@ -1,13 +1,16 @@
 //! What the workers ask of the broker: the rows they work on, and writing the decisions
 //! of [`super::lifecycle`] (with the job that made them, in one transaction).
 
+use std::collections::HashMap;
+
 use crate::ids::InstanceId;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 use super::lifecycle::Decision;
 use super::model::Instance;
+use super::offerings::Placing;
 use super::state::{apply, apply_finishing, enqueues, note_all, State};
 use super::{Broker, BrokerError};
 use crate::db::schema::instances;
@@ -17,7 +20,55 @@ use crate::queue::{self, Lease};
 /// flush of the log) for many rows, and row locks held for a few milliseconds.
 const APPLY_BATCH: usize = 256;
 
+/// What the jobs of one claim read once, together, before any of them runs: their
+/// instances and what placing a machine goes by. Each job still reads again what it
+/// reads after its first step (a row changed under it is caught by the guarded write).
+#[derive(Debug, Default)]
+pub struct ClaimedRows {
+    instances: HashMap<InstanceId, Instance>,
+    placing: Option<Placing>,
+}
+
+impl ClaimedRows {
+    /// The instance `id` as the claim read it; `None` when it was not read with it.
+    pub fn instance(&self, id: InstanceId) -> Option<&Instance> {
+        self.instances.get(&id)
+    }
+
+    /// What placing goes by, as the claim read it.
+    pub fn placing(&self) -> Option<&Placing> {
+        self.placing.as_ref()
+    }
+}
+
 impl Broker {
+    /// Reads the instances `ids` and, when `placing`, what placing goes by: three reads
+    /// sent at once (pipelined on the connection), one wait for a whole claim.
+    pub async fn claimed_rows(
+        &self,
+        ids: &[InstanceId],
+        placing: bool,
+    ) -> Result<ClaimedRows, BrokerError> {
+        let conn = self.conn().await?;
+        let shared: &AsyncPgConnection = &conn;
+        let mut on = shared;
+        let rows = instances::table
+            .filter(instances::id.eq_any(ids))
+            .select(Instance::as_select())
+            .load::<Instance>(&mut on);
+        let (rows, placing) =
+            futures_util::try_join!(async { rows.await.map_err(BrokerError::from) }, async {
+                match placing {
+                    true => Placing::read(shared).await.map(Some),
+                    false => Ok(None),
+                }
+            })?;
+        Ok(ClaimedRows {
+            instances: rows.into_iter().map(|i| (i.id, i)).collect(),
+            placing,
+        })
+    }
+
     /// Reads the instance a job works on.
     pub async fn job_instance(&self, id: InstanceId) -> Result<Option<Instance>, BrokerError> {
         let mut conn = self.conn().await?;

@@ -16,6 +16,7 @@ pub mod tokens;
 pub mod validate;
 pub mod webhooks;
 
+pub use for_workers::ClaimedRows;
 pub use instances::{CreateInstance, InstanceFilter, InstancePage};
 pub use state::State;
 

@@ -189,7 +189,12 @@ pub fn fallbacks_of(stored: &serde_json::Value) -> Vec<Fallback> {
 impl Broker {
     /// The offering the next create of `instance` goes to, written to its row (with an
     /// event when it moved); `None` when every offering of it is out of capacity now.
-    pub async fn place(&self, instance: &Instance) -> Result<Option<Offering>, BrokerError> {
+    /// What it places by is `known` (read with the job's claim), else read now.
+    pub async fn place(
+        &self,
+        instance: &Instance,
+        known: Option<&Placing>,
+    ) -> Result<Option<Offering>, BrokerError> {
         let mut conn = self.conn().await?;
         // A pool's machine falls back from the pool's shape through the pool's list, then
         // its provider's; another from what it was asked for, through its provider's.
@@ -217,25 +222,23 @@ impl Broker {
                 Vec::new(),
             ),
         };
-        // Every provider config's offer and fallbacks, and the offerings out of capacity:
-        // two reads sent at once (pipelined on the connection), one wait.
-        let (stored, unavailable) = {
-            let shared: &AsyncPgConnection = &conn;
-            let mut on = shared;
-            let offers = providers::table
-                .select((providers::name, providers::offer, providers::fallbacks))
-                .load::<(String, Option<serde_json::Value>, serde_json::Value)>(&mut on);
-            futures_util::try_join!(
-                async { offers.await.map_err(BrokerError::from) },
-                unavailable(shared)
-            )?
+        let read;
+        let Placing {
+            offers: stored,
+            unavailable,
+        } = match known {
+            Some(known) => known,
+            None => {
+                read = Placing::read(&conn).await?;
+                &read
+            }
         };
         let mut offers = BTreeMap::new();
         for (name, offer, provider_fallbacks) in stored {
-            if name == provider {
-                fallbacks.extend(fallbacks_of(&provider_fallbacks));
+            if *name == provider {
+                fallbacks.extend(fallbacks_of(provider_fallbacks));
             }
-            offers.insert(name, offer);
+            offers.insert(name.clone(), offer);
         }
         let mut placements = BTreeMap::new();
         let names: Vec<String> = std::iter::once(provider.clone())
@@ -278,7 +281,7 @@ impl Broker {
             let current = all.remove(at);
             all.insert(0, current);
         }
-        let Some(chosen) = choose(&all, &unavailable).cloned() else {
+        let Some(chosen) = choose(&all, unavailable).cloned() else {
             return Ok(None);
         };
         if chosen != current {
@@ -357,6 +360,32 @@ impl Broker {
 
 /// The offerings out of capacity now (on a shared connection, so that it can be sent
 /// with another read).
+/// What placing reads besides the instance: every provider config's offer and fallbacks,
+/// and the offerings out of capacity now.
+#[derive(Debug, Default)]
+pub struct Placing {
+    offers: Vec<(String, Option<serde_json::Value>, serde_json::Value)>,
+    unavailable: HashSet<Offering>,
+}
+
+impl Placing {
+    /// Both reads, sent at once (pipelined on the connection): one wait.
+    pub(super) async fn read(conn: &AsyncPgConnection) -> Result<Self, BrokerError> {
+        let mut on = conn;
+        let offers = providers::table
+            .select((providers::name, providers::offer, providers::fallbacks))
+            .load(&mut on);
+        let (offers, unavailable) = futures_util::try_join!(
+            async { offers.await.map_err(BrokerError::from) },
+            unavailable(conn)
+        )?;
+        Ok(Self {
+            offers,
+            unavailable,
+        })
+    }
+}
+
 async fn unavailable(conn: &AsyncPgConnection) -> Result<HashSet<Offering>, BrokerError> {
     let mut conn = conn;
     let rows: Vec<(String, String, String)> = unavailable_offerings::table

@@ -9,7 +9,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use super::instances::{insert_new, replay, CreateInstance, Created};
 use super::lifecycle::Decision;
 use super::model::{Instance, NewInstance, NewPool, PoolRow};
-use super::providers::offered_type;
+use super::providers::{offered_type, offered_type_and_pools};
 use super::state::{apply, record_event, State};
 use super::validate::{ImageName, Lifetime, PoolName, ProviderName};
 use super::{Broker, BrokerError};
@@ -440,17 +440,15 @@ pub(super) async fn shape_of(
     };
     let provider = ProviderName::parse(&required("provider", &request.provider)?)?;
     let image = ImageName::parse(&required("image", &request.image)?)?;
-    let (instance_type, policy) =
-        offered_type(conn, key, &provider, request.instance_type.as_deref()).await?;
-    let pool: Option<PoolRow> = pools::table
-        .filter(pools::provider_name.eq(provider.as_str()))
-        .filter(pools::image.eq(image.as_str()))
-        .filter(pools::instance_type.eq(&instance_type))
-        .order(pools::name)
-        .select(PoolRow::as_select())
-        .first(conn)
-        .await
-        .optional()?;
+    let (instance_type, policy, pools) = offered_type_and_pools(
+        conn,
+        key,
+        &provider,
+        &image,
+        request.instance_type.as_deref(),
+    )
+    .await?;
+    let pool = pools.into_iter().find(|p| p.instance_type == instance_type);
     Ok(Shape {
         pool,
         provider: provider.as_str().to_owned(),

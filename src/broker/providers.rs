@@ -5,10 +5,10 @@ use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use serde::{Deserialize, Serialize};
 
-use super::model::{NewProvider, ProviderRow};
+use super::model::{NewProvider, PoolRow, ProviderRow};
 use super::{Broker, BrokerError};
 use crate::crypto::SecretKey;
-use crate::db::schema::providers;
+use crate::db::schema::{pools, providers};
 use crate::providers::{catalog, StoredProvider};
 use cloudbrain_provider::Offer;
 
@@ -336,13 +336,57 @@ pub async fn offered_type(
     provider: &super::validate::ProviderName,
     instance_type: Option<&str>,
 ) -> Result<(String, ProviderPolicy), BrokerError> {
-    let found = find_provider(conn, key, provider).await?;
-    let (offered, policy) = found.ok_or_else(|| {
-        BrokerError::invalid(
-            "provider",
-            format!("provider {:?} does not exist", provider.as_str()),
+    let (offered, policy) = find_provider(conn, key, provider)
+        .await?
+        .ok_or_else(|| no_such_provider(provider))?;
+    Ok((resolve_type(provider, &offered, instance_type)?, policy))
+}
+
+/// [`offered_type`], and the pools that make `image` on that provider (by name), in one
+/// statement: what a request that names no pool reads before it is written.
+pub async fn offered_type_and_pools(
+    conn: &mut AsyncPgConnection,
+    key: &SecretKey,
+    provider: &super::validate::ProviderName,
+    image: &super::validate::ImageName,
+    instance_type: Option<&str>,
+) -> Result<(String, ProviderPolicy, Vec<PoolRow>), BrokerError> {
+    let rows: Vec<(ProviderRow, Option<PoolRow>)> = providers::table
+        .left_join(
+            pools::table.on(pools::provider_name
+                .eq(providers::name)
+                .and(pools::image.eq(image.as_str()))),
         )
-    })?;
+        .filter(providers::name.eq(provider.as_str()))
+        .order(pools::name)
+        .select((ProviderRow::as_select(), Option::<PoolRow>::as_select()))
+        .load(conn)
+        .await?;
+    let mut rows = rows.into_iter();
+    let (row, first) = rows.next().ok_or_else(|| no_such_provider(provider))?;
+    let policy = ProviderPolicy::of(row.max_lifetime_secs, &row.fallbacks);
+    let offered = offer_of(conn, key, row).await?;
+    let instance_type = resolve_type(provider, &offered, instance_type)?;
+    let pools = first
+        .into_iter()
+        .chain(rows.filter_map(|(_, pool)| pool))
+        .collect();
+    Ok((instance_type, policy, pools))
+}
+
+fn no_such_provider(provider: &super::validate::ProviderName) -> BrokerError {
+    BrokerError::invalid(
+        "provider",
+        format!("provider {:?} does not exist", provider.as_str()),
+    )
+}
+
+/// The type a request for `instance_type` gets from what `provider` offers.
+fn resolve_type(
+    provider: &super::validate::ProviderName,
+    offered: &Offer,
+    instance_type: Option<&str>,
+) -> Result<String, BrokerError> {
     let instance_type = match instance_type {
         None | Some("") | Some(cloudbrain_provider::DEFAULT_TYPE_ALIAS) => {
             offered.default_instance_type.clone()
@@ -362,7 +406,7 @@ pub async fn offered_type(
             ),
         ));
     }
-    Ok((instance_type, policy))
+    Ok(instance_type)
 }
 
 /// What the provider named `name` offers; `None` if there is none.

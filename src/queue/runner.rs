@@ -31,9 +31,14 @@ const EMPTY_CLAIM_SPACING: Duration = Duration::from_millis(10);
 /// What runs the jobs a runner claims.
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
-    /// Does the job's work. `Ok` once the job is finished (deleted, in the transaction
-    /// that records what it achieved).
-    async fn run(&self, lease: &Lease) -> Result<(), JobError>;
+    /// What the jobs of one claim share: read once for all of them, before any runs.
+    type Claimed: Send + Sync + 'static;
+    /// Reads what the jobs of `leases` will need. It cannot fail: what it could not read,
+    /// each job reads itself.
+    async fn claimed(&self, leases: &[Lease]) -> Self::Claimed;
+    /// Does the job's work, with what was read for its claim. `Ok` once the job is
+    /// finished (deleted, in the transaction that records what it achieved).
+    async fn run(&self, lease: &Lease, claimed: &Self::Claimed) -> Result<(), JobError>;
     /// Gives up on the job: marks it dead and records `reason` where it belongs, in one
     /// transaction; false if its worker no longer holds it.
     async fn bury(&self, lease: &Lease, reason: &str) -> anyhow::Result<bool>;
@@ -102,6 +107,11 @@ impl<H: Handler> Runner<H> {
         &self.id
     }
 
+    /// What runs its jobs.
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+
     async fn claim(&self, limit: usize) -> anyhow::Result<Vec<Lease>> {
         self.queue
             .claim(&self.id, &self.kinds, limit, self.settings.lease)
@@ -160,15 +170,20 @@ impl<H: Handler> Runner<H> {
                     Ok(leases) => {
                         more_waiting = leases.len() == free;
                         came_empty = leases.is_empty();
-                        for lease in leases {
-                            // Kept so the job can be handed back if shutdown cuts it off.
-                            let kept = lease.clone();
-                            let runner = self.clone();
-                            let task = async move {
-                                runner.run_job(lease).await;
-                            };
-                            let handle = running.spawn(task.in_current_span());
-                            held.insert(handle.id(), kept);
+                        if !leases.is_empty() {
+                            // What the jobs need, read once for all of them.
+                            let claimed = Arc::new(self.handler.claimed(&leases).await);
+                            for lease in leases {
+                                // Kept so the job can be handed back if shutdown cuts it off.
+                                let kept = lease.clone();
+                                let runner = self.clone();
+                                let claimed = claimed.clone();
+                                let task = async move {
+                                    runner.run_job(lease, &claimed).await;
+                                };
+                                let handle = running.spawn(task.in_current_span());
+                                held.insert(handle.id(), kept);
+                            }
                         }
                     }
                     Err(error) => {
@@ -216,18 +231,20 @@ impl<H: Handler> Runner<H> {
                 return Ok(ran);
             }
             ran += leases.len();
+            let claimed = Arc::new(self.handler.claimed(&leases).await);
             let mut running = JoinSet::new();
             for lease in leases {
                 let runner = self.clone();
-                running.spawn(async move { runner.run_job(lease).await });
+                let claimed = claimed.clone();
+                running.spawn(async move { runner.run_job(lease, &claimed).await });
             }
             while running.join_next().await.is_some() {}
         }
     }
 
-    /// Runs one claimed job to an outcome, renewing its lease while it runs; a panic
-    /// counts as a failure.
-    pub async fn run_job(&self, lease: Lease) -> Outcome {
+    /// Runs one claimed job to an outcome, with what was read for its claim, renewing its
+    /// lease while it runs; a panic counts as a failure.
+    pub async fn run_job(&self, lease: Lease, claimed: &H::Claimed) -> Outcome {
         let span = tracing::info_span!(
             "job",
             job.id = %lease.job_id,
@@ -236,7 +253,7 @@ impl<H: Handler> Runner<H> {
             attempt = lease.attempts
         );
         async {
-            let work = AssertUnwindSafe(self.handler.run(&lease)).catch_unwind();
+            let work = AssertUnwindSafe(self.handler.run(&lease, claimed)).catch_unwind();
             let result = tokio::select! {
                 result = work => result,
                 never = self.renew_while_running(&lease) => match never {},

@@ -13,7 +13,7 @@ use chrono::Utc;
 use cloudbrain_provider::{Drain, InstanceSpec, Provider, ProviderError};
 
 use crate::broker::model::Instance;
-use crate::broker::{lifecycle, Broker, BrokerError};
+use crate::broker::{lifecycle, Broker, BrokerError, ClaimedRows};
 use crate::metrics::Metrics;
 use crate::providers::{LimitedProvider, Registry};
 use crate::queue::{Handler, JobError, JobKind, Lease, Queue};
@@ -37,14 +37,18 @@ pub struct JobContext {
 }
 
 impl JobContext {
-    /// The instance `lease` works on and its live provider, or `None` when the job has
-    /// nothing (more) to do and was finished.
+    /// The instance `lease` works on (as its claim read it, else read now) and its live
+    /// provider, or `None` when the job has nothing (more) to do and was finished.
     async fn instance(
         &self,
         lease: &Lease,
+        claimed: &ClaimedRows,
         wanted: fn(&Instance) -> bool,
     ) -> Result<Option<(Instance, Arc<LimitedProvider>)>, JobError> {
-        let instance = self.broker.job_instance(lease.instance_id).await?;
+        let instance = match claimed.instance(lease.instance_id) {
+            Some(read) => Some(read.clone()),
+            None => self.broker.job_instance(lease.instance_id).await?,
+        };
         let Some(instance) = instance.filter(wanted) else {
             // Gone, or moved on (deleted or errored before its machine was made).
             return match self.queue.finish(lease).await.map_err(JobError::Store)? {
@@ -72,14 +76,14 @@ const MAX_MOVES: usize = 32;
 const DRAIN_POLL: Duration = Duration::from_secs(5);
 
 /// Makes the machine for an instance still `creating`.
-pub struct CreateInstance<'a>(pub &'a Lease);
+pub struct CreateInstance<'a>(pub &'a Lease, pub &'a ClaimedRows);
 
 impl CreateInstance<'_> {
     /// Asks the cloud for the machine and records what it made.
     pub async fn run(&self, ctx: &JobContext) -> Result<(), JobError> {
-        let lease = self.0;
+        let (lease, claimed) = (self.0, self.1);
         let Some((instance, provider)) = ctx
-            .instance(lease, |i| lifecycle::create_wanted(i.state))
+            .instance(lease, claimed, |i| lifecycle::create_wanted(i.state))
             .await?
         else {
             return Ok(());
@@ -94,8 +98,10 @@ impl CreateInstance<'_> {
         let mut provider = provider;
         let mut instance = instance;
         let mut tried = 0;
+        // The first placement goes by what the claim read; one after a move, by a new read.
+        let mut known = claimed.placing();
         loop {
-            let Some(offering) = ctx.broker.place(&instance).await? else {
+            let Some(offering) = ctx.broker.place(&instance, known.take()).await? else {
                 return Err(JobError::NotYet(
                     "every offering of this instance is out of capacity".to_owned(),
                 ));
@@ -132,14 +138,14 @@ impl CreateInstance<'_> {
 }
 
 /// Destroys the machine of an instance that is `terminating`.
-pub struct RemoveInstance<'a>(pub &'a Lease);
+pub struct RemoveInstance<'a>(pub &'a Lease, pub &'a ClaimedRows);
 
 impl RemoveInstance<'_> {
     /// Destroys the machine, checks that it is gone, and records the instance terminated.
     pub async fn run(&self, ctx: &JobContext) -> Result<(), JobError> {
-        let lease = self.0;
+        let (lease, claimed) = (self.0, self.1);
         let Some((instance, provider)) = ctx
-            .instance(lease, |i| lifecycle::remove_wanted(i.state))
+            .instance(lease, claimed, |i| lifecycle::remove_wanted(i.state))
             .await?
         else {
             return Ok(());
@@ -182,13 +188,15 @@ impl RemoveInstance<'_> {
 }
 
 /// Puts the caller's key on the warm machine it took, then it runs again.
-pub struct AuthorizeKey<'a>(pub &'a Lease);
+pub struct AuthorizeKey<'a>(pub &'a Lease, pub &'a ClaimedRows);
 
 impl AuthorizeKey<'_> {
     /// Asks the cloud to let the key in, and records the instance running.
     pub async fn run(&self, ctx: &JobContext) -> Result<(), JobError> {
-        let lease = self.0;
-        let Some((instance, provider)) = ctx.instance(lease, lifecycle::key_wanted).await? else {
+        let (lease, claimed) = (self.0, self.1);
+        let Some((instance, provider)) =
+            ctx.instance(lease, claimed, lifecycle::key_wanted).await?
+        else {
             return Ok(());
         };
         let Some(key) = instance.public_ssh_key.as_deref() else {
@@ -204,11 +212,27 @@ impl AuthorizeKey<'_> {
 
 #[async_trait]
 impl Handler for JobContext {
-    async fn run(&self, lease: &Lease) -> Result<(), JobError> {
+    type Claimed = ClaimedRows;
+
+    /// The claim's instances, and (when it holds a create) what placing goes by: one
+    /// wait for the whole claim. A failed read only costs each job a read of its own.
+    async fn claimed(&self, leases: &[Lease]) -> ClaimedRows {
+        let ids: Vec<_> = leases.iter().map(|lease| lease.instance_id).collect();
+        let placing = leases.iter().any(|l| l.kind == JobKind::CreateInstance);
+        self.broker
+            .claimed_rows(&ids, placing)
+            .await
+            .unwrap_or_else(|error| {
+                tracing::warn!(error = %error, "could not read the claimed jobs' rows; each job reads its own");
+                ClaimedRows::default()
+            })
+    }
+
+    async fn run(&self, lease: &Lease, claimed: &ClaimedRows) -> Result<(), JobError> {
         match lease.kind {
-            JobKind::CreateInstance => CreateInstance(lease).run(self).await,
-            JobKind::RemoveInstance => RemoveInstance(lease).run(self).await,
-            JobKind::AuthorizeKey => AuthorizeKey(lease).run(self).await,
+            JobKind::CreateInstance => CreateInstance(lease, claimed).run(self).await,
+            JobKind::RemoveInstance => RemoveInstance(lease, claimed).run(self).await,
+            JobKind::AuthorizeKey => AuthorizeKey(lease, claimed).run(self).await,
         }
     }
 

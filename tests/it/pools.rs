@@ -204,10 +204,15 @@ async fn a_pooled_request_gets_a_running_machine_at_once_and_the_pool_refills() 
     other.get(&format!("/instances/{id}")).await.expect(404);
     assert_eq!(counts(&s).await, counted(1, 1, 0, 0));
 
-    // A request naming the pool's shape instead of its name takes from it too.
+    // A request naming the pool's shape instead of its name takes from it too: from the
+    // pool of its instance type, not another pool of the same image listed first.
+    let premium = json!({"provider": "fake", "image": "ubuntu", "instance_type": "premium",
+        "min_idle": 0, "max_size": 1});
+    let admin = s.client_with(Scope::Admin).await;
+    admin.put("/pools/a-premium", &premium).await.expect(200);
     let shape = json!({"provider": "fake", "image": "ubuntu", "public_ssh_key": ""});
     let second = s.client().post("/instances", &shape).await.expect(200);
-    assert_eq!(second["state"], "running");
+    assert_eq!(second["state"], "running", "{second}");
     assert_eq!(counts(&s).await, counted(0, 2, 0, 0));
 
     // One cycle refills within max_size: 2 busy, room for 1.

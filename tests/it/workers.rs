@@ -657,6 +657,64 @@ async fn a_finished_create_is_recorded_with_or_without_the_lease_and_ends_only_a
 }
 
 #[tokio::test]
+async fn a_claims_jobs_start_from_one_read_of_their_rows_and_a_row_changed_since_leaks_nothing() {
+    use cloudbrain::broker::{ClaimedRows, State};
+    use cloudbrain::queue::{Handler, JobKind, Outcome, Queue};
+    let s = TestBroker::new()
+        .fake(json!({"boot_time_ms": 0}))
+        .start()
+        .await;
+    let queue = Queue::new(
+        cloudbrain::db::pool(&s.db.url, 2, cloudbrain::db::Statements::Prepared).unwrap(),
+    );
+    let kept = s.create("ubuntu").await;
+    let deleted = s.create("ubuntu").await;
+    let unread = s.create("ubuntu").await;
+    let kinds = [JobKind::CreateInstance];
+    let mut leases = queue
+        .claim("worker-a", &kinds, 3, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(leases.len(), 3, "{leases:?}");
+    let (read, rest) = leases.split_at_mut(2);
+    let claimed = s.workers.jobs.handler().claimed(read).await;
+    for lease in read.iter() {
+        let row = claimed.instance(lease.instance_id).map(|i| i.state);
+        assert_eq!(row, Some(State::Creating), "{lease:?}");
+    }
+    assert!(claimed.instance(rest[0].instance_id).is_none());
+    assert!(
+        claimed.placing().is_some(),
+        "a claim with a create reads placing"
+    );
+
+    // Deleted after its claim read it creating, before its job ran: the job makes the
+    // machine, the row stays terminating and learns it, and its remove job destroys it.
+    assert_eq!(s.delete(&deleted).await.status, 200);
+    for lease in leases.drain(..2) {
+        assert_eq!(s.workers.jobs.run_job(lease, &claimed).await, Outcome::Done);
+    }
+    // A job whose claim read nothing for it (the read failed) reads its own row.
+    let lease = leases.remove(0);
+    let none = ClaimedRows::default();
+    assert_eq!(s.workers.jobs.run_job(lease, &none).await, Outcome::Done);
+    for id in [&kept, &unread] {
+        assert_eq!(s.body(id).await["state"], "running", "{id}");
+    }
+    let body = s.body(&deleted).await;
+    assert_eq!(body["state"], "terminating", "{body}");
+    assert!(body["upstream_id"].is_string(), "{body}");
+    assert_eq!(s.machines().await, 3);
+    s.workers.run_pending_jobs().await;
+    assert_eq!(s.body(&deleted).await["state"], "terminated");
+    assert_eq!(
+        s.machines().await,
+        2,
+        "the deleted instance's machine is gone"
+    );
+}
+
+#[tokio::test]
 async fn claims_take_the_oldest_jobs_first_and_never_the_same_job_twice() {
     use cloudbrain::queue::{JobKind, Queue};
     let s = TestBroker::new().fake(json!(null)).start().await;
