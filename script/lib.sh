@@ -261,3 +261,23 @@ INI
     cat "$dir/pgbouncer.log" >&2
     return 1
 }
+
+# Waits (at most $2 seconds) until the machine is quiet: no autovacuum worker running on
+# the cluster at $1 and the CPUs at least 80 % idle over a second. For figures that are
+# latencies, taken after heavy runs; says how long it waited.
+cb_wait_quiet() {
+    local url=$1 most=$2 waited=0 vacuums busy
+    while [ "$waited" -lt "$most" ]; do
+        vacuums=$(psql -Atq "$url" -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'")
+        busy=$(python3 -c '
+import time
+def sample():
+    fields = [int(f) for f in open("/proc/stat").readline().split()[1:]]
+    return sum(fields), fields[3] + fields[4]
+(t0, i0) = sample(); time.sleep(1); (t1, i1) = sample()
+print(round(100 * (1 - (i1 - i0) / max(t1 - t0, 1))))')
+        waited=$((waited + 1))
+        [ "$vacuums" = 0 ] && [ "$busy" -le 20 ] && break
+    done
+    cb_log "waited ${waited} s for a quiet machine (autovacuum workers: $vacuums, CPU busy: $busy %)"
+}
