@@ -358,8 +358,6 @@ impl Broker {
     }
 }
 
-/// The offerings out of capacity now (on a shared connection, so that it can be sent
-/// with another read).
 /// What placing reads besides the instance: every provider config's offer and fallbacks,
 /// and the offerings out of capacity now.
 #[derive(Debug, Default)]
@@ -386,6 +384,8 @@ impl Placing {
     }
 }
 
+/// The offerings out of capacity now (on a shared connection, so that it can be sent
+/// with another read).
 async fn unavailable(conn: &AsyncPgConnection) -> Result<HashSet<Offering>, BrokerError> {
     let mut conn = conn;
     let rows: Vec<(String, String, String)> = unavailable_offerings::table

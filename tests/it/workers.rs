@@ -521,12 +521,10 @@ async fn metrics_report_instances_jobs_provider_calls_and_auth() {
 
 #[tokio::test]
 async fn a_worker_that_lost_its_lease_cannot_finish_requeue_or_bury_the_job() {
-    use cloudbrain::queue::{JobKind, Queue};
+    use cloudbrain::queue::JobKind;
     let s = TestBroker::new().fake(json!(null)).start().await;
     let id = s.create("ubuntu").await;
-    let queue = Queue::new(
-        cloudbrain::db::pool(&s.db.url, 2, cloudbrain::db::Statements::Prepared).unwrap(),
-    );
+    let queue = s.queue(2);
     let kinds = [JobKind::CreateInstance];
     let stale = queue
         .claim("worker-a", &kinds, 1, Duration::from_millis(1))
@@ -571,11 +569,9 @@ async fn a_worker_that_lost_its_lease_cannot_finish_requeue_or_bury_the_job() {
 async fn a_finished_create_is_recorded_with_or_without_the_lease_and_ends_only_a_held_job() {
     use cloudbrain::broker::lifecycle::{Decision, Seen};
     use cloudbrain::broker::State;
-    use cloudbrain::queue::{JobKind, Queue};
+    use cloudbrain::queue::JobKind;
     let s = TestBroker::new().fake(json!(null)).start().await;
-    let queue = Queue::new(
-        cloudbrain::db::pool(&s.db.url, 2, cloudbrain::db::Statements::Prepared).unwrap(),
-    );
+    let queue = s.queue(2);
     let kinds = [JobKind::CreateInstance];
     let claim = async |worker: &str, lease: Duration| {
         let mut leases = queue.claim(worker, &kinds, 1, lease).await.unwrap();
@@ -659,14 +655,12 @@ async fn a_finished_create_is_recorded_with_or_without_the_lease_and_ends_only_a
 #[tokio::test]
 async fn a_claims_jobs_start_from_one_read_of_their_rows_and_a_row_changed_since_leaks_nothing() {
     use cloudbrain::broker::{ClaimedRows, State};
-    use cloudbrain::queue::{Handler, JobKind, Outcome, Queue};
+    use cloudbrain::queue::{Handler, JobKind, Outcome};
     let s = TestBroker::new()
         .fake(json!({"boot_time_ms": 0}))
         .start()
         .await;
-    let queue = Queue::new(
-        cloudbrain::db::pool(&s.db.url, 2, cloudbrain::db::Statements::Prepared).unwrap(),
-    );
+    let queue = s.queue(2);
     let kept = s.create("ubuntu").await;
     let deleted = s.create("ubuntu").await;
     let unread = s.create("ubuntu").await;
@@ -716,7 +710,7 @@ async fn a_claims_jobs_start_from_one_read_of_their_rows_and_a_row_changed_since
 
 #[tokio::test]
 async fn claims_take_the_oldest_jobs_first_and_never_the_same_job_twice() {
-    use cloudbrain::queue::{JobKind, Queue};
+    use cloudbrain::queue::JobKind;
     let s = TestBroker::new().fake(json!(null)).start().await;
     let mut conn = s.db.conn().await;
     // Statistics taken while the queue was empty, then 300 jobs, oldest first by run_at.
@@ -741,9 +735,7 @@ async fn claims_take_the_oldest_jobs_first_and_never_the_same_job_twice() {
     .split(',')
     .map(str::to_owned)
     .collect();
-    let queue = Queue::new(
-        cloudbrain::db::pool(&s.db.url, 4, cloudbrain::db::Statements::Prepared).unwrap(),
-    );
+    let queue = s.queue(4);
     let kinds = [JobKind::CreateInstance];
     let lease = Duration::from_secs(60);
     let first = queue.claim("worker-a", &kinds, 16, lease).await.unwrap();

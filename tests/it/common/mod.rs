@@ -1105,6 +1105,14 @@ impl TestBroker {
         assert!(reason.contains(why), "{instance}");
     }
 
+    /// A queue on this broker's database with a pool of `connections` of its own, for
+    /// tests that claim and finish jobs by hand.
+    pub fn queue(&self, connections: usize) -> cloudbrain::queue::Queue {
+        cloudbrain::queue::Queue::new(
+            db::pool(&self.db.url, connections, db::Statements::Prepared).unwrap(),
+        )
+    }
+
     /// Brings every scheduled retry due now. Tests that look at a job between its attempts
     /// use a backoff no run can outlast and call this, rather than racing a short backoff.
     pub async fn make_jobs_due(&self) {
