@@ -73,7 +73,7 @@ pub async fn stream_instances(
     let filter = (state.broker)
         .stream_filter(caller, query.into_inner().into())
         .await?;
-    let feed = (state.stream.feed(caller, filter, after).await)
+    let feed = (state.stream.feed(caller, filter, after).await?)
         .ok_or_else(|| ApiError::Unavailable("the event stream is starting".to_owned()))?;
     let (frames, taken) = mpsc::channel(BUFFERED_FRAMES);
     tokio::spawn(pump(feed, frames, state.stream.heartbeat()));

@@ -212,7 +212,8 @@ impl Broker {
 
     /// The position of the newest final event (the start, when there is none).
     pub async fn stream_head(&self) -> Result<Position, BrokerError> {
-        /// The head as [`Hub::tail`] reads it on every wake with no reader: a statement
+        /// The head as [`Hub::tail`] reads it every [`TAIL_POLL`] with no reader, and as
+        /// each reader from now reads it: a statement
         /// with no parameters (a bound `LIMIT` would be planned anew on every run), so
         /// Postgres plans it once per connection.
         #[derive(QueryableByName)]
@@ -236,12 +237,16 @@ impl Broker {
     }
 }
 
-/// One process's tail of the stream: it reads new events when woken by the trigger's
-/// NOTIFY (or every [`TAIL_POLL`]) and hands them to every [`Feed`], holding at most
-/// [`HUB_CAPACITY`] of them whatever the readers do.
+/// One process's tail of the stream: while it has readers it reads new events when woken
+/// by the trigger's NOTIFY (or every [`TAIL_POLL`]) and hands them to every [`Feed`],
+/// holding at most [`HUB_CAPACITY`] of them whatever the readers do. With none, a NOTIFY
+/// costs it nothing: it moves its head only every [`TAIL_POLL`], and a new reader reads
+/// where the stream ends for itself.
 pub struct Hub {
     broker: Broker,
     heartbeat: Duration,
+    /// Told of a NOTIFY heard while there are readers, and of each new reader.
+    wake: Notify,
     sender: broadcast::Sender<Arc<StreamEvent>>,
     /// The last event handed out; `None` until the tail has read where the stream ends.
     head: Mutex<Option<Position>>,
@@ -290,17 +295,17 @@ impl Hub {
             head: Mutex::new(None),
             ready: watch::Sender::new(false),
             closing: watch::Sender::new(false),
+            wake: Notify::new(),
         })
     }
 
     /// Tails the stream until the process ends, woken by NOTIFY on `database_url`.
     pub async fn run(self: Arc<Self>, database_url: String) {
-        let wake = Arc::new(Notify::new());
         let listener = tokio::spawn({
-            let wake = wake.clone();
+            let hub = self.clone();
             listen_forever(database_url, EVENTS_CHANNEL, move |heard| {
-                if heard != Heard::Disconnected {
-                    wake.notify_one();
+                if heard != Heard::Disconnected && hub.sender.receiver_count() > 0 {
+                    hub.wake.notify_one();
                 }
             })
         });
@@ -310,7 +315,7 @@ impl Hub {
                 tracing::warn!(%error, "reading the event stream failed; retrying");
             }
             tokio::select! {
-                _ = wake.notified() => {}
+                _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(TAIL_POLL) => {}
             }
         }
@@ -319,8 +324,8 @@ impl Hub {
     /// Hands out every final event after the last one handed out.
     ///
     /// With no reader it only moves its head to where the stream ends (one index read),
-    /// checked under the lock readers subscribe under, so that none can start from a head
-    /// whose later events were skipped.
+    /// checked under the lock readers subscribe under, so that no event after the head
+    /// handed to a reader is skipped.
     async fn tail(&self) -> Result<(), BrokerError> {
         let known = self.head.lock().map(|h| *h).unwrap_or_default();
         let Some(mut head) = known else {
@@ -367,33 +372,46 @@ impl Hub {
         self.closing.send_replace(true);
     }
 
-    /// A feed for `caller` of the events `filter` admits after `after`, or from now;
-    /// `None` when the hub has not learnt where the stream ends within [`READY_WAIT`].
+    /// A feed for `caller` of the events `filter` admits after `after`, or from now (where
+    /// the stream ends as read after subscribing: the hub's head lags while it has no
+    /// reader); `Ok(None)` when the hub has not learnt where the stream ends within
+    /// [`READY_WAIT`].
     pub async fn feed(
         &self,
         caller: Caller,
         filter: StreamFilter,
         after: Option<Position>,
-    ) -> Option<Feed> {
+    ) -> Result<Option<Feed>, BrokerError> {
         let mut ready = self.ready.subscribe();
-        tokio::time::timeout(READY_WAIT, ready.wait_for(|ready| *ready))
-            .await
-            .ok()?
-            .ok()?;
+        let waited = tokio::time::timeout(READY_WAIT, ready.wait_for(|ready| *ready)).await;
+        if !matches!(waited, Ok(Ok(_))) {
+            return Ok(None);
+        }
         let (receiver, head) = {
-            let slot = self.head.lock().ok()?;
-            (self.sender.subscribe(), (*slot)?)
+            let Ok(slot) = self.head.lock() else {
+                return Ok(None);
+            };
+            let Some(head) = *slot else {
+                return Ok(None);
+            };
+            (self.sender.subscribe(), head)
         };
-        Some(Feed {
+        // The hub hands out events from its head on; those up to the cursor are passed.
+        self.wake.notify_one();
+        let cursor = match after {
+            Some(after) => after,
+            None => self.broker.stream_head().await?.max(head),
+        };
+        Ok(Some(Feed {
             broker: self.broker.clone(),
             caller,
             filter,
-            cursor: after.unwrap_or(head),
+            cursor,
             caught_up: after.is_none(),
             backlog: VecDeque::new(),
             receiver,
             closing: self.closing.subscribe(),
-        })
+        }))
     }
 }
 
