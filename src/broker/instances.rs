@@ -48,6 +48,23 @@ pub struct Created {
     pub replayed: bool,
 }
 
+/// A request to create, its parts checked.
+#[derive(Clone, Copy)]
+struct Asked<'a> {
+    caller: Caller,
+    request: &'a CreateInstance,
+    public_ssh_key: Option<&'a SshPublicKey>,
+    idempotency_key: Option<&'a IdempotencyKey>,
+}
+
+/// What [`Broker::make`] did.
+enum Made {
+    /// Wrote a new instance, or found the one its `Idempotency-Key` names.
+    Written(Created),
+    /// Gave the caller a warm machine, which may still be waiting for the caller's key.
+    TookWarm(Created),
+}
+
 /// Which instances to list.
 #[derive(Debug, Clone, Default)]
 pub struct InstanceFilter {
@@ -127,9 +144,46 @@ impl Broker {
             .map(SshPublicKey::parse)
             .transpose()?;
         let idempotency_key = idempotency_key.map(IdempotencyKey::parse).transpose()?;
+        let asked = Asked {
+            caller,
+            request: &request,
+            public_ssh_key: public_ssh_key.as_ref(),
+            idempotency_key: idempotency_key.as_ref(),
+        };
+        // A request with an Idempotency-Key reads its shape: only its insert's conflict
+        // tells a replay.
+        let offers = idempotency_key.is_none().then_some(&*self.offers);
+        let made = match self.make(&asked, offers).await? {
+            Some(made) => made,
+            None => {
+                // The catalog moved since the shape was remembered: nothing was written.
+                self.offers.clear();
+                (self.make(&asked, None).await?).ok_or_else(|| {
+                    anyhow::anyhow!("a request whose shape was read anew was not written")
+                })?
+            }
+        };
+        match made {
+            Made::Written(created) => Ok(created),
+            Made::TookWarm(created) => self.with_key_on(created).await,
+        }
+    }
 
+    /// Writes what `asked` asks for, its shape read or (with `offers`) remembered; `None`
+    /// when it was remembered and the catalog has moved since (then nothing is written).
+    async fn make(
+        &self,
+        asked: &Asked<'_>,
+        offers: Option<&super::providers::OfferCache>,
+    ) -> Result<Option<Made>, BrokerError> {
+        let Asked {
+            caller,
+            request,
+            public_ssh_key,
+            idempotency_key,
+        } = *asked;
         let mut conn = self.conn().await?;
-        let shape = pools::shape_of(&mut conn, &self.key, &request).await?;
+        let shape = pools::shape_of(&mut conn, &self.key, offers, request).await?;
         let longest = match &shape.pool {
             Some(pool) => pools::pool_lifetime(&mut conn, pool, self.max_lifetime).await?,
             None => Lifetime::longest(None, shape.provider_lifetime, self.max_lifetime),
@@ -143,14 +197,14 @@ impl Broker {
             provider_name: &shape.provider,
             image: &shape.image,
             instance_type: &shape.instance_type,
-            public_ssh_key: public_ssh_key.as_ref().map(SshPublicKey::as_str),
+            public_ssh_key: public_ssh_key.map(SshPublicKey::as_str),
             state: State::Creating,
-            idempotency_key: idempotency_key.as_ref().map(IdempotencyKey::as_str),
+            idempotency_key: idempotency_key.map(IdempotencyKey::as_str),
             pool_name: shape.pool.as_ref().map(|pool| pool.name.as_str()),
         };
         // A warm machine booted before the caller's key was known: a request with a key
         // may take one only where the provider can put the key on it now.
-        let warm = match (&shape.pool, &public_ssh_key) {
+        let warm = match (&shape.pool, public_ssh_key) {
             (Some(pool), None) => Some(pool),
             (Some(pool), Some(_)) => {
                 let provider = super::validate::ProviderName::parse(&shape.provider)?;
@@ -162,16 +216,25 @@ impl Broker {
         if let Some(pool) = warm {
             let asked = request.ttl_seconds.and(lifetime);
             if let Some(created) = pools::take_idle(&mut conn, caller, pool, &new, asked).await? {
-                drop(conn);
                 // Its event, and with a key the key job it waits for.
                 self.announce(true);
-                return self.with_key_on(created).await;
+                return Ok(Some(Made::TookWarm(created)));
             }
         }
-        let created = match &shape.pool {
+        let created = match (&shape.pool, shape.remembered_at) {
             // One statement, atomic on its own.
-            None => insert_or_replay(&mut conn, caller, &new, lifetime).await?,
-            Some(pool) => {
+            (None, None) => insert_or_replay(&mut conn, caller, &new, lifetime).await?,
+            // Without an Idempotency-Key nothing conflicts: no row is a moved catalog.
+            (None, Some(version)) => {
+                match insert_new(&mut conn, &new, lifetime, Some(version)).await? {
+                    Some(instance) => Created {
+                        instance,
+                        replayed: false,
+                    },
+                    None => return Ok(None),
+                }
+            }
+            (Some(pool), _) => {
                 conn.transaction::<_, BrokerError, _>(async |conn| {
                     pools::reserve(conn, pool, 1).await?;
                     insert_or_replay(conn, caller, &new, lifetime).await
@@ -189,7 +252,7 @@ impl Broker {
                 "instance {id} requested on {}", shape.provider
             );
         }
-        Ok(created)
+        Ok(Some(Made::Written(created)))
     }
 
     /// `created` as it stands once a key job has put the caller's key on the warm machine
@@ -332,21 +395,24 @@ impl Broker {
 /// request is refused.
 /// Inserts `new` with its lifetime, its first event and its `create` job, all in one
 /// statement: one round trip, atomic without a transaction of its own. `None` when the
-/// caller's `Idempotency-Key` already names an instance (then nothing is written). The
-/// caller announces the job and the event once they have committed.
+/// caller's `Idempotency-Key` already names an instance, or when `catalog` is given and
+/// the catalog version is another (then nothing is written). The caller announces the job
+/// and the event once they have committed.
 pub(super) async fn insert_new(
     conn: &mut AsyncPgConnection,
     new: &NewInstance<'_>,
     lifetime: Option<Lifetime>,
+    catalog: Option<i64>,
 ) -> Result<Option<Instance>, BrokerError> {
-    use diesel::sql_types::{Integer, Interval, Nullable, Text};
+    use diesel::sql_types::{BigInt, Integer, Interval, Nullable, Text};
     // The lifetime counts from the row's own creation time, on the database's clock. The
     // job is the queue's, as `queue::enqueue` writes it.
     let inserted = diesel::sql_query(
         "WITH inserted AS ( \
              INSERT INTO instances (id, owner_token_id, provider_name, image, instance_type, \
                                     public_ssh_key, state, idempotency_key, pool_name, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now() + $10) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, now() + $10 \
+             WHERE $12 IS NULL OR $12 = (SELECT version FROM catalog_version) \
              ON CONFLICT (owner_token_id, idempotency_key) DO NOTHING \
              RETURNING *), \
          event AS ( \
@@ -366,6 +432,7 @@ pub(super) async fn insert_new(
     .bind::<Nullable<Text>, _>(new.pool_name)
     .bind::<Nullable<Interval>, _>(lifetime.map(Lifetime::interval))
     .bind::<Text, _>(JobKind::CreateInstance)
+    .bind::<Nullable<BigInt>, _>(catalog)
     .cached()
     .get_result::<Instance>(conn)
     .await
@@ -381,7 +448,7 @@ async fn insert_or_replay(
     new: &NewInstance<'_>,
     lifetime: Option<Lifetime>,
 ) -> Result<Created, BrokerError> {
-    match insert_new(conn, new, lifetime).await? {
+    match insert_new(conn, new, lifetime, None).await? {
         Some(instance) => Ok(Created {
             instance,
             replayed: false,

@@ -139,6 +139,9 @@ pub struct Broker {
     announcer: crate::db::Announcer,
     key: SecretKey,
     max_lifetime: Option<std::time::Duration>,
+    /// What requests that name no pool go by, as this process last read it; shared by
+    /// every clone.
+    offers: std::sync::Arc<providers::OfferCache>,
 }
 
 impl Broker {
@@ -150,6 +153,7 @@ impl Broker {
             pool,
             key,
             max_lifetime: Some(crate::config::DEFAULT_MAX_LIFETIME),
+            offers: Default::default(),
         }
     }
 

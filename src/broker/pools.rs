@@ -9,7 +9,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use super::instances::{insert_new, replay, CreateInstance, Created};
 use super::lifecycle::Decision;
 use super::model::{Instance, NewInstance, NewPool, PoolRow};
-use super::providers::{offered_type, offered_type_and_pools};
+use super::providers::{offered, offered_type, OfferCache};
 use super::state::{apply, record_event, State};
 use super::validate::{ImageName, Lifetime, PoolName, ProviderName};
 use super::{Broker, BrokerError};
@@ -392,14 +392,20 @@ pub struct Shape {
     /// The provider's longest lifetime, in seconds, when the request names no pool
     /// (read with its offer).
     pub provider_lifetime: Option<u64>,
+    /// When the shape was taken from what the process remembers, the catalog version it
+    /// was read at: the request's instance is written only if the catalog is still there.
+    pub remembered_at: Option<i64>,
 }
 
 /// The shape `request` asks for: its pool's (fields it also names must agree), or its
 /// own provider, image and type, taken from a pool of exactly that shape when there is
-/// one.
+/// one. With `offers`, a request that names no pool takes its shape from what they
+/// remember when that has no pool of the shape (`remembered_at` says so), and what is
+/// read is remembered.
 pub(super) async fn shape_of(
     conn: &mut AsyncPgConnection,
     key: &SecretKey,
+    offers: Option<&OfferCache>,
     request: &CreateInstance,
 ) -> Result<Shape, BrokerError> {
     if let Some(name) = &request.pool {
@@ -431,6 +437,7 @@ pub(super) async fn shape_of(
             instance_type: pool.instance_type.clone(),
             pool: Some(pool),
             provider_lifetime: None,
+            remembered_at: None,
         });
     }
     let required = |field: &'static str, value: &Option<String>| {
@@ -440,22 +447,31 @@ pub(super) async fn shape_of(
     };
     let provider = ProviderName::parse(&required("provider", &request.provider)?)?;
     let image = ImageName::parse(&required("image", &request.image)?)?;
-    let (instance_type, policy, pools) = offered_type_and_pools(
-        conn,
-        key,
-        &provider,
-        &image,
-        request.instance_type.as_deref(),
-    )
-    .await?;
-    let pool = pools.into_iter().find(|p| p.instance_type == instance_type);
-    Ok(Shape {
-        pool,
-        provider: provider.as_str().to_owned(),
-        image: image.as_str().to_owned(),
-        instance_type,
-        provider_lifetime: policy.max_lifetime_secs,
-    })
+    let shape = |offered: &super::providers::Offered, remembered: bool| {
+        let (instance_type, pool) = offered.shape(&provider, request.instance_type.as_deref())?;
+        Ok::<_, BrokerError>(Shape {
+            remembered_at: (remembered && pool.is_none()).then_some(offered.version()),
+            pool: pool.cloned(),
+            provider: provider.as_str().to_owned(),
+            image: image.as_str().to_owned(),
+            instance_type,
+            provider_lifetime: offered.policy().max_lifetime_secs,
+        })
+    };
+    // Only a shape with no pool is taken from memory (a pool's row is locked and read
+    // anew by the request that uses it); a refusal is always read anew.
+    let remembered = offers.and_then(|offers| offers.get(provider.as_str(), image.as_str()));
+    if let Some(Ok(shape @ Shape { pool: None, .. })) =
+        remembered.map(|offered| shape(&offered, true))
+    {
+        return Ok(shape);
+    }
+    let offered = offered(conn, key, &provider, &image).await?;
+    let shape = shape(&offered, false)?;
+    if let Some(offers) = offers {
+        offers.keep(provider.as_str(), image.as_str(), offered);
+    }
+    Ok(shape)
 }
 
 /// The longest a machine of `pool` lives: the shorter of its own bound and its
@@ -649,7 +665,7 @@ impl Broker {
                     idempotency_key: None,
                     pool_name: Some(&pool.name),
                 };
-                insert_new(conn, &new, lifetime).await?;
+                insert_new(conn, &new, lifetime, None).await?;
             }
             if plan.retire > 0 {
                 // Booting machines first (nothing waits on them), then the oldest idle.

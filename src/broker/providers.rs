@@ -1,6 +1,9 @@
 //! Stored provider configs: register one (sealed, with what it offers in the clear), list
 //! them, read what one offers without opening the seal, and open them for the workers.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use serde::{Deserialize, Serialize};
@@ -342,16 +345,50 @@ pub async fn offered_type(
     Ok((resolve_type(provider, &offered, instance_type)?, policy))
 }
 
-/// [`offered_type`], and the pools that make `image` on that provider (by name), in one
-/// statement: what a request that names no pool reads before it is written.
-pub async fn offered_type_and_pools(
+/// What a request that names no pool goes by: the offer and policy of its provider and
+/// the pools that make its image there (by name), as of one `version` of the catalog
+/// (the `catalog_version` row, which every change to `providers` or `pools` moves).
+#[derive(Debug, Clone)]
+pub struct Offered {
+    offer: Offer,
+    policy: ProviderPolicy,
+    pools: Vec<PoolRow>,
+    version: i64,
+}
+
+impl Offered {
+    /// The type a request for `instance_type` on `provider` gets ([`offered_type`]), and
+    /// the pool that makes that type, if any.
+    pub fn shape(
+        &self,
+        provider: &super::validate::ProviderName,
+        instance_type: Option<&str>,
+    ) -> Result<(String, Option<&PoolRow>), BrokerError> {
+        let instance_type = resolve_type(provider, &self.offer, instance_type)?;
+        let pool = self.pools.iter().find(|p| p.instance_type == instance_type);
+        Ok((instance_type, pool))
+    }
+
+    /// The provider's policy.
+    pub fn policy(&self) -> &ProviderPolicy {
+        &self.policy
+    }
+
+    /// The catalog version this was read at.
+    pub fn version(&self) -> i64 {
+        self.version
+    }
+}
+
+/// [`Offered`] for `provider` and `image`, in one statement; refused, naming the field,
+/// when there is no such provider.
+pub async fn offered(
     conn: &mut AsyncPgConnection,
     key: &SecretKey,
     provider: &super::validate::ProviderName,
     image: &super::validate::ImageName,
-    instance_type: Option<&str>,
-) -> Result<(String, ProviderPolicy, Vec<PoolRow>), BrokerError> {
-    let rows: Vec<(ProviderRow, Option<PoolRow>)> = providers::table
+) -> Result<Offered, BrokerError> {
+    let rows: Vec<(ProviderRow, Option<PoolRow>, i64)> = providers::table
         .left_join(
             pools::table.on(pools::provider_name
                 .eq(providers::name)
@@ -359,19 +396,68 @@ pub async fn offered_type_and_pools(
         )
         .filter(providers::name.eq(provider.as_str()))
         .order(pools::name)
-        .select((ProviderRow::as_select(), Option::<PoolRow>::as_select()))
+        .select((
+            ProviderRow::as_select(),
+            Option::<PoolRow>::as_select(),
+            diesel::dsl::sql::<diesel::sql_types::Int8>("(SELECT version FROM catalog_version)"),
+        ))
         .load(conn)
         .await?;
     let mut rows = rows.into_iter();
-    let (row, first) = rows.next().ok_or_else(|| no_such_provider(provider))?;
+    let (row, first, version) = rows.next().ok_or_else(|| no_such_provider(provider))?;
     let policy = ProviderPolicy::of(row.max_lifetime_secs, &row.fallbacks);
-    let offered = offer_of(conn, key, row).await?;
-    let instance_type = resolve_type(provider, &offered, instance_type)?;
+    let offer = offer_of(conn, key, row).await?;
     let pools = first
         .into_iter()
-        .chain(rows.filter_map(|(_, pool)| pool))
+        .chain(rows.filter_map(|(_, pool, _)| pool))
         .collect();
-    Ok((instance_type, policy, pools))
+    Ok(Offered {
+        offer,
+        policy,
+        pools,
+        version,
+    })
+}
+
+/// What one process remembers of [`offered`], by provider and image: what lets a request
+/// that names no pool be written in one statement, the insert checking that the catalog
+/// has not moved since (`broker::instances::insert_new`). Only what exists is remembered;
+/// at most [`OfferCache::MAX_ENTRIES`] of it.
+#[derive(Debug, Default)]
+pub struct OfferCache(std::sync::Mutex<HashMap<(String, String), Arc<Offered>>>);
+
+impl OfferCache {
+    /// Entries held; one more forgets them all.
+    pub const MAX_ENTRIES: usize = 1024;
+
+    /// What is remembered for `provider` and `image`.
+    pub fn get(&self, provider: &str, image: &str) -> Option<Arc<Offered>> {
+        let entries = self.0.lock().ok()?;
+        entries
+            .get(&(provider.to_owned(), image.to_owned()))
+            .cloned()
+    }
+
+    /// Remembers `offered` for `provider` and `image`, forgetting what was read at an
+    /// older version of the catalog.
+    pub fn keep(&self, provider: &str, image: &str, offered: Offered) {
+        let Ok(mut entries) = self.0.lock() else {
+            return;
+        };
+        let version = offered.version;
+        if entries.len() >= Self::MAX_ENTRIES {
+            entries.clear();
+        }
+        entries.retain(|_, kept| kept.version >= version);
+        entries.insert((provider.to_owned(), image.to_owned()), Arc::new(offered));
+    }
+
+    /// Forgets everything: the catalog moved.
+    pub fn clear(&self) {
+        if let Ok(mut entries) = self.0.lock() {
+            entries.clear();
+        }
+    }
 }
 
 fn no_such_provider(provider: &super::validate::ProviderName) -> BrokerError {

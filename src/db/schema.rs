@@ -14,6 +14,13 @@ diesel::table! {
 }
 
 diesel::table! {
+    catalog_version (only_row) {
+        only_row -> Bool,
+        version -> Int8,
+    }
+}
+
+diesel::table! {
     instance_events (id) {
         id -> Int8,
         instance_id -> Uuid,
@@ -147,6 +154,7 @@ diesel::joinable!(webhook_deliveries -> webhooks (webhook_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     auth_tokens,
+    catalog_version,
     instance_events,
     instances,
     jobs,

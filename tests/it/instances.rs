@@ -626,6 +626,54 @@ async fn requests_read_what_a_provider_offers_without_opening_its_sealed_config(
 }
 
 #[tokio::test]
+async fn a_request_goes_by_what_its_provider_offers_now_though_another_process_changed_it() {
+    // The http process remembers what `fake` offers for `ubuntu` after the first request;
+    // every change below is made on another connection, as another process makes it.
+    let s = setup().await;
+    let client = s.client();
+    let ask = async || {
+        let body = json!({"provider": "fake", "image": "ubuntu"});
+        client.post("/instances", &body).await.expect(200)
+    };
+    let made = ask().await;
+    assert_eq!(made["instance_type"], "standard");
+    assert_eq!(ask().await["instance_type"], "standard");
+
+    let mut conn = s.db.conn().await;
+    let config =
+        json!({"instance_types": ["standard", "premium"], "default_instance_type": "premium"});
+    cloudbrain::broker::providers::update_provider(
+        &mut conn,
+        &crate::common::key(),
+        "fake",
+        &config,
+    )
+    .await
+    .unwrap();
+    assert_eq!(ask().await["instance_type"], "premium", "the new default");
+
+    // A pool of that shape, made elsewhere, takes the next request; deleted, it no longer
+    // does.
+    crate::common::exec(
+        &mut conn,
+        "INSERT INTO pools (name, provider_name, image, instance_type, min_idle, max_size) \
+         VALUES ('ci', 'fake', 'ubuntu', 'premium', 0, 5)",
+    )
+    .await;
+    let pool_of = async |made: Value| s.row(made["id"].as_str().unwrap()).await.pool_name;
+    assert_eq!(pool_of(ask().await).await.as_deref(), Some("ci"));
+    assert_eq!(pool_of(ask().await).await.as_deref(), Some("ci"));
+    crate::common::exec(&mut conn, "DELETE FROM pools WHERE name = 'ci'").await;
+    let unpooled = ask().await;
+    assert_eq!(unpooled["instance_type"], "premium");
+    assert_eq!(pool_of(unpooled).await, None);
+
+    // Nothing was written twice, nothing lost: one instance and one job per answer.
+    assert_eq!(s.db.count_instances(None).await, 6);
+    assert_eq!(s.db.count_jobs(Jobs::All).await, 6);
+}
+
+#[tokio::test]
 async fn a_provider_registered_before_offers_were_stored_gets_its_offer_on_first_use() {
     let s = setup().await;
     let mut conn = s.db.conn().await;
