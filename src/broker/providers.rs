@@ -12,6 +12,7 @@ use super::model::{NewProvider, PoolRow, ProviderRow};
 use super::{Broker, BrokerError};
 use crate::crypto::SecretKey;
 use crate::db::schema::{pools, providers};
+use crate::db::CacheStatement;
 use crate::providers::{catalog, StoredProvider};
 use cloudbrain_provider::Offer;
 
@@ -401,6 +402,8 @@ pub async fn offered(
             Option::<PoolRow>::as_select(),
             diesel::dsl::sql::<diesel::sql_types::Int8>("(SELECT version FROM catalog_version)"),
         ))
+        // Its one literal would keep diesel from preparing it once per connection.
+        .cached()
         .load(conn)
         .await?;
     let mut rows = rows.into_iter();
@@ -424,7 +427,7 @@ pub async fn offered(
 /// has not moved since (`broker::instances::insert_new`). Only what exists is remembered;
 /// at most [`OfferCache::MAX_ENTRIES`] of it.
 #[derive(Debug, Default)]
-pub struct OfferCache(std::sync::Mutex<HashMap<(String, String), Arc<Offered>>>);
+pub struct OfferCache(std::sync::Mutex<HashMap<String, HashMap<String, Arc<Offered>>>>);
 
 impl OfferCache {
     /// Entries held; one more forgets them all.
@@ -433,9 +436,7 @@ impl OfferCache {
     /// What is remembered for `provider` and `image`.
     pub fn get(&self, provider: &str, image: &str) -> Option<Arc<Offered>> {
         let entries = self.0.lock().ok()?;
-        entries
-            .get(&(provider.to_owned(), image.to_owned()))
-            .cloned()
+        entries.get(provider)?.get(image).cloned()
     }
 
     /// Remembers `offered` for `provider` and `image`, forgetting what was read at an
@@ -445,11 +446,14 @@ impl OfferCache {
             return;
         };
         let version = offered.version;
-        if entries.len() >= Self::MAX_ENTRIES {
+        if entries.values().map(HashMap::len).sum::<usize>() >= Self::MAX_ENTRIES {
             entries.clear();
         }
-        entries.retain(|_, kept| kept.version >= version);
-        entries.insert((provider.to_owned(), image.to_owned()), Arc::new(offered));
+        for images in entries.values_mut() {
+            images.retain(|_, kept| kept.version >= version);
+        }
+        (entries.entry(provider.to_owned()).or_default())
+            .insert(image.to_owned(), Arc::new(offered));
     }
 
     /// Forgets everything: the catalog moved.
