@@ -213,9 +213,8 @@ impl Broker {
     /// The position of the newest final event (the start, when there is none).
     pub async fn stream_head(&self) -> Result<Position, BrokerError> {
         /// The head as [`Hub::tail`] reads it every [`TAIL_POLL`] with no reader, and as
-        /// each reader from now reads it: a statement
-        /// with no parameters (a bound `LIMIT` would be planned anew on every run), so
-        /// Postgres plans it once per connection.
+        /// each reader from now reads it: a statement with no parameters (a bound `LIMIT`
+        /// would be planned anew on every run), so Postgres plans it once per connection.
         #[derive(QueryableByName)]
         struct Head {
             #[diesel(sql_type = Int8)]
@@ -387,14 +386,11 @@ impl Hub {
         if !matches!(waited, Ok(Ok(_))) {
             return Ok(None);
         }
-        let (receiver, head) = {
-            let Ok(slot) = self.head.lock() else {
-                return Ok(None);
-            };
-            let Some(head) = *slot else {
-                return Ok(None);
-            };
-            (self.sender.subscribe(), head)
+        // Subscribed under the lock the tail moves the head under.
+        let subscribed =
+            (self.head.lock().ok()).and_then(|slot| Some((self.sender.subscribe(), (*slot)?)));
+        let Some((receiver, head)) = subscribed else {
+            return Ok(None);
         };
         // The hub hands out events from its head on; those up to the cursor are passed.
         self.wake.notify_one();
