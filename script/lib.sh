@@ -6,6 +6,26 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cloudbrain-target}"
 
 cb_log() { printf '%s\n' "$*" >&2; }
 
+# After a wrk run with script/bench.d/tokens.lua: when wrk counted answers other than 2xx
+# in OUT, says so, shows wrk's report and one answer (the first token's request, replayed
+# with curl: BENCH_BODY and BENCH_PATH as tokens.lua reads them), and fails.
+# usage: cb_wrk_check OUT BASE_URL TOKENS_FILE WHAT
+cb_wrk_check() {
+    grep -q "Non-2xx" "$1" || return 0
+    cb_log "answers other than 2xx to $4:"
+    cat "$1" >&2
+    local token path
+    read -r token path <"$3"
+    if [ -n "${BENCH_BODY:-}" ]; then
+        curl -s -w '\n(%{http_code})\n' -H "Authorization: token $token" \
+            -H "Content-Type: application/json" -d "$BENCH_BODY" "$2/instances" >&2
+    else
+        curl -s -w '\n(%{http_code})\n' -H "Authorization: token $token" \
+            "$2${path:-${BENCH_PATH:-/instances?limit=10}}" >&2
+    fi
+    return 1
+}
+
 # Installs Debian packages the machine lacks, saying so first, and never upgrades one that
 # is there: when installing would upgrade an installed package (a newer dependency, say),
 # it stops and says which, so the operator decides.

@@ -14,6 +14,7 @@ together, Postgres's every process, the client being wrk and this probe).
 """
 import os
 import socket
+import urllib.error
 import urllib.request
 import subprocess
 import sys
@@ -79,7 +80,21 @@ def post():
         env=dict(os.environ, TOKENS_FILE=tokens, BENCH_BODY='{"provider":"fake","image":"pipeline"}'),
         capture_output=True, text=True, check=True)
     if "Non-2xx" in wrk.stdout:
-        raise SystemExit(f"pipeline: answers other than 200:\n{wrk.stdout}{wrk.stderr}")
+        raise SystemExit(f"pipeline: answers other than 200:\n{wrk.stdout}{wrk.stderr}\n{one_answer()}")
+
+
+def one_answer():
+    """The first token's POST, replayed: what wrk only counted."""
+    with open(tokens) as f:
+        token = f.readline().split()[0]
+    request = urllib.request.Request(
+        f"{url}/instances", data=b'{"provider":"fake","image":"pipeline"}', method="POST",
+        headers={"Authorization": f"token {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request) as answer:
+            return f"{answer.status} {answer.read().decode()}"
+    except urllib.error.HTTPError as error:
+        return f"{error.code} {error.read().decode()}"
 
 
 def start_workers():
