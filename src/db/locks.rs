@@ -14,6 +14,10 @@ pub const MIGRATIONS: i64 = 0x636c_6f75_6462_7201;
 /// worker reconciles the provider config `name`.
 pub const REFRESH: i32 = 1919;
 
+/// The class of the claim leads: `(LEAD, hashtext(kinds))` is held by the one job runner
+/// that claims jobs of those kinds as they come (`queue::runner`).
+pub const LEAD: i32 = 1920;
+
 #[derive(diesel::QueryableByName)]
 struct Answer {
     #[diesel(sql_type = Bool)]
@@ -55,6 +59,7 @@ impl Session {
     pub async fn try_lock_refresh(&self, name: &str) -> anyhow::Result<bool> {
         self.ask(
             "SELECT pg_try_advisory_lock($1, hashtext($2)) AS done",
+            REFRESH,
             name,
         )
         .await
@@ -62,18 +67,37 @@ impl Session {
 
     /// Lets go of the refresh lock of provider config `name`.
     pub async fn unlock_refresh(&self, name: &str) -> anyhow::Result<bool> {
-        self.ask("SELECT pg_advisory_unlock($1, hashtext($2)) AS done", name)
-            .await
+        self.ask(
+            "SELECT pg_advisory_unlock($1, hashtext($2)) AS done",
+            REFRESH,
+            name,
+        )
+        .await
     }
 
-    async fn ask(&self, sql: &str, name: &str) -> anyhow::Result<bool> {
+    /// True while this session holds the claim lead of `kinds`, taking it when no other
+    /// session does. Asked again and again: a session that holds it already takes it no
+    /// second time (advisory locks count), so one unlock, or the session's end, lets go.
+    pub async fn try_lead(&self, kinds: &str) -> anyhow::Result<bool> {
+        self.ask(
+            "SELECT CASE WHEN EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' \
+                AND granted AND pid = pg_backend_pid() AND classid = $1::oid \
+                AND objid = hashtext($2)::oid AND objsubid = 2) THEN true \
+             ELSE pg_try_advisory_lock($1, hashtext($2)) END AS done",
+            LEAD,
+            kinds,
+        )
+        .await
+    }
+
+    async fn ask(&self, sql: &str, class: i32, name: &str) -> anyhow::Result<bool> {
         let mut slot = self.conn.lock().await;
         let conn = match slot.as_mut() {
             Some(conn) => conn,
             None => slot.insert(AsyncPgConnection::establish(&self.database_url).await?),
         };
         match diesel::sql_query(sql)
-            .bind::<Integer, _>(REFRESH)
+            .bind::<Integer, _>(class)
             .bind::<Text, _>(name)
             .get_result::<Answer>(conn)
             .await

@@ -190,7 +190,8 @@ impl Queue {
         self.pool.get().await.context("no database connection")
     }
 
-    /// Claims up to `limit` runnable jobs of `kinds` for `worker`, leasing them for `lease`.
+    /// Claims up to `limit` runnable jobs of `kinds` for `worker`, leasing them for `lease`,
+    /// of those that have been runnable for at least `waited` (zero: any).
     ///
     /// One statement, committed on return: the row locks taken by `FOR UPDATE SKIP LOCKED`
     /// last only while it runs, and from then on the lease (`locked_until`) marks
@@ -204,20 +205,23 @@ impl Queue {
         kinds: &[JobKind],
         limit: usize,
         lease: Duration,
+        waited: Duration,
     ) -> anyhow::Result<Vec<Lease>> {
         use diesel::sql_types::{Array, BigInt, Double};
         let mut conn = self.conn().await?;
         let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
         // The oldest runnable jobs, locked by no one else (SKIP LOCKED), in one statement:
-        // migrations/*_jobs_claim.
-        let rows: Vec<ClaimedRow> = diesel::sql_query("SELECT * FROM claim_jobs($1, $2, $3, $4)")
-            .bind::<Text, _>(worker)
-            .bind::<Double, _>(lease.as_secs_f64())
-            .bind::<Array<Text>, _>(kinds)
-            .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
-            .cached()
-            .load(&mut conn)
-            .await?;
+        // migrations/*_jobs_claim and *_claim_waited.
+        let rows: Vec<ClaimedRow> =
+            diesel::sql_query("SELECT * FROM claim_jobs($1, $2, $3, $4, $5)")
+                .bind::<Text, _>(worker)
+                .bind::<Double, _>(lease.as_secs_f64())
+                .bind::<Array<Text>, _>(kinds)
+                .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
+                .bind::<Double, _>(waited.as_secs_f64())
+                .cached()
+                .load(&mut conn)
+                .await?;
         tracing::Span::current().record("claimed", rows.len());
         Ok(rows
             .into_iter()

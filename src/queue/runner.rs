@@ -1,9 +1,18 @@
 //! The runner: claims jobs, runs each under a lease it renews, turns what a job returns
 //! into done, retried, released or dead through [`super::policy`], and hands back what
 //! it holds when it stops. It owns its LISTEN connection on [`super::JOBS_CHANNEL`].
+//!
+//! Of the runners of one set of kinds, one leads: it holds an advisory lock
+//! ([`crate::db::locks::LEAD`]) and claims jobs as they are announced. The others help:
+//! each poll interval they try to take the lead, then claim, as many as they have room
+//! for, jobs that have waited a poll interval, which the leader has not got to (it is
+//! full, or stopped). Two runners that both claimed every announced job ran slower than
+//! one on a machine the database already kept busy (docs/benchmarks.md); a helper costs
+//! a query a poll interval until it is needed.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +26,7 @@ use super::policy::{self, JobError, Next};
 use super::{JobKind, Lease, Queue, JOBS_CHANNEL};
 use crate::config::WorkerSettings;
 use crate::db::listen::{listen_forever, Heard};
+use crate::db::locks::Session;
 use crate::metrics::Metrics;
 
 /// The least time between two claims of one runner: a burst of jobs is claimed a few at a
@@ -80,6 +90,7 @@ pub struct Runner<H> {
     kinds: Vec<JobKind>,
     metrics: Arc<Metrics>,
     settings: WorkerSettings,
+    leads: AtomicBool,
 }
 
 impl<H: Handler> Runner<H> {
@@ -99,6 +110,32 @@ impl<H: Handler> Runner<H> {
             kinds: kinds.to_vec(),
             metrics,
             settings,
+            leads: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether it leads the claims of its kinds (see the module's documentation).
+    pub fn leads(&self) -> bool {
+        self.leads.load(Ordering::Relaxed)
+    }
+
+    /// Takes the lead when no runner of its kinds holds it, and learns whether it still
+    /// does; when the database cannot tell, it goes on as it was.
+    async fn take_part(&self, lead: &Session) {
+        let kinds: Vec<&str> = self.kinds.iter().map(|k| k.as_str()).collect();
+        match lead.try_lead(&kinds.join(",")).await {
+            Ok(leads) if leads != self.leads() => {
+                self.leads.store(leads, Ordering::Relaxed);
+                if leads {
+                    tracing::info!(worker = %self.id, "job worker {} leads the claims", self.id);
+                } else {
+                    tracing::info!(worker = %self.id, "job worker {} helps: it claims jobs that waited {:?}", self.id, self.settings.poll_interval);
+                }
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(worker = %self.id, error = %format!("{error:#}"), "could not ask for the claim lead")
+            }
         }
     }
 
@@ -112,9 +149,9 @@ impl<H: Handler> Runner<H> {
         &self.handler
     }
 
-    async fn claim(&self, limit: usize) -> anyhow::Result<Vec<Lease>> {
+    async fn claim(&self, limit: usize, waited: Duration) -> anyhow::Result<Vec<Lease>> {
         self.queue
-            .claim(&self.id, &self.kinds, limit, self.settings.lease)
+            .claim(&self.id, &self.kinds, limit, self.settings.lease, waited)
             .await
     }
 
@@ -124,12 +161,30 @@ impl<H: Handler> Runner<H> {
     pub async fn run(self: Arc<Self>, database_url: String, mut shutdown: watch::Receiver<bool>) {
         let wake = Arc::new(Notify::new());
         let waker = wake.clone();
-        let listener = tokio::spawn(listen_forever(database_url, JOBS_CHANNEL, move |heard| {
-            // Connected: jobs may have been enqueued unheard; look now.
-            if matches!(heard, Heard::Payload(_) | Heard::Connected) {
-                waker.notify_one();
+        let lead = Session::new(database_url.clone());
+        // Only the leader listens: Postgres wakes every listening session of a database
+        // for each notification, whatever its channel.
+        let mut listener: Option<tokio::task::JoinHandle<()>> = None;
+        let mut listen_as_leader = |leads: bool| match (leads, &listener) {
+            (true, None) => {
+                let waker = waker.clone();
+                let url = database_url.clone();
+                listener = Some(tokio::spawn(listen_forever(
+                    url,
+                    JOBS_CHANNEL,
+                    move |heard| {
+                        // Connected: jobs may have been enqueued unheard; look now.
+                        if matches!(heard, Heard::Payload(_) | Heard::Connected) {
+                            waker.notify_one();
+                        }
+                    },
+                )));
             }
-        }));
+            (false, Some(_)) => listener.take().into_iter().for_each(|task| task.abort()),
+            _ => {}
+        };
+        self.take_part(&lead).await;
+        listen_as_leader(self.leads());
         let mut running: JoinSet<()> = JoinSet::new();
         let mut held: HashMap<tokio::task::Id, Lease> = HashMap::new();
         let poll = self.settings.poll_interval.max(Duration::from_millis(10));
@@ -166,7 +221,12 @@ impl<H: Handler> Runner<H> {
                 let free = self.settings.concurrency.saturating_sub(running.len());
                 want = false;
                 last_claim = Some(Instant::now());
-                match self.claim(free).await {
+                let waited = if self.leads() {
+                    Duration::ZERO
+                } else {
+                    self.settings.poll_interval
+                };
+                match self.claim(free, waited).await {
                     Ok(leases) => {
                         more_waiting = leases.len() == free;
                         came_empty = leases.is_empty();
@@ -195,15 +255,20 @@ impl<H: Handler> Runner<H> {
             let polled = last_claim.map_or_else(Instant::now, |at| at + poll);
             tokio::select! {
                 _ = wake.notified() => want = true,
-                _ = tokio::time::sleep_until(polled.into()) => want = true,
+                _ = tokio::time::sleep_until(polled.into()) => {
+                    self.take_part(&lead).await;
+                    listen_as_leader(self.leads());
+                    want = true;
+                }
                 Some(done) = running.join_next_with_id(), if !running.is_empty() => {
                     held.remove(&done.map(|(id, ())| id).unwrap_or_else(|e| e.id()));
-                    want |= more_waiting;
+                    // A helper claims at its polls only.
+                    want |= more_waiting && self.leads();
                 }
                 _ = crate::shutdown::stopped(&mut shutdown) => {}
             }
         }
-        listener.abort();
+        listen_as_leader(false);
         tracing::info!(worker = %self.id, running = running.len(), "job worker stopping");
         let drained = tokio::time::timeout(self.settings.lease, async {
             while running.join_next().await.is_some() {}
@@ -226,7 +291,9 @@ impl<H: Handler> Runner<H> {
     pub async fn run_until_idle(self: &Arc<Self>) -> anyhow::Result<usize> {
         let mut ran = 0;
         loop {
-            let leases = self.claim(self.settings.concurrency).await?;
+            let leases = self
+                .claim(self.settings.concurrency, Duration::ZERO)
+                .await?;
             if leases.is_empty() {
                 return Ok(ran);
             }

@@ -527,12 +527,24 @@ async fn a_worker_that_lost_its_lease_cannot_finish_requeue_or_bury_the_job() {
     let queue = s.queue(2);
     let kinds = [JobKind::CreateInstance];
     let stale = queue
-        .claim("worker-a", &kinds, 1, Duration::from_millis(1))
+        .claim(
+            "worker-a",
+            &kinds,
+            1,
+            Duration::from_millis(1),
+            Duration::ZERO,
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let held = queue
-        .claim("worker-b", &kinds, 1, Duration::from_secs(60))
+        .claim(
+            "worker-b",
+            &kinds,
+            1,
+            Duration::from_secs(60),
+            Duration::ZERO,
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -574,7 +586,10 @@ async fn a_finished_create_is_recorded_with_or_without_the_lease_and_ends_only_a
     let queue = s.queue(2);
     let kinds = [JobKind::CreateInstance];
     let claim = async |worker: &str, lease: Duration| {
-        let mut leases = queue.claim(worker, &kinds, 1, lease).await.unwrap();
+        let mut leases = queue
+            .claim(worker, &kinds, 1, lease, Duration::ZERO)
+            .await
+            .unwrap();
         assert_eq!(leases.len(), 1, "{worker} claimed {leases:?}");
         leases.remove(0)
     };
@@ -666,7 +681,13 @@ async fn a_claims_jobs_start_from_one_read_of_their_rows_and_a_row_changed_since
     let unread = s.create("ubuntu").await;
     let kinds = [JobKind::CreateInstance];
     let mut leases = queue
-        .claim("worker-a", &kinds, 3, Duration::from_secs(60))
+        .claim(
+            "worker-a",
+            &kinds,
+            3,
+            Duration::from_secs(60),
+            Duration::ZERO,
+        )
         .await
         .unwrap();
     assert_eq!(leases.len(), 3, "{leases:?}");
@@ -738,7 +759,10 @@ async fn claims_take_the_oldest_jobs_first_and_never_the_same_job_twice() {
     let queue = s.queue(4);
     let kinds = [JobKind::CreateInstance];
     let lease = Duration::from_secs(60);
-    let first = queue.claim("worker-a", &kinds, 16, lease).await.unwrap();
+    let first = queue
+        .claim("worker-a", &kinds, 16, lease, Duration::ZERO)
+        .await
+        .unwrap();
     let mut first_ids: Vec<String> = first.iter().map(|l| l.job_id.to_string()).collect();
     first_ids.sort_by_key(|id| oldest.iter().position(|o| o == id));
     assert_eq!(
@@ -752,7 +776,10 @@ async fn claims_take_the_oldest_jobs_first_and_never_the_same_job_twice() {
         async move {
             let mut taken = Vec::new();
             loop {
-                let leases = queue.claim(worker, &kinds, 7, lease).await.unwrap();
+                let leases = queue
+                    .claim(worker, &kinds, 7, lease, Duration::ZERO)
+                    .await
+                    .unwrap();
                 if leases.is_empty() {
                     return taken;
                 }
@@ -873,4 +900,122 @@ async fn an_instance_past_its_lifetime_is_ended_with_an_expired_event() {
     // The other instance, with the 3 h default, runs on.
     assert_eq!(s.body(&kept).await["state"], "running");
     assert_eq!(s.machines().await, 1);
+}
+
+#[tokio::test]
+async fn a_second_runner_helps_only_with_jobs_that_waited_and_leads_once_the_first_stops() {
+    let s = TestBroker::new().fake(json!(null)).start().await;
+    // One job at a time each; a helper takes jobs that waited a second.
+    let settings = WorkerSettings {
+        concurrency: 1,
+        poll_interval: Duration::from_secs(1),
+        ..fast_settings()
+    };
+    let (first, second) = (
+        Workers::new(&s.db.url, settings.clone()),
+        Workers::new(&s.db.url, settings),
+    );
+    // Each counts the creates it ran; the first's wait while `hold` is set.
+    let hold = Arc::new(tokio::sync::RwLock::new(()));
+    let counted = |workers: &Workers, held: Option<Arc<tokio::sync::RwLock<()>>>| {
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = ran.clone();
+        let stub = Stub(Box::new(move |id| {
+            let (ran, held) = (r.clone(), held.clone());
+            async move {
+                if let Some(held) = held {
+                    drop(held.read().await);
+                }
+                ran.fetch_add(1, Ordering::SeqCst);
+                Ok(running(id))
+            }
+            .boxed()
+        }));
+        let limits = CallLimits {
+            max_concurrency: 8,
+            rate_limit: 1000.0,
+        };
+        workers.registry.insert("fake", Arc::new(stub), limits);
+        ran
+    };
+    let first_ran = counted(&first, Some(hold.clone()));
+    let second_ran = counted(&second, None);
+    let (stop_first, first_stopped) = tokio::sync::watch::channel(false);
+    let (_stop_second, second_stopped) = tokio::sync::watch::channel(false);
+    let first_runs = tokio::spawn(first.jobs.clone().run(s.db.url.clone(), first_stopped));
+    wait_for(
+        "the first runner to lead",
+        Duration::from_secs(5),
+        async || first.jobs.leads(),
+    )
+    .await;
+    tokio::spawn(second.jobs.clone().run(s.db.url.clone(), second_stopped));
+    let is_running = async |id: &str| s.body(id).await["state"] == "running";
+
+    // What comes while the leader keeps up is the leader's.
+    for _ in 0..3 {
+        let id = s.create("ubuntu").await;
+        wait_for("the instance to run", Duration::from_secs(5), async || {
+            is_running(&id).await
+        })
+        .await;
+    }
+    assert!(!second.jobs.leads());
+    assert_eq!(first_ran.load(Ordering::SeqCst), 3);
+    assert_eq!(second_ran.load(Ordering::SeqCst), 0);
+
+    // The leader is full: the job after waits a second, then the helper takes it.
+    let held = hold.write().await;
+    let busy = s.create("ubuntu").await;
+    wait_for(
+        "the leader to hold its job",
+        Duration::from_secs(5),
+        async || s.db.count_jobs(Jobs::Leased).await == 1,
+    )
+    .await;
+    let waiting = s.create("ubuntu").await;
+    let asked = std::time::Instant::now();
+    wait_for(
+        "the helper to run it",
+        Duration::from_secs(10),
+        async || is_running(&waiting).await,
+    )
+    .await;
+    assert!(
+        asked.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(second_ran.load(Ordering::SeqCst), 1);
+    assert_eq!(s.body(&busy).await["state"], "creating");
+    drop(held);
+    wait_for(
+        "the leader's job to run",
+        Duration::from_secs(5),
+        async || is_running(&busy).await,
+    )
+    .await;
+
+    // The leader stops: the helper leads, and takes what comes at once.
+    stop_first.send(true).unwrap();
+    first_runs.await.unwrap();
+    wait_for("the helper to lead", Duration::from_secs(5), async || {
+        second.jobs.leads()
+    })
+    .await;
+    let id = s.create("ubuntu").await;
+    let asked = std::time::Instant::now();
+    wait_for(
+        "the new leader to run it",
+        Duration::from_secs(5),
+        async || is_running(&id).await,
+    )
+    .await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(second_ran.load(Ordering::SeqCst), 2);
+    assert_eq!(first_ran.load(Ordering::SeqCst), 4);
 }
