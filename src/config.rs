@@ -141,7 +141,8 @@ pub struct WorkerSettings {
     pub concurrency: usize,
     /// How long a claimed job is leased, renewed while it runs (`CLOUDBRAIN_JOB_LEASE`, 60 s).
     pub lease: Duration,
-    /// How often an idle worker looks for jobs without being woken (`CLOUDBRAIN_WORKER_POLL_INTERVAL`, 1 s).
+    /// How often an idle worker looks for jobs without being woken, and how long a job
+    /// waits before a runner that does not lead takes it (`CLOUDBRAIN_WORKER_POLL_INTERVAL`, 1 s).
     pub poll_interval: Duration,
     /// Attempts before a job is dead and its instance errored (`CLOUDBRAIN_JOB_MAX_ATTEMPTS`, 10).
     pub max_attempts: i32,
