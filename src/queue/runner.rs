@@ -119,11 +119,10 @@ impl<H: Handler> Runner<H> {
         self.leads.load(Ordering::Relaxed)
     }
 
-    /// Takes the lead when no runner of its kinds holds it, and learns whether it still
-    /// does; when the database cannot tell, it goes on as it was.
-    async fn take_part(&self, lead: &Session) {
-        let kinds: Vec<&str> = self.kinds.iter().map(|k| k.as_str()).collect();
-        match lead.try_lead(&kinds.join(",")).await {
+    /// Takes the lead of its kinds (`key`) when no runner holds it, and learns whether it
+    /// still does; when the database cannot tell, it goes on as it was. Whether it leads.
+    async fn take_part(&self, lead: &Session, key: &str) -> bool {
+        match lead.try_lead(key).await {
             Ok(leads) if leads != self.leads() => {
                 self.leads.store(leads, Ordering::Relaxed);
                 if leads {
@@ -137,6 +136,7 @@ impl<H: Handler> Runner<H> {
                 tracing::warn!(worker = %self.id, error = %format!("{error:#}"), "could not ask for the claim lead")
             }
         }
+        self.leads()
     }
 
     /// This runner's name, as it appears in `jobs.locked_by`.
@@ -162,29 +162,29 @@ impl<H: Handler> Runner<H> {
         let wake = Arc::new(Notify::new());
         let waker = wake.clone();
         let lead = Session::new(database_url.clone());
+        let kinds: Vec<&str> = self.kinds.iter().map(|k| k.as_str()).collect();
+        let lead_key = kinds.join(",");
         // Only the leader listens: Postgres wakes every listening session of a database
         // for each notification, whatever its channel.
         let mut listener: Option<tokio::task::JoinHandle<()>> = None;
-        let mut listen_as_leader = |leads: bool| match (leads, &listener) {
-            (true, None) => {
+        let mut listen_as_leader = |leads: bool| {
+            if !leads {
+                if let Some(task) = listener.take() {
+                    task.abort();
+                }
+            } else if listener.is_none() {
                 let waker = waker.clone();
+                let heard = move |heard| {
+                    // Connected: jobs may have been enqueued unheard; look now.
+                    if matches!(heard, Heard::Payload(_) | Heard::Connected) {
+                        waker.notify_one();
+                    }
+                };
                 let url = database_url.clone();
-                listener = Some(tokio::spawn(listen_forever(
-                    url,
-                    JOBS_CHANNEL,
-                    move |heard| {
-                        // Connected: jobs may have been enqueued unheard; look now.
-                        if matches!(heard, Heard::Payload(_) | Heard::Connected) {
-                            waker.notify_one();
-                        }
-                    },
-                )));
+                listener = Some(tokio::spawn(listen_forever(url, JOBS_CHANNEL, heard)));
             }
-            (false, Some(_)) => listener.take().into_iter().for_each(|task| task.abort()),
-            _ => {}
         };
-        self.take_part(&lead).await;
-        listen_as_leader(self.leads());
+        listen_as_leader(self.take_part(&lead, &lead_key).await);
         let mut running: JoinSet<()> = JoinSet::new();
         let mut held: HashMap<tokio::task::Id, Lease> = HashMap::new();
         let poll = self.settings.poll_interval.max(Duration::from_millis(10));
@@ -256,8 +256,7 @@ impl<H: Handler> Runner<H> {
             tokio::select! {
                 _ = wake.notified() => want = true,
                 _ = tokio::time::sleep_until(polled.into()) => {
-                    self.take_part(&lead).await;
-                    listen_as_leader(self.leads());
+                    listen_as_leader(self.take_part(&lead, &lead_key).await);
                     want = true;
                 }
                 Some(done) = running.join_next_with_id(), if !running.is_empty() => {
