@@ -12,8 +12,9 @@ use super::state::{apply, enqueues, State};
 use super::validate::{IdempotencyKey, Lifetime, ProviderName, SshPublicKey};
 use super::{Broker, BrokerError};
 use crate::auth::{Caller, Scope};
+use crate::db::batch::{BatchError, Batched, ReadFuture};
 use crate::db::schema::{instance_events, instances};
-use crate::db::CacheStatement;
+use crate::db::{CacheStatement, Pool};
 use crate::ids::InstanceId;
 use crate::queue::JobKind;
 
@@ -101,6 +102,33 @@ pub(super) fn state_named(name: &str) -> Result<State, BrokerError> {
             format!("state must be one of {}", names.join(", ")),
         )
     })
+}
+
+/// Instances read by id, batched: [`Broker::get_instance`]'s reads.
+pub type InstanceReads = Batched<InstanceId, Instance, BrokerError>;
+
+/// Reads under way at once for one broker (one per API worker thread): while both are,
+/// the requests that come wait and share the next statement.
+const INSTANCE_READS_IN_FLIGHT: usize = 2;
+
+/// Batched reads of instances by id over `pool`.
+pub(super) fn instance_reads(pool: Pool) -> InstanceReads {
+    Batched::new(
+        INSTANCE_READS_IN_FLIGHT,
+        |instance: &Instance| instance.id,
+        move |ids: Vec<InstanceId>| {
+            let pool = pool.clone();
+            Box::pin(async move {
+                let mut conn = super::conn(&pool).await?;
+                let found = instances::table
+                    .filter(instances::id.eq_any(ids))
+                    .select(Instance::as_select())
+                    .load(&mut conn)
+                    .await?;
+                Ok(found)
+            }) as ReadFuture<Instance, BrokerError>
+        },
+    )
 }
 
 /// Reads an instance the caller may see, optionally locking its row.
@@ -279,14 +307,22 @@ impl Broker {
         })
     }
 
-    /// Reads one instance the caller may see, terminated ones too.
+    /// Reads one instance the caller may see, terminated ones too: in one statement with
+    /// the other reads asked for while reads were under way ([`InstanceReads`]).
     pub async fn get_instance(
         &self,
         caller: Caller,
         id: InstanceId,
     ) -> Result<Instance, BrokerError> {
-        let mut conn = self.conn().await?;
-        let instance = find_visible(&mut conn, caller, id, false).await?;
+        let instance = match self.instance_reads.get(id).await {
+            Ok(Some(instance)) => instance,
+            Ok(None) => return Err(BrokerError::NotFound),
+            Err(BatchError::Read(error)) => return Err(error.shared()),
+            Err(BatchError::Stopped) => return Err(BrokerError::Unavailable),
+        };
+        if !visible(caller, &instance) {
+            return Err(BrokerError::NotFound);
+        }
         Ok(instance)
     }
 

@@ -83,6 +83,20 @@ impl BrokerError {
     }
 }
 
+impl BrokerError {
+    /// This error for one of the requests that share it (a batched read's): the same
+    /// error where it carries nothing but its kind, else an internal one that says what
+    /// it was.
+    pub fn shared(&self) -> BrokerError {
+        match self {
+            BrokerError::Unavailable => BrokerError::Unavailable,
+            BrokerError::NotMigrated(pending) => BrokerError::NotMigrated(*pending),
+            BrokerError::NotFound => BrokerError::NotFound,
+            other => BrokerError::Internal(anyhow::anyhow!("{other:#}")),
+        }
+    }
+}
+
 impl From<diesel::result::Error> for BrokerError {
     fn from(err: diesel::result::Error) -> Self {
         match err {
@@ -117,6 +131,14 @@ fn shown_id(text: &str) -> String {
     text.chars().take(40).collect()
 }
 
+/// A connection from `pool`, or [`BrokerError::Unavailable`].
+async fn conn(pool: &Pool) -> Result<PooledConnection, BrokerError> {
+    pool.get().await.map_err(|error| {
+        tracing::warn!(%error, "no database connection");
+        BrokerError::Unavailable
+    })
+}
+
 /// Refuses a caller that is not an admin: only an admin token may `what`.
 fn admin_only(caller: crate::auth::Caller, what: &str) -> Result<(), BrokerError> {
     if caller.scope == crate::auth::Scope::Admin {
@@ -142,6 +164,8 @@ pub struct Broker {
     /// What requests that name no pool go by, as this process last read it; shared by
     /// every clone.
     offers: std::sync::Arc<providers::OfferCache>,
+    /// `GET /instances/<id>`'s reads, batched over this broker's pool.
+    instance_reads: std::sync::Arc<instances::InstanceReads>,
 }
 
 impl Broker {
@@ -150,6 +174,7 @@ impl Broker {
     pub fn new(pool: Pool, key: SecretKey) -> Self {
         Self {
             announcer: crate::db::Announcer::new(pool.clone()),
+            instance_reads: std::sync::Arc::new(instances::instance_reads(pool.clone())),
             pool,
             key,
             max_lifetime: Some(crate::config::DEFAULT_MAX_LIFETIME),
@@ -180,6 +205,7 @@ impl Broker {
     /// use connections of its own (an API worker thread).
     pub fn with_pool(mut self, pool: Pool) -> Self {
         self.announcer = crate::db::Announcer::new(pool.clone());
+        self.instance_reads = std::sync::Arc::new(instances::instance_reads(pool.clone()));
         self.pool = pool;
         self
     }
@@ -190,10 +216,7 @@ impl Broker {
     }
 
     async fn conn(&self) -> Result<PooledConnection, BrokerError> {
-        self.pool.get().await.map_err(|error| {
-            tracing::warn!(%error, "no database connection");
-            BrokerError::Unavailable
-        })
+        conn(&self.pool).await
     }
 
     /// Checks that the database answers and has every migration this binary knows;

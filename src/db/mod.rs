@@ -1,6 +1,7 @@
 //! The database: diesel schema and models, the connection pool and the migrations runner.
 
 pub mod announce;
+pub mod batch;
 pub mod cached;
 pub mod listen;
 pub mod locks;

@@ -158,6 +158,64 @@ async fn instances_are_visible_to_their_owner_and_admins_only() {
 }
 
 #[tokio::test]
+async fn reads_at_once_each_get_their_own_instance_and_see_every_write_made_before_them() {
+    use futures_util::future::{join, join_all};
+    let s = setup().await;
+    let stranger = s.client_with(Scope::Client).await;
+    let mut mine = Vec::new();
+    for i in 0..12 {
+        mine.push((s.create(&format!("image-{i}")).await, format!("image-{i}")));
+    }
+    let (owner, stranger) = (&s.client(), &stranger);
+    let unknown = &format!("/instances/{}", uuid::Uuid::new_v4());
+    // Forty-eight reads at once: many share a statement, and each answer is its own.
+    let owned = mine.iter().map(|(id, image)| async move {
+        let body = owner.get(&format!("/instances/{id}")).await.expect(200);
+        let read = (body["id"].as_str(), body["image"].as_str());
+        assert_eq!(read, (Some(id.as_str()), Some(image.as_str())));
+    });
+    let refused = mine.iter().map(|(id, _)| async move {
+        stranger.get(&format!("/instances/{id}")).await.expect(404);
+        owner.get(unknown).await.expect(404);
+        stranger.get(unknown).await.expect(404);
+    });
+    join(join_all(owned), join_all(refused)).await;
+
+    // While others keep reading, a read that follows a delete sees it.
+    let busy = std::sync::atomic::AtomicBool::new(true);
+    let background = async {
+        let mut reads = 0;
+        while busy.load(std::sync::atomic::Ordering::SeqCst) {
+            let batch = mine.iter().map(|(id, _)| {
+                let path = format!("/instances/{id}");
+                async move { owner.get(&path).await }
+            });
+            for answer in join_all(batch).await {
+                answer.expect(200);
+                reads += 1;
+            }
+        }
+        reads
+    };
+    let deletes = async {
+        for (id, _) in &mine {
+            s.delete(id).await.expect(200);
+            let body = owner.get(&format!("/instances/{id}")).await.expect(200);
+            assert_eq!(
+                body["state"], "terminating",
+                "a read after the delete answered from before it"
+            );
+        }
+        busy.store(false, std::sync::atomic::Ordering::SeqCst);
+    };
+    let (reads, ()) = join(background, deletes).await;
+    assert!(
+        reads >= mine.len(),
+        "the reads alongside the deletes did not run"
+    );
+}
+
+#[tokio::test]
 async fn delete_terminates_once_and_drops_the_unclaimed_create_job() {
     let s = setup().await;
     let id = s.create("ubuntu").await;
