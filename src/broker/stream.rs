@@ -19,7 +19,7 @@ use diesel::sql_types::{Bool, Int8};
 use diesel_async::RunQueryDsl;
 use tokio::sync::{broadcast, watch, Notify};
 
-use super::instances::{find_visible, state_named, visible};
+use super::instances::{state_named, visible};
 use super::model::{Instance, InstanceEvent};
 use super::validate::{PoolName, ProviderName};
 use super::{Broker, BrokerError, State};
@@ -157,8 +157,7 @@ impl Broker {
             None => None,
             Some(text) => {
                 let id = InstanceId::parse(text).ok_or(BrokerError::NotFound)?;
-                let mut conn = self.conn().await?;
-                Some(find_visible(&mut conn, caller, id, false).await?.id)
+                Some(self.get_instance(caller, id).await?.id)
             }
         };
         Ok(StreamFilter {

@@ -71,22 +71,21 @@ where
     /// way; `None` when it names nothing.
     pub async fn get(&self, key: K) -> Result<Option<V>, BatchError<E>> {
         let (reply, answer) = oneshot::channel();
-        self.inbox()
-            .send((key, reply))
-            .map_err(|_closed| BatchError::Stopped)?;
+        self.send((key, reply))?;
         match answer.await {
             Ok(result) => result.map_err(BatchError::Read),
             Err(_) => Err(BatchError::Stopped),
         }
     }
 
-    fn inbox(&self) -> mpsc::UnboundedSender<Ask<K, V, E>> {
+    /// Hands `ask` to the running batcher, starting one when none runs.
+    fn send(&self, ask: Ask<K, V, E>) -> Result<(), BatchError<E>> {
         let mut inbox = self
             .inbox
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match &*inbox {
-            Some(sender) if !sender.is_closed() => sender.clone(),
+        let sender = match &*inbox {
+            Some(sender) if !sender.is_closed() => sender,
             _ => {
                 let (sender, receiver) = mpsc::unbounded_channel();
                 tokio::spawn(batch(
@@ -95,10 +94,10 @@ where
                     self.key,
                     Arc::new(Semaphore::new(self.in_flight)),
                 ));
-                *inbox = Some(sender.clone());
-                sender
+                inbox.insert(sender)
             }
-        }
+        };
+        sender.send(ask).map_err(|_closed| BatchError::Stopped)
     }
 }
 
