@@ -14,11 +14,21 @@ use super::offerings::Placing;
 use super::state::{apply, apply_finishing, enqueues, note_all, State};
 use super::{Broker, BrokerError};
 use crate::db::schema::instances;
+use crate::db::CacheStatement;
 use crate::queue::{self, Lease};
 
 /// How many decisions [`Broker::apply_all`] writes in one transaction: one commit (one
 /// flush of the log) for many rows, and row locks held for a few milliseconds.
 const APPLY_BATCH: usize = 256;
+
+/// A claimed job and its instance, as [`Broker::claim`] reads them.
+#[derive(diesel::QueryableByName)]
+struct ClaimedWithInstance {
+    #[diesel(embed)]
+    job: queue::ClaimedJob,
+    #[diesel(embed)]
+    instance: Instance,
+}
 
 /// What the jobs of one claim read once, together, before any of them runs: their
 /// instances and what placing a machine goes by. Each job still reads again what it
@@ -42,31 +52,47 @@ impl ClaimedRows {
 }
 
 impl Broker {
-    /// Reads the instances `ids` and, when `placing`, what placing goes by: three reads
-    /// sent at once (pipelined on the connection), one wait for a whole claim.
-    pub async fn claimed_rows(
+    /// Claims jobs as `claim` asks, reading with them their instances and, when
+    /// `placing`, what placing goes by: one statement for the claim and its instances
+    /// (each instance read after the claim took its job, migration `claimed_instance`),
+    /// and the two reads of placing sent with it (pipelined on the connection), so a whole
+    /// claim costs one wait. The claim stands once its statement has answered: a failed
+    /// read of placing only leaves each create job to read it itself.
+    pub async fn claim(
         &self,
-        ids: &[InstanceId],
+        claim: &queue::Claim<'_>,
         placing: bool,
-    ) -> Result<ClaimedRows, BrokerError> {
+    ) -> Result<(Vec<Lease>, ClaimedRows), BrokerError> {
         let conn = self.conn().await?;
         let shared: &AsyncPgConnection = &conn;
         let mut on = shared;
-        let rows = instances::table
-            .filter(instances::id.eq_any(ids))
-            .select(Instance::as_select())
-            .load::<Instance>(&mut on);
-        let (rows, placing) =
-            futures_util::try_join!(async { rows.await.map_err(BrokerError::from) }, async {
-                match placing {
-                    true => Placing::read(shared).await.map(Some),
-                    false => Ok(None),
-                }
-            })?;
-        Ok(ClaimedRows {
-            instances: rows.into_iter().map(|i| (i.id, i)).collect(),
-            placing,
-        })
+        let claimed = claim
+            .statement(concat!(
+                "SELECT c.*, i.* FROM (",
+                queue::claimed_jobs_sql!(),
+                ") AS c JOIN LATERAL claimed_instance(c.job_instance_id) AS i ON true"
+            ))
+            .cached()
+            .load::<ClaimedWithInstance>(&mut on);
+        let (claimed, placing) = futures_util::join!(claimed, async {
+            match placing {
+                true => Some(Placing::read(shared).await),
+                false => None,
+            }
+        });
+        let placing = placing.and_then(|read| {
+            read.map_err(|error| tracing::warn!(%error, "could not read what placing goes by with a claim; each create job reads it"))
+                .ok()
+        });
+        let mut instances = HashMap::new();
+        let leases = claimed?
+            .into_iter()
+            .map(|row| {
+                instances.insert(row.instance.id, row.instance);
+                row.job.lease(claim.worker)
+            })
+            .collect();
+        Ok((leases, ClaimedRows { instances, placing }))
     }
 
     /// Reads the instance a job works on.

@@ -114,6 +114,20 @@ pub struct Lease {
     pub worker: String,
 }
 
+/// The claim's statement: `SELECT` the claimed jobs, as [`ClaimedJob`] reads them, `FROM`
+/// the SQL function `claim_jobs` (migrations `*_jobs_claim`, `*_claim_waited`), with the
+/// parameters [`Claim::statement`] binds. A caller that reads more with the claim wraps it
+/// (`… FROM (claimed_jobs_sql!()) AS c JOIN …`): its columns are named `job_*` so that they
+/// never clash with a joined table's.
+macro_rules! claimed_jobs_sql {
+    () => {
+        "SELECT id AS job_id, kind AS job_kind, instance_id AS job_instance_id, \
+         attempts AS job_attempts, created_at AS job_created_at \
+         FROM claim_jobs($1, $2, $3, $4, $5)"
+    };
+}
+pub(crate) use claimed_jobs_sql;
+
 /// A common table expression that finishes a held job inside a larger statement (so the
 /// job ends in the statement that writes what it achieved, with no transaction of its
 /// own): `NAME AS (DELETE …)` deletes the job whose id is parameter `ID` if the worker
@@ -198,7 +212,6 @@ impl Queue {
     /// ownership, so no transaction or connection is held while the job runs. A job whose
     /// lease ran out (its worker died) is runnable again. Claiming counts an attempt, so a
     /// job that kills its workers still runs out of attempts.
-    #[tracing::instrument(level = "debug", skip(self, kinds), fields(claimed))]
     pub async fn claim(
         &self,
         worker: &str,
@@ -207,33 +220,20 @@ impl Queue {
         lease: Duration,
         waited: Duration,
     ) -> anyhow::Result<Vec<Lease>> {
-        use diesel::sql_types::{Array, BigInt, Double};
+        let claim = Claim {
+            worker,
+            kinds,
+            limit,
+            lease,
+            waited,
+        };
         let mut conn = self.conn().await?;
-        let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
-        // The oldest runnable jobs, locked by no one else (SKIP LOCKED), in one statement:
-        // migrations/*_jobs_claim and *_claim_waited.
-        let rows: Vec<ClaimedRow> =
-            diesel::sql_query("SELECT * FROM claim_jobs($1, $2, $3, $4, $5)")
-                .bind::<Text, _>(worker)
-                .bind::<Double, _>(lease.as_secs_f64())
-                .bind::<Array<Text>, _>(kinds)
-                .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
-                .bind::<Double, _>(waited.as_secs_f64())
-                .cached()
-                .load(&mut conn)
-                .await?;
-        tracing::Span::current().record("claimed", rows.len());
-        Ok(rows
-            .into_iter()
-            .map(|row| Lease {
-                job_id: row.id,
-                kind: row.kind,
-                instance_id: row.instance_id,
-                attempts: row.attempts,
-                enqueued_at: row.created_at,
-                worker: worker.to_owned(),
-            })
-            .collect())
+        let rows: Vec<ClaimedJob> = claim
+            .statement(claimed_jobs_sql!())
+            .cached()
+            .load(&mut conn)
+            .await?;
+        Ok(rows.into_iter().map(|row| row.lease(worker)).collect())
     }
 
     /// Extends a lease by `lease` from now; false if its worker lost it.
@@ -298,19 +298,68 @@ impl Queue {
     }
 }
 
-/// What a claim reads back of each job.
-#[derive(diesel::QueryableByName)]
-struct ClaimedRow {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
+/// What a claim asks for: up to `limit` runnable jobs of `kinds`, runnable for at least
+/// `waited`, leased to `worker` for `lease`. See [`Queue::claim`].
+#[derive(Debug, Clone, Copy)]
+pub struct Claim<'a> {
+    /// The worker, as `jobs.locked_by` will name it.
+    pub worker: &'a str,
+    /// The kinds of job it runs.
+    pub kinds: &'a [JobKind],
+    /// How many jobs at most.
+    pub limit: usize,
+    /// How long the lease lasts before it must be renewed.
+    pub lease: Duration,
+    /// How long a job must have been runnable (zero: any).
+    pub waited: Duration,
+}
+
+impl<'a> Claim<'a> {
+    /// `sql`, a statement around [`claimed_jobs_sql!`], with the claim's parameters bound.
+    pub(crate) fn statement(
+        &self,
+        sql: &'static str,
+    ) -> diesel::query_builder::BoxedSqlQuery<'a, diesel::pg::Pg, diesel::query_builder::SqlQuery>
+    {
+        use diesel::sql_types::{Array, BigInt, Double};
+        let kinds: Vec<&'static str> = self.kinds.iter().map(|k| k.as_str()).collect();
+        diesel::sql_query(sql)
+            .into_boxed()
+            .bind::<Text, _>(self.worker)
+            .bind::<Double, _>(self.lease.as_secs_f64())
+            .bind::<Array<Text>, _>(kinds)
+            .bind::<BigInt, _>(i64::try_from(self.limit).unwrap_or(i64::MAX))
+            .bind::<Double, _>(self.waited.as_secs_f64())
+    }
+}
+
+/// What a claim reads back of each job (the columns of [`claimed_jobs_sql!`]).
+#[derive(Debug, diesel::QueryableByName)]
+pub struct ClaimedJob {
+    #[diesel(sql_type = diesel::sql_types::BigInt, column_name = job_id)]
     id: JobId,
-    #[diesel(sql_type = Text)]
+    #[diesel(sql_type = Text, column_name = job_kind)]
     kind: JobKind,
-    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    #[diesel(sql_type = diesel::sql_types::Uuid, column_name = job_instance_id)]
     instance_id: InstanceId,
-    #[diesel(sql_type = diesel::sql_types::Integer)]
+    #[diesel(sql_type = diesel::sql_types::Integer, column_name = job_attempts)]
     attempts: i32,
-    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    #[diesel(sql_type = diesel::sql_types::Timestamptz, column_name = job_created_at)]
     created_at: DateTime<Utc>,
+}
+
+impl ClaimedJob {
+    /// The lease `worker` now holds on the job.
+    pub fn lease(self, worker: &str) -> Lease {
+        Lease {
+            job_id: self.id,
+            kind: self.kind,
+            instance_id: self.instance_id,
+            attempts: self.attempts,
+            enqueued_at: self.created_at,
+            worker: worker.to_owned(),
+        }
+    }
 }
 
 /// The database's `now()` plus `after`: leases and schedules use the database's clock, so

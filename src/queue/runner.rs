@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use super::policy::{self, JobError, Next};
-use super::{JobKind, Lease, Queue, JOBS_CHANNEL};
+use super::{Claim, JobKind, Lease, Queue, JOBS_CHANNEL};
 use crate::config::WorkerSettings;
 use crate::db::listen::{listen_forever, Heard};
 use crate::db::locks::Session;
@@ -43,9 +43,10 @@ const EMPTY_CLAIM_SPACING: Duration = Duration::from_millis(10);
 pub trait Handler: Send + Sync + 'static {
     /// What the jobs of one claim share: read once for all of them, before any runs.
     type Claimed: Send + Sync + 'static;
-    /// Reads what the jobs of `leases` will need. It cannot fail: what it could not read,
-    /// each job reads itself.
-    async fn claimed(&self, leases: &[Lease]) -> Self::Claimed;
+    /// Claims jobs as `claim` asks and reads what they will need, in as few round trips
+    /// as it can (the claim itself is [`Claim::statement`]'s). What it could not read,
+    /// each job reads itself; an error means nothing was claimed.
+    async fn claim(&self, claim: &Claim<'_>) -> anyhow::Result<(Vec<Lease>, Self::Claimed)>;
     /// Does the job's work, with what was read for its claim. `Ok` once the job is
     /// finished (deleted, in the transaction that records what it achieved).
     async fn run(&self, lease: &Lease, claimed: &Self::Claimed) -> Result<(), JobError>;
@@ -149,10 +150,23 @@ impl<H: Handler> Runner<H> {
         &self.handler
     }
 
-    async fn claim(&self, limit: usize, waited: Duration) -> anyhow::Result<Vec<Lease>> {
-        self.queue
-            .claim(&self.id, &self.kinds, limit, self.settings.lease, waited)
-            .await
+    /// Claims up to `limit` jobs that were runnable for `waited`, with what they need.
+    #[tracing::instrument(level = "debug", skip(self), fields(worker = %self.id, claimed))]
+    async fn claim(
+        &self,
+        limit: usize,
+        waited: Duration,
+    ) -> anyhow::Result<(Vec<Lease>, Arc<H::Claimed>)> {
+        let claim = Claim {
+            worker: &self.id,
+            kinds: &self.kinds,
+            limit,
+            lease: self.settings.lease,
+            waited,
+        };
+        let (leases, claimed) = self.handler.claim(&claim).await?;
+        tracing::Span::current().record("claimed", leases.len());
+        Ok((leases, Arc::new(claimed)))
     }
 
     /// Runs jobs until `shutdown` turns true: woken by NOTIFY on a connection of its own
@@ -227,12 +241,10 @@ impl<H: Handler> Runner<H> {
                     self.settings.poll_interval
                 };
                 match self.claim(free, waited).await {
-                    Ok(leases) => {
+                    Ok((leases, claimed)) => {
                         more_waiting = leases.len() == free;
                         came_empty = leases.is_empty();
                         if !leases.is_empty() {
-                            // What the jobs need, read once for all of them.
-                            let claimed = Arc::new(self.handler.claimed(&leases).await);
                             for lease in leases {
                                 // Kept so the job can be handed back if shutdown cuts it off.
                                 let kept = lease.clone();
@@ -290,14 +302,13 @@ impl<H: Handler> Runner<H> {
     pub async fn run_until_idle(self: &Arc<Self>) -> anyhow::Result<usize> {
         let mut ran = 0;
         loop {
-            let leases = self
+            let (leases, claimed) = self
                 .claim(self.settings.concurrency, Duration::ZERO)
                 .await?;
             if leases.is_empty() {
                 return Ok(ran);
             }
             ran += leases.len();
-            let claimed = Arc::new(self.handler.claimed(&leases).await);
             let mut running = JoinSet::new();
             for lease in leases {
                 let runner = self.clone();

@@ -16,7 +16,7 @@ use crate::broker::model::Instance;
 use crate::broker::{lifecycle, Broker, BrokerError, ClaimedRows};
 use crate::metrics::Metrics;
 use crate::providers::{LimitedProvider, Registry};
-use crate::queue::{Handler, JobError, JobKind, Lease, Queue};
+use crate::queue::{Claim, Handler, JobError, JobKind, Lease, Queue};
 
 impl From<BrokerError> for JobError {
     fn from(error: BrokerError) -> Self {
@@ -214,18 +214,11 @@ impl AuthorizeKey<'_> {
 impl Handler for JobContext {
     type Claimed = ClaimedRows;
 
-    /// The claim's instances, and (when it holds a create) what placing goes by: one
-    /// wait for the whole claim. A failed read only costs each job a read of its own.
-    async fn claimed(&self, leases: &[Lease]) -> ClaimedRows {
-        let ids: Vec<_> = leases.iter().map(|lease| lease.instance_id).collect();
-        let placing = leases.iter().any(|l| l.kind == JobKind::CreateInstance);
-        self.broker
-            .claimed_rows(&ids, placing)
-            .await
-            .unwrap_or_else(|error| {
-                tracing::warn!(error = %error, "could not read the claimed jobs' rows; each job reads its own");
-                ClaimedRows::default()
-            })
+    /// The claim, its instances and (when it may hold a create) what placing goes by:
+    /// one wait for the whole claim ([`Broker::claim`]).
+    async fn claim(&self, claim: &Claim<'_>) -> anyhow::Result<(Vec<Lease>, ClaimedRows)> {
+        let placing = claim.kinds.contains(&JobKind::CreateInstance);
+        Ok(self.broker.claim(claim, placing).await?)
     }
 
     async fn run(&self, lease: &Lease, claimed: &ClaimedRows) -> Result<(), JobError> {

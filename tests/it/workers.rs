@@ -667,6 +667,20 @@ async fn a_finished_create_is_recorded_with_or_without_the_lease_and_ends_only_a
     assert_eq!(s.body(&moved_id).await["state"], "terminated");
 }
 
+/// A claim of up to `limit` jobs of `kinds` by "worker-a", leased for a minute.
+fn claim_by_worker_a(
+    kinds: &[cloudbrain::queue::JobKind],
+    limit: usize,
+) -> cloudbrain::queue::Claim<'_> {
+    cloudbrain::queue::Claim {
+        worker: "worker-a",
+        kinds,
+        limit,
+        lease: Duration::from_secs(60),
+        waited: Duration::ZERO,
+    }
+}
+
 #[tokio::test]
 async fn a_claims_jobs_start_from_one_read_of_their_rows_and_a_row_changed_since_leaks_nothing() {
     use cloudbrain::broker::{ClaimedRows, State};
@@ -680,28 +694,29 @@ async fn a_claims_jobs_start_from_one_read_of_their_rows_and_a_row_changed_since
     let deleted = s.create("ubuntu").await;
     let unread = s.create("ubuntu").await;
     let kinds = [JobKind::CreateInstance];
-    let mut leases = queue
+    let claim = claim_by_worker_a(&kinds, 2);
+    let (mut leases, claimed) = s.workers.jobs.handler().claim(&claim).await.unwrap();
+    assert_eq!(leases.len(), 2, "{leases:?}");
+    for lease in &leases {
+        let row = claimed.instance(lease.instance_id).map(|i| i.state);
+        assert_eq!(row, Some(State::Creating), "{lease:?}");
+    }
+    assert!(
+        claimed.placing().is_some(),
+        "a claim with a create reads placing"
+    );
+    let rest = queue
         .claim(
             "worker-a",
             &kinds,
-            3,
+            1,
             Duration::from_secs(60),
             Duration::ZERO,
         )
         .await
         .unwrap();
-    assert_eq!(leases.len(), 3, "{leases:?}");
-    let (read, rest) = leases.split_at_mut(2);
-    let claimed = s.workers.jobs.handler().claimed(read).await;
-    for lease in read.iter() {
-        let row = claimed.instance(lease.instance_id).map(|i| i.state);
-        assert_eq!(row, Some(State::Creating), "{lease:?}");
-    }
     assert!(claimed.instance(rest[0].instance_id).is_none());
-    assert!(
-        claimed.placing().is_some(),
-        "a claim with a create reads placing"
-    );
+    leases.extend(rest);
 
     // Deleted after its claim read it creating, before its job ran: the job makes the
     // machine, the row stays terminating and learns it, and its remove job destroys it.
@@ -794,6 +809,67 @@ async fn claims_take_the_oldest_jobs_first_and_never_the_same_job_twice() {
     all.dedup();
     assert_eq!(claimed, 300, "claims took {claimed} leases of 300 jobs");
     assert_eq!(all.len(), 300, "a job was claimed twice");
+    // Leased, not run: the harness's check that no job is left over does not apply.
+    exec(&mut conn, "DELETE FROM jobs").await;
+}
+
+#[tokio::test]
+async fn a_claim_made_while_jobs_are_enqueued_returns_each_job_it_leases_with_its_instance() {
+    use cloudbrain::queue::{Handler, JobKind};
+    let s = TestBroker::new().fake(json!(null)).start().await;
+    let kinds = [JobKind::CreateInstance];
+    let claim = claim_by_worker_a(&kinds, 8);
+    // Each job commits with its instance while claims run, some of them in the moment
+    // between a claim's start and its taking of the rows.
+    const JOBS: usize = 400;
+    let enqueued = std::sync::atomic::AtomicBool::new(false);
+    let enqueue = async {
+        let mut conn = s.db.conn().await;
+        for _ in 0..JOBS {
+            exec(
+                &mut conn,
+                "WITH i AS (INSERT INTO instances (id, owner_token_id, provider_name, image, \
+                 instance_type, state) SELECT gen_random_uuid(), min(id), 'fake', 'ubuntu', \
+                 'standard', 'creating' FROM auth_tokens RETURNING id) \
+                 INSERT INTO jobs (kind, instance_id) SELECT 'create', id FROM i",
+            )
+            .await;
+        }
+        enqueued.store(true, Ordering::SeqCst);
+    };
+    let claim_all = async {
+        let mut taken = Vec::new();
+        loop {
+            let done = enqueued.load(Ordering::SeqCst);
+            let (leases, claimed) = s.workers.jobs.handler().claim(&claim).await.unwrap();
+            for lease in &leases {
+                let row = claimed.instance(lease.instance_id).map(|i| i.id);
+                assert_eq!(row, Some(lease.instance_id), "{lease:?}");
+            }
+            let empty = leases.is_empty();
+            taken.extend(leases.into_iter().map(|l| l.job_id.to_string()));
+            // Every job was in before a claim that found none: none is left.
+            if done && empty {
+                return taken;
+            }
+            if empty {
+                tokio::task::yield_now().await;
+            }
+        }
+    };
+    let ((), taken) = tokio::join!(enqueue, claim_all);
+    assert_eq!(
+        taken.len(),
+        JOBS,
+        "claims returned {} of {JOBS} jobs",
+        taken.len()
+    );
+    let mut conn = s.db.conn().await;
+    assert_eq!(
+        s.db.count_jobs(Jobs::Leased).await,
+        JOBS as i64,
+        "a job was leased that no claim returned"
+    );
     // Leased, not run: the harness's check that no job is left over does not apply.
     exec(&mut conn, "DELETE FROM jobs").await;
 }

@@ -1,0 +1,1 @@
+DROP FUNCTION claimed_instance(UUID);
