@@ -8,11 +8,16 @@ the run ends when every instance acknowledged is `running`. MODE `drain`: wrk PO
 with no worker running, then the workers start and drain that backlog.
 
 Prints one line: "instances seconds per-second cpu-ms-per-instance http-ms worker-ms
-postgres-ms client-ms", the rate and CPU counted over the measured part (the whole run;
-for `drain`, from the workers' start), the CPU split in ms per instance (every worker
-together, Postgres's every process, the client being wrk and this probe).
+postgres-ms client-ms added-cpu-% added-jobs", the rate and CPU counted over the measured
+part (the whole run; for `drain`, from the workers' start), the CPU split in ms per
+instance (every worker together, Postgres's every process, the client being wrk and this
+probe); then what the workers after the first cost and did: their CPU over their whole
+lives, start included, with their database sessions' (each worker names its sessions
+`cloudbrain-worker-N`), as a share of all the CPU of the measured part, and the jobs they
+ended (0 and 0 with one worker).
 """
 import os
+import re
 import socket
 import urllib.error
 import urllib.request
@@ -24,6 +29,7 @@ mode, bin_path, n_workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
 url, tokens, seconds, db = sys.argv[4], sys.argv[5], float(sys.argv[6]), sys.argv[7]
 postmaster, http = int(sys.argv[8]), int(sys.argv[9])
 workers = []
+ports = []
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -97,6 +103,31 @@ def one_answer():
         return f"{error.code} {error.read().decode()}"
 
 
+def session_name(worker):
+    return f"cloudbrain-worker-{worker}"
+
+
+def added_workers():
+    """The CPU seconds of every worker after the first, with their database sessions', over
+    their whole lives so far; and the jobs they ended (from their /metrics)."""
+    psql.stdin.write("SELECT string_agg(pid || '=' || application_name, ',') FROM pg_stat_activity;\n")
+    psql.stdin.flush()
+    sessions = dict(entry.split("=", 1) for entry in psql.stdout.readline().strip().split(","))
+    added = {session_name(i) for i in range(1, len(workers))}
+    seconds = sum(cpu(w.pid) for w in workers[1:])
+    for pid, name in sessions.items():
+        if name in added:
+            try:
+                seconds += cpu(pid)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    jobs = 0
+    for port in ports[1:]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        jobs += sum(int(float(n)) for n in re.findall(r"cloudbrain_jobs_finished_total\{[^}]*\} (\S+)", text))
+    return seconds, jobs
+
+
 def start_workers():
     """The workers, each once it answers on its metrics address."""
     for _ in range(n_workers):
@@ -104,7 +135,9 @@ def start_workers():
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         env = dict(os.environ, CLOUDBRAIN_METRICS_ADDR=f"127.0.0.1:{port}", CLOUDBRAIN_WORKER_CONCURRENCY=os.environ.get("CLOUDBRAIN_WORKER_CONCURRENCY", "64"))
+        env["DATABASE_URL"] = f"{db}{'&' if '?' in db else '?'}application_name={session_name(len(workers))}"
         workers.append(subprocess.Popen([bin_path, "create-worker"], env=env))
+        ports.append(port)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -134,6 +167,7 @@ while True:
     time.sleep(0.02)
 took = time.monotonic() - start
 after = snapshot()
+added_seconds, added_jobs = added_workers()
 for worker in workers:
     worker.terminate()
     worker.wait()
@@ -143,4 +177,6 @@ n = total - base_total
 if waiting:
     raise SystemExit(f"pipeline: {waiting} instances not running after 300 s")
 split = [(a - b) * 1000 / n for a, b in zip(after, before)]
-print(f"{n} {took:.2f} {n / took:.0f} {sum(split[:3]):.2f} " + " ".join(f"{ms:.2f}" for ms in split))
+share = 100 * added_seconds * 1000 / n / sum(split)
+print(f"{n} {took:.2f} {n / took:.0f} {sum(split[:3]):.2f} " + " ".join(f"{ms:.2f}" for ms in split)
+      + f" {share:.1f} {added_jobs}")
