@@ -209,6 +209,9 @@ impl<H: Handler> Runner<H> {
         let mut want = true;
         let mut more_waiting = false;
         let mut last_claim: Option<Instant> = None;
+        // The last poll: a poll while every slot is busy claims nothing, and the next is
+        // still a poll interval away.
+        let mut last_poll: Option<Instant> = None;
         let mut came_empty = false;
         loop {
             while let Some(done) = running.try_join_next_with_id() {
@@ -264,10 +267,13 @@ impl<H: Handler> Runner<H> {
                     }
                 }
             }
-            let polled = last_claim.map_or_else(Instant::now, |at| at + poll);
+            let polled = last_claim
+                .max(last_poll)
+                .map_or_else(Instant::now, |at| at + poll);
             tokio::select! {
                 _ = wake.notified() => want = true,
                 _ = tokio::time::sleep_until(polled.into()) => {
+                    last_poll = Some(Instant::now());
                     listen_as_leader(self.take_part(&lead, &lead_key).await);
                     want = true;
                 }

@@ -978,6 +978,86 @@ async fn an_instance_past_its_lifetime_is_ended_with_an_expired_event() {
     assert_eq!(s.machines().await, 1);
 }
 
+/// Gives `workers` a cloud that counts the creates it ran, each of which waits while `held`
+/// (if any) is locked for writing: how many it ran.
+fn counted_creates(
+    workers: &Workers,
+    held: Option<Arc<tokio::sync::RwLock<()>>>,
+) -> Arc<AtomicUsize> {
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    let stub = Stub(Box::new(move |id| {
+        let (ran, held) = (r.clone(), held.clone());
+        async move {
+            if let Some(held) = held {
+                drop(held.read().await);
+            }
+            ran.fetch_add(1, Ordering::SeqCst);
+            Ok(running(id))
+        }
+        .boxed()
+    }));
+    let limits = CallLimits {
+        max_concurrency: 8,
+        rate_limit: 1000.0,
+    };
+    workers.registry.insert("fake", Arc::new(stub), limits);
+    ran
+}
+
+#[tokio::test]
+async fn a_runner_whose_every_slot_is_busy_asks_whether_it_leads_once_a_poll_interval() {
+    let s = TestBroker::new().fake(json!(null)).start().await;
+    let settings = WorkerSettings {
+        concurrency: 1,
+        poll_interval: Duration::from_millis(50),
+        ..fast_settings()
+    };
+    let workers = Workers::new(&s.db.url, settings);
+    // Its one slot holds a create that waits until the test lets it go.
+    let hold = Arc::new(tokio::sync::RwLock::new(()));
+    counted_creates(&workers, Some(hold.clone()));
+    let holding = hold.write().await;
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(workers.jobs.clone().run(s.db.url.clone(), stopped));
+    let (first, waiting) = (s.create("ubuntu").await, s.create("ubuntu").await);
+    wait_for("its slot to be taken", Duration::from_secs(5), async || {
+        s.db.count_jobs(Jobs::Leased).await == 1
+    })
+    .await;
+
+    // Its lead session, sampled every 10 ms or so for a second: each question it asks
+    // moves the session's state_change.
+    let mut conn = s.db.conn().await;
+    let mut seen = std::collections::HashSet::new();
+    let (start, mut samples) = (std::time::Instant::now(), 0);
+    while start.elapsed() < Duration::from_secs(1) {
+        samples += 1;
+        let changed = text(
+            &mut conn,
+            "SELECT max(state_change)::text AS v FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+             AND query LIKE '%pg_try_advisory_lock%'",
+        )
+        .await;
+        seen.insert(changed.expect("the runner's lead session"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A poll every 50 ms is some 20 questions a second; without a pause, one each sample.
+    assert!(
+        seen.len() <= 30,
+        "its lead session asked {} times in a second ({samples} samples)",
+        seen.len()
+    );
+    drop(holding);
+    for id in [&first, &waiting] {
+        wait_for("both to run", Duration::from_secs(5), async || {
+            s.body(id).await["state"] == "running"
+        })
+        .await;
+    }
+}
+
 #[tokio::test]
 async fn a_second_runner_helps_only_with_jobs_that_waited_and_leads_once_the_first_stops() {
     let s = TestBroker::new().fake(json!(null)).start().await;
@@ -993,29 +1073,8 @@ async fn a_second_runner_helps_only_with_jobs_that_waited_and_leads_once_the_fir
     );
     // Each counts the creates it ran; the first's wait while `hold` is set.
     let hold = Arc::new(tokio::sync::RwLock::new(()));
-    let counted = |workers: &Workers, held: Option<Arc<tokio::sync::RwLock<()>>>| {
-        let ran = Arc::new(AtomicUsize::new(0));
-        let r = ran.clone();
-        let stub = Stub(Box::new(move |id| {
-            let (ran, held) = (r.clone(), held.clone());
-            async move {
-                if let Some(held) = held {
-                    drop(held.read().await);
-                }
-                ran.fetch_add(1, Ordering::SeqCst);
-                Ok(running(id))
-            }
-            .boxed()
-        }));
-        let limits = CallLimits {
-            max_concurrency: 8,
-            rate_limit: 1000.0,
-        };
-        workers.registry.insert("fake", Arc::new(stub), limits);
-        ran
-    };
-    let first_ran = counted(&first, Some(hold.clone()));
-    let second_ran = counted(&second, None);
+    let first_ran = counted_creates(&first, Some(hold.clone()));
+    let second_ran = counted_creates(&second, None);
     let (stop_first, first_stopped) = tokio::sync::watch::channel(false);
     let (_stop_second, second_stopped) = tokio::sync::watch::channel(false);
     let first_runs = tokio::spawn(first.jobs.clone().run(s.db.url.clone(), first_stopped));
