@@ -4,8 +4,8 @@ over those jobs (the difference of its /metrics before and after).
 
     dispatch.py URL TOKEN RATE SECONDS METRICS_URL
 
-Prints: "jobs p50-bound p99-bound" in ms, each the upper bound of the histogram bucket
-that holds that quantile.
+Prints: "jobs p50-bound p99-bound over-5ms" (ms), each bound the upper bound of the
+histogram bucket that holds that quantile; then how many jobs waited longer than 5 ms.
 """
 import http.client
 import json
@@ -53,4 +53,5 @@ def bound(q):
     return next((le * 1000 for le, count in counts if count >= q * total), float("inf"))
 
 
-print(f"{total} {bound(0.5):g} {bound(0.99):g}")
+within_5ms = next(count for le, count in counts if le == 0.005)
+print(f"{total} {bound(0.5):g} {bound(0.99):g} {total - within_5ms}")
