@@ -235,11 +235,11 @@ impl Broker {
     }
 }
 
-/// One process's tail of the stream: while it has readers it reads new events when woken
-/// by the trigger's NOTIFY (or every [`TAIL_POLL`]) and hands them to every [`Feed`],
-/// holding at most [`HUB_CAPACITY`] of them whatever the readers do. With none, a NOTIFY
-/// costs it nothing: it moves its head only every [`TAIL_POLL`], and a new reader reads
-/// where the stream ends for itself.
+/// One process's tail of the stream: while it has readers it listens, reads new events
+/// when woken by the trigger's NOTIFY (or every [`TAIL_POLL`]) and hands them to every
+/// [`Feed`], holding at most [`HUB_CAPACITY`] of them whatever the readers do. With none it
+/// does not listen (a NOTIFY costs it nothing): it moves its head only every
+/// [`TAIL_POLL`], and a new reader reads where the stream ends for itself.
 pub struct Hub {
     broker: Broker,
     heartbeat: Duration,
@@ -297,20 +297,32 @@ impl Hub {
         })
     }
 
-    /// Tails the stream until the process ends, woken by NOTIFY on `database_url`.
+    /// Tails the stream until the process ends, woken by NOTIFY on `database_url` while
+    /// it has readers. Only then does it listen: Postgres wakes every listening session of
+    /// a database for each notification, whatever its channel, so an http process with no
+    /// reader would cost each write's NOTIFY a session woken for nothing. A new reader
+    /// wakes the loop, which starts listening and reads anything it could have missed.
     pub async fn run(self: Arc<Self>, database_url: String) {
-        let listener = tokio::spawn({
-            let hub = self.clone();
-            listen_forever(database_url, EVENTS_CHANNEL, move |heard| {
-                if heard != Heard::Disconnected && hub.sender.receiver_count() > 0 {
-                    hub.wake.notify_one();
-                }
-            })
-        });
-        let _listener = AbortOnDrop(listener);
+        let mut listener: Option<AbortOnDrop> = None;
         loop {
             if let Err(error) = self.tail().await {
                 tracing::warn!(%error, "reading the event stream failed; retrying");
+            }
+            let readers = self.sender.receiver_count() > 0;
+            if readers != listener.is_some() {
+                listener = readers.then(|| {
+                    let hub = self.clone();
+                    AbortOnDrop(tokio::spawn(listen_forever(
+                        database_url.clone(),
+                        EVENTS_CHANNEL,
+                        move |heard| {
+                            // Connected: events may have come unheard; read now.
+                            if heard != Heard::Disconnected {
+                                hub.wake.notify_one();
+                            }
+                        },
+                    )))
+                });
             }
             tokio::select! {
                 _ = self.wake.notified() => {}

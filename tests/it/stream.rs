@@ -8,7 +8,7 @@ use cloudbrain::auth::Scope;
 use diesel_async::AsyncPgConnection;
 use serde_json::json;
 
-use crate::common::{exchange, exec, Sse, TestApp, TestBroker, STREAM_HEARTBEAT};
+use crate::common::{exchange, exec, text, wait_for, Sse, TestApp, TestBroker, STREAM_HEARTBEAT};
 
 /// How long a reader waits to be sure nothing more comes.
 const QUIET: Duration = Duration::from_millis(1000);
@@ -348,4 +348,47 @@ async fn a_reader_from_now_gets_what_commits_after_it_connects_and_nothing_befor
     let seen = reader.take(1, DUE).await;
     assert_eq!(changes(&seen), [(after, "creating".to_owned())]);
     assert_eq!(reader.drain(QUIET).await, [], "nothing of {before}");
+}
+
+#[tokio::test]
+async fn a_server_listens_for_events_only_while_someone_reads_the_stream() {
+    let s = TestBroker::new()
+        .fake(json!({"boot_time_ms": 0}))
+        .start()
+        .await;
+    // The sessions of this test's database that listen for events.
+    let listening = async || {
+        let mut conn = s.db.conn().await;
+        let count = text(
+            &mut conn,
+            "SELECT count(*)::text AS v FROM pg_stat_activity WHERE datname = current_database() \
+             AND pid <> pg_backend_pid() AND query = 'LISTEN instance_events'",
+        )
+        .await;
+        count.unwrap().parse::<i64>().unwrap()
+    };
+    // No reader: writes' NOTIFYs wake no session of the server's.
+    let id = s.create("ubuntu").await;
+    s.settle(&id, "running").await;
+    assert_eq!(listening().await, 0);
+
+    let mut reader = s.client().stream("", None).await.unwrap();
+    wait_for("the server to listen", Duration::from_secs(5), async || {
+        listening().await == 1
+    })
+    .await;
+    let id = s.create("ubuntu").await;
+    s.settle(&id, "running").await;
+    let timeline: Vec<(String, String)> = (s.states(&id).await.into_iter())
+        .map(|state| (id.clone(), state))
+        .collect();
+    assert_eq!(changes(&reader.take(timeline.len(), DUE).await), timeline);
+
+    drop(reader);
+    wait_for(
+        "the server to stop listening",
+        Duration::from_secs(10),
+        async || listening().await == 0,
+    )
+    .await;
 }
