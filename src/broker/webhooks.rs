@@ -543,6 +543,16 @@ pub struct Claimed {
 const CLAIM_FOR: Duration = Duration::from_secs(120);
 
 impl Broker {
+    /// Whether any webhook subscription exists (deleted ones aside).
+    pub async fn any_webhooks(&self) -> Result<bool, BrokerError> {
+        let mut conn = self.conn().await?;
+        Ok(diesel::select(diesel::dsl::exists(
+            webhooks::table.filter(webhooks::deleted_at.is_null()),
+        ))
+        .get_result(&mut conn)
+        .await?)
+    }
+
     /// Claims up to `limit` due deliveries, at most `per_webhook` of each subscription and
     /// none of the subscriptions in `busy` (those with as many in flight already), so that
     /// one slow receiver cannot take every slot.

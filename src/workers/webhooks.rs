@@ -51,20 +51,40 @@ impl WebhookSender {
         }
     }
 
-    /// Sends deliveries until `shutdown`, woken by the outbox trigger's NOTIFY.
+    /// Sends deliveries until `shutdown`, woken by the outbox trigger's NOTIFY while some
+    /// subscription exists. Only then does it listen: Postgres wakes every listening
+    /// session of a database for each notification, whatever its channel, so a broker
+    /// with no webhooks would cost each write's NOTIFY a session woken for nothing. It
+    /// asks whether one exists every [`POLL`] while idle; a delivery made before it
+    /// listens is found by that poll.
     pub async fn run(self: Arc<Self>, database_url: String, mut shutdown: watch::Receiver<bool>) {
-        let wake = self.wake.clone();
-        let listener = tokio::spawn(listen_forever(
-            database_url,
-            DELIVERIES_CHANNEL,
-            move |heard| {
-                if heard != Heard::Disconnected {
-                    wake.notify_one();
-                }
-            },
-        ));
+        let mut listener: Option<tokio::task::JoinHandle<()>> = None;
+        let mut asked: Option<tokio::time::Instant> = None;
         while !*shutdown.borrow() {
             let started = self.send_due().await;
+            if started == 0 && asked.is_none_or(|at| at.elapsed() >= POLL) {
+                asked = Some(tokio::time::Instant::now());
+                match self.broker.any_webhooks().await {
+                    Ok(false) => {
+                        if let Some(listening) = listener.take() {
+                            listening.abort();
+                        }
+                    }
+                    Ok(true) if listener.is_none() => {
+                        let wake = self.wake.clone();
+                        let heard = move |heard| {
+                            if heard != Heard::Disconnected {
+                                wake.notify_one();
+                            }
+                        };
+                        let url = database_url.clone();
+                        listener =
+                            Some(tokio::spawn(listen_forever(url, DELIVERIES_CHANNEL, heard)));
+                    }
+                    // Listening already, or the database cannot tell: as it was.
+                    Ok(true) | Err(_) => {}
+                }
+            }
             if started == 0 {
                 tokio::select! {
                     _ = self.wake.notified() => {}
@@ -73,7 +93,9 @@ impl WebhookSender {
                 }
             }
         }
-        listener.abort();
+        if let Some(listening) = listener {
+            listening.abort();
+        }
         // Deliveries in flight finish (each within the attempt timeout); an unfinished
         // claim lapses and another worker sends it.
         let _ = tokio::time::timeout(

@@ -8,7 +8,7 @@ use cloudbrain::auth::Scope;
 use diesel_async::AsyncPgConnection;
 use serde_json::json;
 
-use crate::common::{exchange, exec, text, wait_for, Sse, TestApp, TestBroker, STREAM_HEARTBEAT};
+use crate::common::{exchange, exec, wait_for, Sse, TestApp, TestBroker, STREAM_HEARTBEAT};
 
 /// How long a reader waits to be sure nothing more comes.
 const QUIET: Duration = Duration::from_millis(1000);
@@ -356,25 +356,14 @@ async fn a_server_listens_for_events_only_while_someone_reads_the_stream() {
         .fake(json!({"boot_time_ms": 0}))
         .start()
         .await;
-    // The sessions of this test's database that listen for events.
-    let listening = async || {
-        let mut conn = s.db.conn().await;
-        let count = text(
-            &mut conn,
-            "SELECT count(*)::text AS v FROM pg_stat_activity WHERE datname = current_database() \
-             AND pid <> pg_backend_pid() AND query = 'LISTEN instance_events'",
-        )
-        .await;
-        count.unwrap().parse::<i64>().unwrap()
-    };
     // No reader: writes' NOTIFYs wake no session of the server's.
     let id = s.create("ubuntu").await;
     s.settle(&id, "running").await;
-    assert_eq!(listening().await, 0);
+    assert_eq!(s.db.listening("instance_events").await, 0);
 
     let mut reader = s.client().stream("", None).await.unwrap();
     wait_for("the server to listen", Duration::from_secs(5), async || {
-        listening().await == 1
+        s.db.listening("instance_events").await == 1
     })
     .await;
     let id = s.create("ubuntu").await;
@@ -388,7 +377,7 @@ async fn a_server_listens_for_events_only_while_someone_reads_the_stream() {
     wait_for(
         "the server to stop listening",
         Duration::from_secs(10),
-        async || listening().await == 0,
+        async || s.db.listening("instance_events").await == 0,
     )
     .await;
 }

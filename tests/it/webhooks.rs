@@ -422,3 +422,44 @@ async fn registration_refuses_unreachable_urls_short_secrets_and_client_tokens()
     let listed = admin.get("/webhooks").await.expect(200);
     assert_eq!(listed["webhooks"], json!([]), "nothing was registered");
 }
+
+#[tokio::test]
+async fn the_sender_listens_for_deliveries_only_while_a_subscription_exists() {
+    let s = TestBroker::new()
+        .fake(json!({"boot_time_ms": 0}))
+        .start()
+        .await;
+    let _sending = sending(&s);
+    // No subscription: writes' NOTIFYs wake no session of the sender's.
+    let id = s.create("ubuntu").await;
+    s.settle(&id, "running").await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(s.db.listening("webhook_deliveries").await, 0);
+
+    let receiver = Receiver::start().await;
+    let hook = register(
+        &s,
+        json!({"url": receiver.url(), "secret": SECRET, "events": ["running"]}),
+    )
+    .await;
+    wait_for("the sender to listen", Duration::from_secs(5), async || {
+        s.db.listening("webhook_deliveries").await == 1
+    })
+    .await;
+    let id = s.create("ubuntu").await;
+    s.settle(&id, "running").await;
+    wait_for("the delivery", Duration::from_secs(10), async || {
+        receiver.got().len() == 1
+    })
+    .await;
+
+    let admin = s.client_with(Scope::Admin).await;
+    let path = format!("/webhooks/{}", hook["id"]);
+    assert_eq!(admin.delete(&path).await.status, 200);
+    wait_for(
+        "the sender to stop listening",
+        Duration::from_secs(5),
+        async || s.db.listening("webhook_deliveries").await == 0,
+    )
+    .await;
+}

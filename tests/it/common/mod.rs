@@ -227,6 +227,17 @@ impl TestDb {
             .unwrap()
     }
 
+    /// How many sessions of this database (other than the asking one) last ran
+    /// `LISTEN channel`: those Postgres wakes for every NOTIFY.
+    pub async fn listening(&self, channel: &str) -> i64 {
+        let mut conn = self.conn().await;
+        let sql = format!(
+            "SELECT count(*)::text AS v FROM pg_stat_activity WHERE datname = current_database() \
+             AND pid <> pg_backend_pid() AND query = 'LISTEN {channel}'"
+        );
+        text(&mut conn, &sql).await.unwrap().parse().unwrap()
+    }
+
     /// How many jobs there are of those `which` names.
     pub async fn count_jobs(&self, which: Jobs<'_>) -> i64 {
         let mut query = jobs::table.into_boxed();
