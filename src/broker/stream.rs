@@ -24,7 +24,7 @@ use super::model::{Instance, InstanceEvent};
 use super::validate::{PoolName, ProviderName};
 use super::{Broker, BrokerError, State};
 use crate::auth::Caller;
-use crate::db::listen::{listen_forever, Heard};
+use crate::db::listen::ListenWhile;
 use crate::db::schema::{instance_events, instances};
 use crate::db::CacheStatement;
 use crate::ids::InstanceId;
@@ -244,7 +244,7 @@ pub struct Hub {
     broker: Broker,
     heartbeat: Duration,
     /// Told of a NOTIFY heard while there are readers, and of each new reader.
-    wake: Notify,
+    wake: Arc<Notify>,
     sender: broadcast::Sender<Arc<StreamEvent>>,
     /// The last event handed out; `None` until the tail has read where the stream ends.
     head: Mutex<Option<Position>>,
@@ -293,37 +293,20 @@ impl Hub {
             head: Mutex::new(None),
             ready: watch::Sender::new(false),
             closing: watch::Sender::new(false),
-            wake: Notify::new(),
+            wake: Arc::new(Notify::new()),
         })
     }
 
     /// Tails the stream until the process ends, woken by NOTIFY on `database_url` while
-    /// it has readers. Only then does it listen: Postgres wakes every listening session of
-    /// a database for each notification, whatever its channel, so an http process with no
-    /// reader would cost each write's NOTIFY a session woken for nothing. A new reader
-    /// wakes the loop, which starts listening and reads anything it could have missed.
+    /// it has readers, and listening only then ([`ListenWhile`]). A new reader wakes the
+    /// loop, which starts listening and reads anything it could have missed.
     pub async fn run(self: Arc<Self>, database_url: String) {
-        let mut listener: Option<AbortOnDrop> = None;
+        let mut listening = ListenWhile::new(database_url, EVENTS_CHANNEL, self.wake.clone());
         loop {
             if let Err(error) = self.tail().await {
                 tracing::warn!(%error, "reading the event stream failed; retrying");
             }
-            let readers = self.sender.receiver_count() > 0;
-            if readers != listener.is_some() {
-                listener = readers.then(|| {
-                    let hub = self.clone();
-                    AbortOnDrop(tokio::spawn(listen_forever(
-                        database_url.clone(),
-                        EVENTS_CHANNEL,
-                        move |heard| {
-                            // Connected: events may have come unheard; read now.
-                            if heard != Heard::Disconnected {
-                                hub.wake.notify_one();
-                            }
-                        },
-                    )))
-                });
-            }
+            listening.set(self.sender.receiver_count() > 0);
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(TAIL_POLL) => {}
@@ -474,14 +457,6 @@ impl Feed {
 }
 
 /// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,6 @@
 //! LISTEN/NOTIFY: a connection of its own that hears a channel, reconnecting when it drops.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
@@ -14,6 +15,63 @@ pub enum Heard {
     Disconnected,
     /// A notification's payload.
     Payload(String),
+}
+
+/// A session that listens on one channel only while its owner has something to hear:
+/// Postgres wakes every listening session of a database for each notification, whatever
+/// its channel, so a session kept for nothing costs every NOTIFY of the database. While
+/// on, each notification on the channel wakes `wake`, and so does each (re)connection
+/// (what was sent while it was not listening was missed: the owner reads it then).
+/// Stopped when dropped.
+pub struct ListenWhile {
+    database_url: String,
+    channel: &'static str,
+    wake: Arc<tokio::sync::Notify>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ListenWhile {
+    /// Not listening yet: see [`ListenWhile::set`].
+    pub fn new(
+        database_url: String,
+        channel: &'static str,
+        wake: Arc<tokio::sync::Notify>,
+    ) -> Self {
+        Self {
+            database_url,
+            channel,
+            wake,
+            task: None,
+        }
+    }
+
+    /// Listens from now on when `on` (if it did not already), else stops.
+    pub fn set(&mut self, on: bool) {
+        match (on, self.task.take()) {
+            (true, None) => {
+                let wake = self.wake.clone();
+                let heard = move |heard| {
+                    if heard != Heard::Disconnected {
+                        wake.notify_one();
+                    }
+                };
+                let listening = listen_forever(self.database_url.clone(), self.channel, heard);
+                self.task = Some(tokio::spawn(listening));
+            }
+            (true, task) => self.task = task,
+            (false, task) => {
+                if let Some(task) = task {
+                    task.abort();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ListenWhile {
+    fn drop(&mut self) {
+        self.set(false);
+    }
 }
 
 /// Listens on `channel` until the process ends, passing what it hears to `on_heard`.

@@ -25,7 +25,7 @@ use tracing::Instrument;
 use super::policy::{self, JobError, Next};
 use super::{Claim, JobKind, Lease, Queue, JOBS_CHANNEL};
 use crate::config::WorkerSettings;
-use crate::db::listen::{listen_forever, Heard};
+use crate::db::listen::ListenWhile;
 use crate::db::locks::Session;
 use crate::metrics::Metrics;
 
@@ -174,31 +174,13 @@ impl<H: Handler> Runner<H> {
     /// running jobs finish within one lease, and hands back any that did not.
     pub async fn run(self: Arc<Self>, database_url: String, mut shutdown: watch::Receiver<bool>) {
         let wake = Arc::new(Notify::new());
-        let waker = wake.clone();
         let lead = Session::new(database_url.clone());
         let kinds: Vec<&str> = self.kinds.iter().map(|k| k.as_str()).collect();
         let lead_key = kinds.join(",");
-        // Only the leader listens: Postgres wakes every listening session of a database
-        // for each notification, whatever its channel.
-        let mut listener: Option<tokio::task::JoinHandle<()>> = None;
-        let mut listen_as_leader = |leads: bool| {
-            if !leads {
-                if let Some(task) = listener.take() {
-                    task.abort();
-                }
-            } else if listener.is_none() {
-                let waker = waker.clone();
-                let heard = move |heard| {
-                    // Connected: jobs may have been enqueued unheard; look now.
-                    if matches!(heard, Heard::Payload(_) | Heard::Connected) {
-                        waker.notify_one();
-                    }
-                };
-                let url = database_url.clone();
-                listener = Some(tokio::spawn(listen_forever(url, JOBS_CHANNEL, heard)));
-            }
-        };
-        listen_as_leader(self.take_part(&lead, &lead_key).await);
+        // Only the leader listens (for each announced job; on connecting, it looks at once
+        // for jobs enqueued unheard).
+        let mut listening = ListenWhile::new(database_url, JOBS_CHANNEL, wake.clone());
+        listening.set(self.take_part(&lead, &lead_key).await);
         let mut running: JoinSet<()> = JoinSet::new();
         let mut held: HashMap<tokio::task::Id, Lease> = HashMap::new();
         let poll = self.settings.poll_interval.max(Duration::from_millis(10));
@@ -274,7 +256,7 @@ impl<H: Handler> Runner<H> {
                 _ = wake.notified() => want = true,
                 _ = tokio::time::sleep_until(polled.into()) => {
                     last_poll = Some(Instant::now());
-                    listen_as_leader(self.take_part(&lead, &lead_key).await);
+                    listening.set(self.take_part(&lead, &lead_key).await);
                     want = true;
                 }
                 Some(done) = running.join_next_with_id(), if !running.is_empty() => {
@@ -285,7 +267,7 @@ impl<H: Handler> Runner<H> {
                 _ = crate::shutdown::stopped(&mut shutdown) => {}
             }
         }
-        listen_as_leader(false);
+        listening.set(false);
         tracing::info!(worker = %self.id, running = running.len(), "job worker stopping");
         let drained = tokio::time::timeout(self.settings.lease, async {
             while running.join_next().await.is_some() {}

@@ -14,7 +14,7 @@ use tracing::Instrument;
 use crate::broker::webhooks::{self, Claimed, WebhookKind, DELIVERIES_CHANNEL};
 use crate::broker::Broker;
 use crate::config::DeliverySettings;
-use crate::db::listen::{listen_forever, Heard};
+use crate::db::listen::ListenWhile;
 
 /// Deliveries of one subscription in flight at once.
 pub const PER_WEBHOOK: usize = 2;
@@ -52,37 +52,19 @@ impl WebhookSender {
     }
 
     /// Sends deliveries until `shutdown`, woken by the outbox trigger's NOTIFY while some
-    /// subscription exists. Only then does it listen: Postgres wakes every listening
-    /// session of a database for each notification, whatever its channel, so a broker
-    /// with no webhooks would cost each write's NOTIFY a session woken for nothing. It
-    /// asks whether one exists every [`POLL`] while idle; a delivery made before it
-    /// listens is found by that poll.
+    /// subscription exists, and listening only then ([`ListenWhile`]). It asks whether
+    /// one exists every [`POLL`] while idle; a delivery made before it listens is found
+    /// by that poll.
     pub async fn run(self: Arc<Self>, database_url: String, mut shutdown: watch::Receiver<bool>) {
-        let mut listener: Option<tokio::task::JoinHandle<()>> = None;
+        let mut listening = ListenWhile::new(database_url, DELIVERIES_CHANNEL, self.wake.clone());
         let mut asked: Option<tokio::time::Instant> = None;
         while !*shutdown.borrow() {
             let started = self.send_due().await;
             if started == 0 && asked.is_none_or(|at| at.elapsed() >= POLL) {
                 asked = Some(tokio::time::Instant::now());
-                match self.broker.any_webhooks().await {
-                    Ok(false) => {
-                        if let Some(listening) = listener.take() {
-                            listening.abort();
-                        }
-                    }
-                    Ok(true) if listener.is_none() => {
-                        let wake = self.wake.clone();
-                        let heard = move |heard| {
-                            if heard != Heard::Disconnected {
-                                wake.notify_one();
-                            }
-                        };
-                        let url = database_url.clone();
-                        listener =
-                            Some(tokio::spawn(listen_forever(url, DELIVERIES_CHANNEL, heard)));
-                    }
-                    // Listening already, or the database cannot tell: as it was.
-                    Ok(true) | Err(_) => {}
+                // When the database cannot tell, as it was.
+                if let Ok(any) = self.broker.any_webhooks().await {
+                    listening.set(any);
                 }
             }
             if started == 0 {
@@ -93,9 +75,7 @@ impl WebhookSender {
                 }
             }
         }
-        if let Some(listening) = listener {
-            listening.abort();
-        }
+        listening.set(false);
         // Deliveries in flight finish (each within the attempt timeout); an unfinished
         // claim lapses and another worker sends it.
         let _ = tokio::time::timeout(
