@@ -344,7 +344,7 @@ fn read_config(path: &Path) -> anyhow::Result<serde_json::Value> {
 /// Runs one role until SIGINT or SIGTERM.
 async fn run_role(config: Config, role: Role) -> anyhow::Result<()> {
     db::require_migrated(config.direct_database_url()).await?;
-    let services = roles::Services::new(config)?;
+    let services = roles::Services::new(config, role.default_pool_size())?;
     let (stop, shutdown) = cloudbrain::shutdown::channel();
     tokio::spawn(async move {
         roles::termination_signal().await;
@@ -367,4 +367,14 @@ enum Role {
     Http,
     JobWorker,
     RefreshWorker,
+}
+
+impl Role {
+    /// Its database connections when `CLOUDBRAIN_DATABASE_POOL_SIZE` is not set.
+    fn default_pool_size(&self) -> usize {
+        match self {
+            Role::JobWorker => cloudbrain::config::JOB_WORKER_POOL_SIZE,
+            Role::Http | Role::RefreshWorker => cloudbrain::config::DEFAULT_POOL_SIZE,
+        }
+    }
 }

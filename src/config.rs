@@ -5,6 +5,16 @@ use std::time::Duration;
 
 use crate::crypto::SecretKey;
 
+/// Database connections a process pools when `CLOUDBRAIN_DATABASE_POOL_SIZE` is not set:
+/// `http` (shared out over its worker threads), `refresh-worker` and `dev`.
+pub const DEFAULT_POOL_SIZE: usize = 16;
+
+/// Database connections a `create-worker` pools when `CLOUDBRAIN_DATABASE_POOL_SIZE` is not
+/// set. Its jobs hold one only while a statement runs, and Postgres does more with fewer
+/// busy sessions: a backlog drained by one worker of 8 ran 1.08-1.12 times as fast as with
+/// 16, at less CPU per job (docs/benchmarks.md).
+pub const JOB_WORKER_POOL_SIZE: usize = 8;
+
 /// Settings of every cloudbrain process, from `CLOUDBRAIN_*`, `DATABASE_URL` and `PORT`.
 #[derive(Clone)]
 pub struct Config {
@@ -18,8 +28,9 @@ pub struct Config {
     pub addr: SocketAddr,
     /// Key that seals provider configs (`CLOUDBRAIN_DATABASE_ENCRYPTION_KEY`), when set.
     pub encryption_key: Option<SecretKey>,
-    /// Largest number of pooled database connections (`CLOUDBRAIN_DATABASE_POOL_SIZE`).
-    pub pool_size: usize,
+    /// Largest number of pooled database connections (`CLOUDBRAIN_DATABASE_POOL_SIZE`);
+    /// unset, the role's own ([`DEFAULT_POOL_SIZE`], [`JOB_WORKER_POOL_SIZE`]).
+    pub pool_size: Option<usize>,
     /// How long a handler may run before the request fails with 503 (`CLOUDBRAIN_REQUEST_TIMEOUT`).
     pub request_timeout: Duration,
     /// How long a request body may take to arrive before the request fails with 408
@@ -240,7 +251,7 @@ impl Config {
             direct_database_url: get("CLOUDBRAIN_DIRECT_DATABASE_URL"),
             addr,
             encryption_key,
-            pool_size: parse_number(&get, "CLOUDBRAIN_DATABASE_POOL_SIZE", 16)?,
+            pool_size: parse_optional_number(&get, "CLOUDBRAIN_DATABASE_POOL_SIZE")?,
             request_timeout: parse_seconds(
                 &get,
                 "CLOUDBRAIN_REQUEST_TIMEOUT",
@@ -399,18 +410,26 @@ fn parse_number(
     name: &'static str,
     default: usize,
 ) -> Result<usize, ConfigError> {
-    match get(name) {
-        None => Ok(default),
-        Some(v) => v
-            .trim()
-            .parse::<usize>()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| ConfigError::Invalid {
-                name,
-                message: format!("{v:?} is not a positive whole number"),
-            }),
-    }
+    Ok(parse_optional_number(get, name)?.unwrap_or(default))
+}
+
+/// Reads a positive whole number; `None` when the setting is absent.
+fn parse_optional_number(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+) -> Result<Option<usize>, ConfigError> {
+    get(name)
+        .map(|v| {
+            v.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| ConfigError::Invalid {
+                    name,
+                    message: format!("{v:?} is not a positive whole number"),
+                })
+        })
+        .transpose()
 }
 
 /// Reads a duration in seconds (fractions allowed, e.g. `0.5`).
@@ -496,6 +515,18 @@ mod tests {
         assert!(err.to_string().contains("PORT"), "{err}");
         let err = config(&[]).unwrap_err();
         assert_eq!(err.to_string(), "DATABASE_URL is not set");
+    }
+
+    #[test]
+    fn the_pool_size_is_the_roles_own_unless_set() {
+        let db = ("DATABASE_URL", "postgres://x");
+        assert_eq!(config(&[db]).unwrap().pool_size, None);
+        let set = config(&[db, ("CLOUDBRAIN_DATABASE_POOL_SIZE", "5")]).unwrap();
+        assert_eq!(set.pool_size, Some(5));
+        for bad in ["0", "-1", "many"] {
+            let refused = config(&[db, ("CLOUDBRAIN_DATABASE_POOL_SIZE", bad)]);
+            assert!(refused.is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -304,7 +304,7 @@ async fn serve(config: Config, fleet_file: Option<PathBuf>) -> anyhow::Result<()
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
-    let services = Services::new(config)?;
+    let services = Services::new(config, crate::config::DEFAULT_POOL_SIZE)?;
     let (stop, shutdown) = crate::shutdown::channel();
     let http = roles::http(&services, listener, shutdown.clone());
     let jobs = roles::job_worker(&services, shutdown.clone(), false);

@@ -37,8 +37,10 @@ pub struct Services {
 }
 
 impl Services {
-    /// Builds the shared parts from `config`; needs the encryption key.
-    pub fn new(config: Config) -> anyhow::Result<Self> {
+    /// Builds the shared parts from `config` for a process whose role pools
+    /// `default_pool_size` connections unless `CLOUDBRAIN_DATABASE_POOL_SIZE` says
+    /// otherwise; needs the encryption key.
+    pub fn new(config: Config, default_pool_size: usize) -> anyhow::Result<Self> {
         let key = config.require_encryption_key()?.clone();
         let statements = if config.behind_transaction_pooler() {
             db::Statements::Unnamed
@@ -47,10 +49,15 @@ impl Services {
         };
         let pool_settings = db::PoolSettings {
             url: config.database_url.clone(),
-            size: config.pool_size,
+            size: config.pool_size.unwrap_or(default_pool_size),
             statements,
         };
         let pool = pool_settings.build()?;
+        tracing::info!(
+            connections = pool_settings.size,
+            "pooling up to {} database connections",
+            pool_settings.size
+        );
         let metrics = Arc::new(Metrics::default());
         let registry = Arc::new(Registry::new(metrics.clone()));
         Ok(Self {

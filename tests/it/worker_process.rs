@@ -17,18 +17,25 @@ fn worker_with(db: &TestDb, lease: &str, poll: &str, env: &[(&str, String)]) -> 
 }
 
 fn role(db: &TestDb, role: &str, lease: &str, poll: &str, env: &[(&str, String)]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_cloudbrain"))
-        .arg(role)
+    command(db, role)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .env("DATABASE_URL", &db.url)
-        .env("CLOUDBRAIN_DATABASE_ENCRYPTION_KEY", KEY_HEX)
         .env("CLOUDBRAIN_JOB_LEASE", lease)
         .env("CLOUDBRAIN_WORKER_POLL_INTERVAL", poll)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
+}
+
+/// `cloudbrain ROLE` on `db`, logging warnings only, its standard output dropped.
+fn command(db: &TestDb, role: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cloudbrain"));
+    command
+        .arg(role)
+        .env("DATABASE_URL", &db.url)
+        .env("CLOUDBRAIN_DATABASE_ENCRYPTION_KEY", KEY_HEX)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
+    command
 }
 
 /// A loopback address nothing listens on, for a worker's metrics server.
@@ -297,4 +304,45 @@ async fn killing_the_pool_worker_mid_fill_ten_times_leaks_nothing_and_overshoots
         "no instance beyond the pool's size"
     );
     assert_eq!(s.db.machines().await, 12, "no machine without its instance");
+}
+
+/// The first line of `role`'s log (run with `env` and no more) that says how many database
+/// connections it pools.
+fn pool_line(db: &TestDb, role: &str, env: &[(&str, &str)]) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut child = command(db, role)
+        .envs(env.iter().copied())
+        .env("CLOUDBRAIN_ADDR", free_addr())
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let line = stderr
+        .lines()
+        .map_while(Result::ok)
+        .find(|line| line.contains("database connections"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    line.unwrap_or_else(|| panic!("{role} never said how many connections it pools"))
+}
+
+#[tokio::test]
+async fn a_create_worker_pools_8_connections_and_the_others_16_unless_told() {
+    let db = TestDb::new().await;
+    for (role, env, connections) in [
+        ("create-worker", &[][..], 8),
+        ("http", &[][..], 16),
+        ("refresh-worker", &[][..], 16),
+        (
+            "create-worker",
+            &[("CLOUDBRAIN_DATABASE_POOL_SIZE", "3")][..],
+            3,
+        ),
+        ("http", &[("CLOUDBRAIN_DATABASE_POOL_SIZE", "24")][..], 24),
+    ] {
+        let line = pool_line(&db, role, env);
+        let said = format!("pooling up to {connections} database connections");
+        assert!(line.contains(&said), "{role} {env:?}: {line}");
+    }
 }
